@@ -1,0 +1,192 @@
+"""Model configuration: one dataclass, a few named presets, and exact parameter counts.
+
+A Llama-style decoder (Touvron et al., 2023, "LLaMA: Open and Efficient Foundation
+Language Models") is fully described by a handful of integers. Keeping them in one
+dataclass lets every other module (the model, pruning, import/export, benchmarks)
+agree on shapes, and lets us count parameters exactly *before* building anything:
+the Buzuzu-Mavi score rewards small models, so the count is part of the objective.
+
+The dataclass maps one-to-one onto Hugging Face's Llama `config.json`
+(`to_hf_dict` / `from_hf_dict`), so a lillm checkpoint folder is readable by
+transformers as it is. The one extension is `shared_mlp` (InkubaLM-0.4B uses a
+single MLP for all of its layers), stored as `lillm_shared_mlp`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 8192
+    d_model: int = 512            # hidden size
+    n_layers: int = 12
+    n_heads: int = 16             # query heads
+    n_kv_heads: int = 8           # key/value heads (grouped-query attention when < n_heads)
+    d_ff: int = 1408              # SwiGLU inner size
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    shared_mlp: bool = False      # one MLP module used by every layer (InkubaLM)
+    head_dim: int | None = None   # defaults to d_model // n_heads
+    init_std: float = 0.02
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int | None = None
+
+    def __post_init__(self):
+        problems = []
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                problems.append(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+            else:
+                object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            problems.append(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim is not None and self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    # ---- parameter counting -------------------------------------------------
+    def param_counts(self) -> dict[str, int]:
+        """Exact parameter count per part; `total` counts shared tensors once."""
+        d, hd = self.d_model, self.head_dim
+        embed = self.vocab_size * d
+        attention = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2  # q, o and k, v
+        mlp = 3 * d * self.d_ff
+        norms = 2 * d * self.n_layers + d
+        counts = {
+            "embed_tokens": embed,
+            "lm_head": 0 if self.tie_embeddings else embed,
+            "attention": attention * self.n_layers,
+            "mlp": mlp * (1 if self.shared_mlp else self.n_layers),
+            "norms": norms,
+        }
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def num_params(self) -> int:
+        return self.param_counts()["total"]
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """Matmul FLOPs per token (Kaplan et al. 2020, "Scaling Laws"; PaLM appendix B).
+
+        Every weight used in a matmul costs 2 FLOPs per token forward (a shared MLP
+        is *run* once per layer, so it counts n_layers times even though it is stored
+        once). Attention scores and the weighted sum cost 2 * 2 * T * n_heads * head_dim
+        per layer: they depend on the number of *query* heads, GQA only shrinks k/v
+        projections. We count the full T x T product, as nanoGPT and PaLM do (the
+        causal mask halves useful work, but kernels rarely skip it). Backward is twice
+        the forward, so training is 3x.
+        """
+        T = seq_len or self.max_seq_len
+        d, hd = self.d_model, self.head_dim
+        per_layer_weights = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2 + 3 * d * self.d_ff
+        matmul_weights = per_layer_weights * self.n_layers + self.vocab_size * d  # lm_head
+        attention = 2 * 2 * T * self.n_heads * hd * self.n_layers
+        forward = 2 * matmul_weights + attention
+        return 3 * forward if training else forward
+
+    # ---- Hugging Face config.json ------------------------------------------
+    def to_hf_dict(self) -> dict:
+        out = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.d_model,
+            "intermediate_size": self.d_ff,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_seq_len,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.norm_eps,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "initializer_range": self.init_std,
+            "bos_token_id": self.bos_id,
+            "eos_token_id": self.eos_id,
+            "pad_token_id": self.pad_id,
+            "torch_dtype": "float32",
+        }
+        if self.shared_mlp:
+            out["lillm_shared_mlp"] = True
+        return out
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict) -> "ModelConfig":
+        """Read the fields lillm models; hf.py validates unsupported ones before calling this."""
+        try:
+            n_heads = hf["num_attention_heads"]
+            kwargs = dict(
+                vocab_size=hf["vocab_size"],
+                d_model=hf["hidden_size"],
+                d_ff=hf["intermediate_size"],
+                n_layers=hf["num_hidden_layers"],
+                n_heads=n_heads,
+                n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+                max_seq_len=hf.get("max_position_embeddings", 2048),
+                rope_theta=float(hf.get("rope_theta", 10000.0)),
+                norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                shared_mlp=bool(hf.get("lillm_shared_mlp", False)),
+                head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+                init_std=float(hf.get("initializer_range", 0.02)),
+            )
+        except KeyError as e:
+            raise ValueError(f"config.json is missing the key {e.args[0]!r}, which every Llama config has") from None
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = hf.get(key)
+            if isinstance(value, list):  # some configs list several eos ids; the first is the canonical one
+                value = value[0] if value else None
+            if value is not None or key == "pad_token_id":
+                kwargs[key.replace("_token", "")] = value
+        return cls(**kwargs)
+
+    def replace(self, **changes) -> "ModelConfig":
+        if "d_model" in changes or "n_heads" in changes:
+            changes.setdefault("head_dim", None)
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}; known fields: {sorted(known)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # For tests and CPU smoke runs: every feature on (GQA, tied), tiny sizes.
+    "tiny": ModelConfig(vocab_size=8192, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=176, max_seq_len=128),
+    # A model that learns something in minutes on a laptop CPU.
+    "small": ModelConfig(vocab_size=8192, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=512, max_seq_len=256),
+    # The lilLM recipe (about 39M parameters with tied embeddings).
+    "lillm-39m": ModelConfig(vocab_size=8192, d_model=512, n_layers=12, n_heads=16, n_kv_heads=8, d_ff=1408, max_seq_len=512),
+    "lillm-300m": ModelConfig(vocab_size=8192, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=8, d_ff=2816, max_seq_len=512),
+    # lelapa/InkubaLM-0.4B: 421,939,200 parameters because one MLP serves all 8 layers.
+    "inkuba-0.4b": ModelConfig(
+        vocab_size=61788, d_model=2048, n_layers=8, n_heads=32, n_kv_heads=32, d_ff=5632, max_seq_len=2048,
+        rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False, shared_mlp=True,
+    ),
+}
+
+INKUBA_PARAMS = 421_939_200
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

@@ -1,0 +1,108 @@
+"""Text generation: a prefill pass, then one token at a time through the KV cache.
+
+Decoding an autoregressive model costs one forward pass per new token. Recomputing
+the whole prefix each time is quadratic; caching every layer's keys and values
+(Pope et al., 2022, "Efficiently Scaling Transformer Inference") makes each step
+process a single token. A batch of prompts of different lengths is left-padded, so
+every row's next token sits in the same column of the cache; padding is masked out
+and positions are counted per row (cumulative sum of the mask), so a padded prompt
+decodes exactly as it would alone.
+
+Sampling: temperature scales the logits; top-k keeps the k most likely tokens;
+top-p (Holtzman et al., 2019, "The Curious Case of Neural Text Degeneration") keeps
+the smallest set whose probability reaches p. Temperature 0 is greedy.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import torch
+
+from .model import Transformer
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already reach top_p (the first token always stays).
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (encode with add_bos=True for an empty text)")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate_stream(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 128,
+                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                    eos_id: int | None = None, pad_id: int = 0, seed: int | None = None,
+                    ) -> Iterator[torch.Tensor]:
+    """Yield a (B,) tensor of new token ids per step; rows that have emitted eos yield pad_id after."""
+    device = model.lm_head.weight.device
+    ids, mask = left_pad(prompts, pad_id, device)
+    batch, prompt_len = ids.shape
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    model.setup_cache(batch, prompt_len + max_new_tokens)
+    try:
+        logits = model(ids, position_ids=positions, attention_mask=mask, cache_pos=0)[:, -1]
+        next_pos = positions[:, -1:] + 1
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            token = token.masked_fill(finished, pad_id)
+            yield token
+            if eos_id is not None:
+                finished |= token == eos_id
+                if bool(finished.all()):
+                    return
+            if step + 1 == max_new_tokens:
+                return
+            logits = model(token[:, None], position_ids=next_pos, attention_mask=mask,
+                           cache_pos=prompt_len + step)[:, -1]
+            next_pos = next_pos + 1
+    finally:
+        model.clear_cache()
+
+
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 128,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = None, pad_id: int = 0, seed: int | None = None,
+             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """New tokens for each prompt (without the prompt), cut after the first eos (kept).
+
+    on_token(row, token_id) is called as tokens arrive, for streaming to a terminal.
+    """
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for step_tokens in generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p,
+                                       eos_id, pad_id, seed):
+        for row, token in enumerate(step_tokens.tolist()):
+            if done[row]:
+                continue
+            outputs[row].append(token)
+            if on_token is not None:
+                on_token(row, token)
+            done[row] = eos_id is not None and token == eos_id
+    return outputs

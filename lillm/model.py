@@ -1,0 +1,253 @@
+"""A Llama-style decoder-only transformer, top to bottom, in one file.
+
+The pieces and the papers behind them:
+- RMSNorm (Zhang & Sennrich, 2019): scale by the root mean square, no mean, no bias.
+- Rotary position embeddings (Su et al., 2021, "RoFormer"): rotate each query/key
+  pair of channels by an angle proportional to the position, so q.k depends only on
+  the *relative* position. We use the "rotate-half" layout of Hugging Face Llama
+  (channel i is paired with channel i + head_dim/2), so imported weights need no
+  permutation.
+- Grouped-query attention (Ainslie et al., 2023, "GQA"): n_heads query heads share
+  n_kv_heads key/value heads, which shrinks the KV cache by n_heads / n_kv_heads.
+- SwiGLU (Shazeer, 2020, "GLU Variants Improve Transformer"): down(silu(gate(x)) * up(x)).
+- Pre-norm residual blocks and (optionally) tied input/output embeddings
+  (Press & Wolf, 2017).
+- A preallocated KV cache written at a position (as in gpt-fast), so decoding is
+  one token per step with fixed shapes; the model never looks at `self.training`.
+
+Parameter names follow the Hugging Face Llama state dict (model.embed_tokens,
+model.layers.N.self_attn.q_proj, ...), so import and export are a matter of copying.
+InkubaLM's one MLP shared by all layers is the same module placed in every block.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 even under bf16 autocast: the mean of squares overflows/loses precision otherwise.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class RotaryEmbedding:
+    """Precomputed cos/sin tables, looked up by (per-row) position ids.
+
+    Deliberately not buffers: `model.to(torch.bfloat16)` would round the angles, and
+    rotary needs fp32 tables to stay exact at long positions. Rebuilt lazily per device.
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        self.head_dim, self.theta, self.length = head_dim, theta, max_seq_len
+        self.cos_table = self.sin_table = None
+
+    def _build(self, length: int, device):
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim))
+        angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: both halves share angles
+        self.cos_table, self.sin_table, self.length = angles.cos(), angles.sin(), length
+
+    def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
+        if self.cos_table is None or self.cos_table.device != position_ids.device or needed > self.length:
+            self._build(max(needed, self.length), position_ids.device)
+        return self.cos_table[position_ids], self.sin_table[position_ids]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, hd); cos/sin: (B, T, hd), computed in fp32 for accuracy at long positions."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys and values for every position so far, preallocated to max_len and written at `pos`."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, device=None, dtype=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = pos + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; writing up to {end}. Call setup_cache with a larger max_len")
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask=None, cache_pos=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache_pos is not None:
+            if self.cache is None:
+                raise RuntimeError("cache_pos given but no KV cache: call model.setup_cache(batch_size, max_len) first")
+            k, v = self.cache.update(cache_pos, k, v)
+        if self.n_kv_heads != self.n_heads:
+            # Each kv head serves n_heads / n_kv_heads query heads; expand is a view, reshape copies once.
+            group = self.n_heads // self.n_kv_heads
+            k = k[:, :, None].expand(-1, -1, group, -1, -1).reshape(B, self.n_heads, -1, self.head_dim)
+            v = v[:, :, None].expand(-1, -1, group, -1, -1).reshape(B, self.n_heads, -1, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, mlp: MLP | None = None):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = mlp if mlp is not None else MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The trunk: embeddings, blocks, final norm (named `model.*` in the state dict)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        shared = MLP(cfg) if cfg.shared_mlp else None
+        self.layers = nn.ModuleList(Block(cfg, shared) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    # ---- construction ------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Normal(0, 0.02) everywhere, and residual output projections scaled by 1/sqrt(2 * n_layers)
+        (GPT-2, Radford et al. 2019) so the residual stream's variance does not grow with depth."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual_out = name.endswith("o_proj") or name.endswith("down_proj")
+                nn.init.normal_(module.weight, 0.0, residual_std if is_residual_out else std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() yields shared tensors once
+
+    # ---- KV cache ------------------------------------------------------------
+    def setup_cache(self, batch_size: int, max_len: int, device=None, dtype=None):
+        ref = self.lm_head.weight
+        for block in self.model.layers:
+            block.self_attn.cache = KVCache(batch_size, self.config.n_kv_heads, max_len, self.config.head_dim,
+                                            device or ref.device, dtype or ref.dtype)
+
+    def clear_cache(self):
+        for block in self.model.layers:
+            block.self_attn.cache = None
+
+    # ---- forward -------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cache_pos: int | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab).
+
+        attention_mask: (B, keys) with 1 for real tokens, 0 for padding; keys = T without a cache,
+            and the cache length (cache_pos + T, or the whole cache) with one.
+        segment_ids: (B, T) document ids for packed sequences: attention stays inside a document.
+        cache_pos: where the T new tokens go in the KV cache (None = no cache).
+        """
+        B, T = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
+        start = cache_pos or 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        cos, sin = self.rotary(position_ids)
+        mask = self._attention_mask(B, T, start, attention_mask, segment_ids, cache_pos is not None, x.device)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, cache_pos)
+        return self.lm_head(self.model.norm(x))
+
+    def _attention_mask(self, B, T, start, attention_mask, segment_ids, cached, device):
+        """None means plain causal (the fast path); otherwise a boolean (B, 1, T, keys) mask."""
+        if not cached and attention_mask is None and segment_ids is None:
+            return None
+        if cached and self.model.layers[0].self_attn.cache is None:
+            raise RuntimeError("cache_pos given but no KV cache: call model.setup_cache(batch_size, max_len) first")
+        n_keys = self.model.layers[0].self_attn.cache.k.shape[2] if cached else T
+        query_pos = torch.arange(start, start + T, device=device)[:, None]
+        key_pos = torch.arange(n_keys, device=device)[None, :]
+        mask = (key_pos <= query_pos)[None].expand(B, T, n_keys)
+        if attention_mask is not None:
+            valid = attention_mask.bool()
+            if valid.shape[1] < n_keys:  # keys not yet written are excluded by causality anyway
+                valid = F.pad(valid, (0, n_keys - valid.shape[1]), value=True)
+            mask = mask & valid[:, None, :n_keys]
+        if segment_ids is not None:
+            if cached:
+                raise ValueError("segment_ids (packed documents) are for training; not supported with a KV cache")
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        # A padding query would attend to nothing (softmax of all -inf = NaN): let it see itself.
+        mask = mask | (key_pos == query_pos)[None]
+        return mask[:, None]
