@@ -1,0 +1,1 @@
+"""lillm: small language models for African languages, from scratch in PyTorch."""

@@ -1,0 +1,324 @@
+"""The tokenizer: byte-level BPE with lillm's special tokens, and a token-exact chat template.
+
+Byte-pair encoding (Sennrich et al., 2016, "Neural Machine Translation of Rare Words with
+Subword Units") starts from an alphabet and repeatedly merges the most frequent adjacent
+pair into a new token until the vocabulary is full. Byte-level BPE (Radford et al., 2019,
+GPT-2) makes the alphabet the 256 possible bytes, so every string, whatever its script or
+diacritics (Hausa ɓ ɗ ƙ ƴ, isiXhosa clicks written with c q x, emoji), encodes with no
+unknown token and decodes back EXACTLY. Text is first split by the GPT-2 regular
+expression (words, numbers, punctuation, runs of spaces) so merges never cross words.
+
+The heavy lifting is done by Hugging Face ``tokenizers`` (Rust); this module fixes the
+choices (special tokens at ids 0..6, no lossy normalizer, vocabulary size counted with the
+specials) and adds what a small-model workflow needs: a content hash (``sha256``) to tie
+token files to the tokenizer that made them, a chat template built from token ids rather
+than from a string (so the loss mask is exact), fertility statistics, and a lenient loader
+for tokenizer.json files whose merges refer to tokens pruned from the vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+ROLES = ("system", "user", "assistant")
+N_BYTES = 256
+
+
+class TokenizerFileError(ValueError):
+    """A tokenizer.json that cannot be read or parsed."""
+
+
+class ChatTemplateError(ValueError):
+    """Messages that do not fit the chat template, or a tokenizer without role tokens."""
+
+
+class Tokenizer:
+    """A thin wrapper over ``tokenizers.Tokenizer`` with lillm's conventions.
+
+    ``encode`` never adds special tokens by itself and never turns text such as "<s>"
+    typed by a user into a special token: specials enter only through ``add_bos``,
+    ``add_eos`` and the chat template. Any tokenizer.json can be wrapped (a Llama /
+    SentencePiece one too); missing special tokens show up as ``None`` ids.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, source: str = "<memory>"):
+        self.backend = backend
+        self.source = source
+        # User text containing "<|assistant|>" must stay text, or a prompt could forge a turn.
+        self.backend.encode_special_tokens = True
+
+    # -- files
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist; train one with train_tokenizer.py "
+                                    f"or pass the path of an existing tokenizer.json")
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as error:  # the Rust side raises a bare Exception
+            raise TokenizerFileError(f"cannot load tokenizer {path}: {error}; if its merges name tokens that are "
+                                     f"not in its vocab, lillm.tokenizer.load_lenient(path) can load it") from error
+        return cls(backend, str(path))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write tokenizer.json atomically (temporary file, then os.replace)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.backend.to_str(pretty=True))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the canonical (compact) tokenizer.json text: same tokenizer, same hash."""
+        return hashlib.sha256(self.backend.to_str(pretty=False).encode("utf-8")).hexdigest()
+
+    # -- encoding
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return self._wrap(ids, add_bos, add_eos)
+
+    def encode_batch(self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
+        encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        return [self._wrap(e.ids, add_bos, add_eos) for e in encodings]
+
+    def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+        if add_bos:
+            ids = [self._require(self.bos_id, "<s>")] + ids
+        if add_eos:
+            ids = ids + [self._require(self.eos_id, "</s>")]
+        return ids
+
+    def _require(self, token_id: int | None, token: str) -> int:
+        if token_id is None:
+            raise ValueError(f"tokenizer {self.source} has no {token} token")
+        return token_id
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    # -- vocabulary
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    @property
+    def unk_id(self) -> int | None:
+        return self.token_to_id("<unk>")
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_to_id("<s>")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_to_id("</s>")
+
+    @property
+    def pad_id(self) -> int | None:
+        """<pad> if the vocabulary has one, else </s> (Llama-style tokenizers have no pad)."""
+        pad = self.token_to_id("<pad>")
+        return pad if pad is not None else self.eos_id
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, source={self.source!r})"
+
+    # -- chat
+    def role_id(self, role: str) -> int:
+        token_id = self.token_to_id(f"<|{role}|>")
+        if token_id is None:
+            raise ChatTemplateError(f"tokenizer {self.source} has no <|{role}|> token, so it cannot apply the chat "
+                                    f"template; use a tokenizer trained by train_tokenizer.py (it has "
+                                    f"{', '.join(SPECIAL_TOKENS)})")
+        return token_id
+
+    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = False
+                            ) -> tuple[list[int], list[int]]:
+        """Token ids of a conversation and its assistant mask (1 = train on this token).
+
+        Layout: ``<s>`` then, per message, ``<|role|> content </s>``. The mask is 1 on the
+        content of assistant turns and on the ``</s>`` closing them (so the model learns to
+        stop), 0 everywhere else. With ``add_generation_prompt`` an ``<|assistant|>`` is
+        appended for the model to continue from.
+        """
+        bos = self._require(self.bos_id, "<s>")
+        eos = self._require(self.eos_id, "</s>")
+        ids, mask = [bos], [0]
+        for index, message in enumerate(messages):
+            role, content = _check_message(index, message)
+            content_ids = self.encode(content)
+            trained = 1 if role == "assistant" else 0
+            ids += [self.role_id(role)] + content_ids + [eos]
+            mask += [0] + [trained] * (len(content_ids) + 1)
+        if add_generation_prompt:
+            ids.append(self.role_id("assistant"))
+            mask.append(0)
+        return ids, mask
+
+
+def _check_message(index: int, message) -> tuple[str, str]:
+    if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+        raise ChatTemplateError(f"message {index} must be a dict with 'role' and 'content', got {message!r}")
+    role, content = message["role"], message["content"]
+    if role not in ROLES:
+        raise ChatTemplateError(f"message {index} has role {role!r}; the roles are {', '.join(ROLES)}")
+    if not isinstance(content, str):
+        raise ChatTemplateError(f"message {index} ({role}) has content of type {type(content).__name__}; "
+                                f"content must be a string")
+    return role, content
+
+
+# ----------------------------------------------------------------------------- training
+
+def _empty_byte_level_bpe() -> tokenizers.Tokenizer:
+    backend = tokenizers.Tokenizer(models.BPE())
+    # No normalizer: any normalization (NFKC, lower-casing) would make decode(encode(x)) != x.
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2,
+              show_progress: bool = True) -> Tokenizer:
+    """Train a byte-level BPE tokenizer with exactly ``vocab_size`` ids, specials at 0..6."""
+    smallest = len(SPECIAL_TOKENS) + N_BYTES + 1
+    if vocab_size < smallest:
+        raise ValueError(f"vocab_size={vocab_size} is too small: the {len(SPECIAL_TOKENS)} special tokens and "
+                         f"{N_BYTES} bytes alone take {smallest - 1} ids; use at least {smallest}")
+    backend = _empty_byte_level_bpe()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,  # counts the special tokens and the byte alphabet
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, seen or not
+        show_progress=show_progress,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    tokenizer = Tokenizer(backend)
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(f"training produced {tokenizer.vocab_size} ids, not vocab_size={vocab_size}: the corpus "
+                         f"has too few pairs seen at least min_frequency={min_frequency} times; give more text, "
+                         f"a smaller vocab_size or a smaller min_frequency")
+    for token_id, token in enumerate(SPECIAL_TOKENS):
+        assert tokenizer.token_to_id(token) == token_id, f"{token} landed at {tokenizer.token_to_id(token)}"
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- lenient loading
+
+def _merge_parts(merge) -> tuple[str, str]:
+    # tokenizer.json stores merges as "a b" (older files) or ["a", "b"] (newer files).
+    if isinstance(merge, str):
+        left, _, right = merge.partition(" ")
+        return left, right
+    return merge[0], merge[1]
+
+
+def _reachable_tokens(vocab: Mapping[str, int], merges: list[tuple[str, str]], added: set[str]) -> set[str]:
+    """Tokens BPE can still produce: single characters, byte tokens, added tokens and merge results."""
+    reachable = {t for t in vocab if len(t) == 1 or t in added or (t.startswith("<0x") and len(t) == 6)}
+    # Fixed point: merges are not guaranteed to be listed after the merges building their parts.
+    changed = True
+    while changed:
+        changed = False
+        for left, right in merges:
+            result = left + right
+            if result not in reachable and left in reachable and right in reachable:
+                reachable.add(result)
+                changed = True
+    return reachable
+
+
+def load_lenient(path: str | os.PathLike) -> tuple[Tokenizer, str]:
+    """Load a tokenizer.json, dropping BPE merges that mention tokens missing from its vocab.
+
+    Pruning a vocabulary without pruning its merges (as the Buzuzu-Mavi InkubaLM tokenizer
+    did) leaves a file that ``tokenizers`` refuses. Dropping the broken merges makes it
+    load, but a vocab token whose building merges are gone can no longer be produced; the
+    returned explanation counts both.
+    """
+    path = Path(path)
+    try:
+        return Tokenizer.from_file(path), f"{path}: loaded as is"
+    except TokenizerFileError:
+        pass
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise TokenizerFileError(f"{path} is not valid UTF-8 JSON: {error}") from error
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or model.get("type") != "BPE" or "merges" not in model:
+        raise TokenizerFileError(f"{path} does not load and is not a BPE tokenizer.json with merges, so dropping "
+                                 f"merges cannot repair it")
+    vocab = model["vocab"]
+    merges = [_merge_parts(m) for m in model["merges"]]
+    kept = [(a, b) for a, b in merges if a in vocab and b in vocab and a + b in vocab]
+    model["merges"] = [[a, b] for a, b in kept]
+    try:
+        backend = tokenizers.Tokenizer.from_str(json.dumps(data))
+    except Exception as error:
+        raise TokenizerFileError(f"{path} still does not load after dropping {len(merges) - len(kept)} "
+                                 f"merges: {error}") from error
+    added = {t["content"] for t in data.get("added_tokens", [])}
+    unreachable = len(vocab) - len(_reachable_tokens(vocab, kept, added) & set(vocab))
+    explanation = (
+        f"{path}: dropped {len(merges) - len(kept):,} of {len(merges):,} merges whose parts or result are not "
+        f"in the {len(vocab):,}-token vocab (the vocab was pruned, the merges were not); {len(kept):,} merges "
+        f"remain. {unreachable:,} vocab tokens can no longer be produced because merges building them are "
+        f"gone, so this tokenizer splits some words into more pieces than the original did.")
+    return Tokenizer(backend, str(path)), explanation
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def fertility_report(tokenizer: Tokenizer, texts: Iterable[str], batch_size: int = 1024) -> dict:
+    """Tokens per whitespace-separated word and UTF-8 bytes per token over ``texts``.
+
+    Fewer tokens per word means longer effective context and cheaper training; bytes per
+    token is the compression rate (GPT-2 on English reaches about 4).
+    """
+    documents = words = n_bytes = n_tokens = 0
+    batch: list[str] = []
+
+    def flush() -> None:
+        nonlocal n_tokens
+        n_tokens += sum(len(ids) for ids in tokenizer.encode_batch(batch))
+        batch.clear()
+
+    for text in texts:
+        documents += 1
+        words += len(text.split())
+        n_bytes += len(text.encode("utf-8"))
+        batch.append(text)
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return {
+        "documents": documents,
+        "words": words,
+        "bytes": n_bytes,
+        "tokens": n_tokens,
+        "tokens_per_word": n_tokens / words if words else float("nan"),
+        "bytes_per_token": n_bytes / n_tokens if n_tokens else float("nan"),
+    }

@@ -1,0 +1,135 @@
+"""Train lillm's byte-level BPE tokenizer and report its fertility against other tokenizers.
+
+    python train_tokenizer.py --langs swa hau --vocab-size 8192 --out out/tokenizer/tokenizer.json \\
+        --compare /path/to/other/tokenizer.json
+
+Every document of the chosen training corpora is read; every ``--holdout-every``-th one
+(per language) is held out from training and used for the report: tokens per whitespace
+word (fertility) and UTF-8 bytes per token, per language, for the new tokenizer and each
+``--compare`` tokenizer. The report is printed and written as JSON beside the tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from lillm.corpora import CORPORA, FORMATS, LANGS, data_dir, documents_for, read_documents
+from lillm.tokenizer import Tokenizer, fertility_report, load_lenient, train_bpe
+
+# MasakhaNER ('ner') is left out by default: its sentences are the Lacuna sentences again,
+# re-tokenized with spaces around punctuation.
+DEFAULT_KINDS = ["mono", "news", "sentiment", "mt"]
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--langs", nargs="+", default=["swa", "hau"], choices=LANGS, help="languages to train on")
+    p.add_argument("--vocab-size", type=int, default=8192, help="total ids, special tokens included")
+    p.add_argument("--min-frequency", type=int, default=2, help="a pair must occur this often to be merged")
+    p.add_argument("--out", default="out/tokenizer/tokenizer.json", help="where to write tokenizer.json")
+    p.add_argument("--data-dir", default=None, help="data directory (default: $LILLM_DATA_DIR or ../shared/data)")
+    p.add_argument("--corpora", nargs="+", default=None, metavar="NAME",
+                   help=f"exact corpus names instead of all train corpora of --langs; known: {', '.join(CORPORA)}")
+    p.add_argument("--kinds", nargs="+", default=DEFAULT_KINDS, help="corpus kinds used when --corpora is not given")
+    p.add_argument("--files", nargs="+", default=[], metavar="PATH", help="extra text files to train on")
+    p.add_argument("--file-format", default="txt", choices=FORMATS, help="format of --files")
+    p.add_argument("--text-column", default=None, help="text column of --files in csv/tsv format")
+    p.add_argument("--compare", nargs="+", default=[], metavar="TOKENIZER_JSON", help="tokenizers to compare with")
+    p.add_argument("--max-docs", type=int, default=0, help="at most this many documents per language (0 = all)")
+    p.add_argument("--holdout-every", type=int, default=50, help="hold out every Nth document of each language")
+    return p.parse_args()
+
+
+def collect_documents(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Documents grouped by language (extra --files under 'files'), in a fixed order."""
+    by_lang: dict[str, list[str]] = defaultdict(list)
+    names = args.corpora
+    for name, doc in documents_for(args.langs, ("train",), names=names, data_dir=args.data_dir, kinds=args.kinds):
+        by_lang[CORPORA[name].lang].append(doc)
+    for path in args.files:
+        by_lang["files"].extend(read_documents(path, args.file_format, args.text_column))
+    return dict(by_lang)
+
+
+def spread_sample(docs: list[str], limit: int) -> list[str]:
+    """Every k-th document so that at most ``limit`` remain, drawn from all corpora alike."""
+    if limit <= 0 or len(docs) <= limit:
+        return docs
+    return docs[:: math.ceil(len(docs) / limit)]
+
+
+def split_holdout(docs: list[str], every: int) -> tuple[list[str], list[str]]:
+    train = [d for i, d in enumerate(docs) if i % every != every - 1]
+    held_out = [d for i, d in enumerate(docs) if i % every == every - 1]
+    return train, held_out
+
+
+def load_comparisons(paths: list[str]) -> tuple[dict[str, Tokenizer], dict[str, str]]:
+    loaded, notes = {}, {}
+    for path in paths:
+        try:
+            loaded[path], notes[path] = load_lenient(path)
+        except (OSError, ValueError) as error:
+            notes[path] = f"NOT LOADED: {error}"
+        print(f"compare {path}: {notes[path]}")
+    return loaded, notes
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def print_table(lang: str, rows: dict[str, dict], vocab: dict[str, int]) -> None:
+    first = next(iter(rows.values()))
+    print(f"\n[{lang}] held out: {first['documents']:,} documents, {first['words']:,} words, {first['bytes']:,} bytes")
+    width = max(len(name) for name in rows)
+    print(f"  {'tokenizer':<{width}} {'vocab':>7} {'tokens/word':>12} {'bytes/token':>12}")
+    for name, r in rows.items():
+        print(f"  {name:<{width}} {vocab[name]:>7,} {r['tokens_per_word']:>12.3f} {r['bytes_per_token']:>12.3f}")
+
+
+def main() -> None:
+    args = parse_args()
+    started = time.time()
+    root = data_dir(args.data_dir)
+    by_lang = {lang: spread_sample(docs, args.max_docs) for lang, docs in collect_documents(args).items()}
+    train, held_out = {}, {}
+    for lang, docs in by_lang.items():
+        train[lang], held_out[lang] = split_holdout(docs, args.holdout_every)
+        n_bytes = sum(len(d.encode("utf-8")) for d in train[lang])
+        print(f"{lang}: {len(train[lang]):,} training documents ({n_bytes / 1e6:.1f} MB), "
+              f"{len(held_out[lang]):,} held out")
+
+    tokenizer = train_bpe((d for docs in train.values() for d in docs), args.vocab_size, args.min_frequency)
+    out = Path(args.out)
+    tokenizer.save(out)
+    print(f"saved {out} ({tokenizer.vocab_size:,} ids, sha256 {tokenizer.sha256[:16]}...) "
+          f"in {time.time() - started:.1f}s")
+
+    others, notes = load_comparisons(args.compare)
+    candidates = {f"new: {out}": tokenizer, **others}
+    vocab = {name: t.vocab_size for name, t in candidates.items()}
+    report = {"data_dir": str(root), "corpora": args.corpora, "kinds": args.kinds, "langs": args.langs,
+              "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256, "holdout_every": args.holdout_every,
+              "compare_notes": notes, "languages": {}}
+    for lang, docs in held_out.items():
+        rows = {name: fertility_report(t, docs) for name, t in candidates.items()}
+        print_table(lang, rows, vocab)
+        report["languages"][lang] = rows
+    report_path = out.with_name(out.stem + ".report.json")
+    write_json_atomic(report_path, report)
+    print(f"\nreport written to {report_path}; total time {time.time() - started:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
