@@ -1,0 +1,372 @@
+"""THE training loop: pretraining, SFT and healing all run through `train()`.
+
+The loop knows nothing of what it trains on. It takes
+- a batch source: `next_step()` returns this rank's micro batches for one optimizer
+  step (a list of dicts of tensors), with `state_dict()` / `load_state_dict()`;
+- a loss function: `loss_fn(model, batch) -> (summed loss, number of target tokens)`.
+
+Returning a *sum* and a count is what makes gradient accumulation and data parallelism
+exact: the step's loss is sum / (tokens in the whole global batch), so one process
+with 8 micro batches, two with 4 each, or a resumed run all compute the same gradient,
+whatever the number of target tokens in each micro batch (which varies in SFT).
+
+The rest is the standard recipe (nanoGPT, "Language Models are Few-Shot Learners"
+appendix B): AdamW (Loshchilov & Hutter, 2019) without weight decay on norms and
+biases, linear warm-up then cosine decay to a floor, gradient clipping, bf16 autocast
+on GPU, DDP (Li et al., 2020) with `no_sync` while accumulating, a guard that skips
+steps whose loss or gradient is not finite, periodic evaluation, atomic checkpoints
+that resume exactly, JSON-lines logs, a loss plot, and MFU (Chowdhery et al., 2022,
+PaLM appendix B) against the peak of the device actually in use.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .model import Transformer
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "out/run"
+    max_steps: int = 1000
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_every: int = 200
+    save_every: int = 200
+    keep_last: int = 2
+    log_every: int = 10
+    max_bad_steps: int = 5              # non-finite steps in a row before the run stops
+    compile: bool = False
+    precision: str = "auto"             # auto: bf16 autocast on CUDA, fp32 elsewhere
+    seed: int = 1337
+    flops_per_token: float | None = None
+    extra: dict = field(default_factory=dict)  # stage-specific settings, recorded in checkpoints
+
+
+class BatchSource(Protocol):
+    def next_step(self) -> list[dict[str, torch.Tensor]]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+# ---- the pieces ---------------------------------------------------------------------
+def causal_lm_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over labels != -100, and the number of such labels."""
+    logits = model(batch["input_ids"], position_ids=batch.get("position_ids"),
+                   attention_mask=batch.get("attention_mask"), segment_ids=batch.get("segment_ids"))
+    labels = batch["labels"]
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss, (labels != -100).sum()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over warmup_steps, then cosine from lr down to lr * min_lr_ratio at max_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """Decay matrices (and embeddings); never norms or biases, whose scale is their job."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets; MFU is undefined elsewhere.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+    "GH200": 989e12, "A100": 312e12, "A10G": 70e12, "A10": 125e12, "L40S": 362e12, "L4": 121e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # most specific name first
+        if key in name:
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+# ---- distributed --------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Plain `python` gives one process; `torchrun` sets RANK/WORLD_SIZE and we join its group."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device(device))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return Dist(rank, world, local, torch.device(device, local) if device == "cuda" else torch.device(device))
+
+
+def all_reduce_sum(value: torch.Tensor, env: Dist) -> torch.Tensor:
+    if env.world > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+# ---- RNG and state -------------------------------------------------------------------
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_pos": random.getstate()[2],
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+             "numpy_pos": int(np.random.get_state()[2])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- logging ---------------------------------------------------------------------------
+class RunLog:
+    """JSON lines in out_dir/log.jsonl, and a loss plot redrawn at every evaluation."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.path, self.enabled = out_dir / "log.jsonl", enabled
+        self.train_points, self.val_points = [], []
+        if enabled and self.path.exists():  # a resumed run keeps its history in the plot
+            for line in self.path.read_text().splitlines():
+                self._remember(json.loads(line))
+
+    def _remember(self, record: dict):
+        if "loss" in record:
+            self.train_points.append((record["tokens"], record["loss"]))
+        if "val_loss" in record:
+            self.val_points.append((record["tokens"], record["val_loss"]))
+
+    def truncate_after(self, step: int):
+        """A killed run may have logged steps past its last checkpoint; they are redone, so drop them."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [l for l in self.path.read_text().splitlines() if json.loads(l).get("step", 0) <= step]
+        self.path.write_text("".join(l + "\n" for l in kept))
+        self.train_points, self.val_points = [], []
+        for line in kept:
+            self._remember(json.loads(line))
+
+    def write(self, record: dict):
+        if not self.enabled:
+            return
+        self._remember(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def plot(self):
+        if not self.enabled or not self.train_points:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(*zip(*self.train_points), label="train", alpha=0.7)
+        if self.val_points:
+            ax.plot(*zip(*self.val_points), "o-", label="val")
+        ax.set_xlabel("tokens seen")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.path.with_name("loss.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, self.path.with_name("loss.png"))
+
+
+# ---- the loop --------------------------------------------------------------------------
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _wrap(model: torch.nn.Module, env: Dist, cfg: TrainConfig) -> torch.nn.Module:
+    wrapped = model
+    if env.world > 1:
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+def _resume(out: Path, model: Transformer, optimizer, source: BatchSource) -> dict:
+    checkpoints = ckpt.list_checkpoints(out)
+    if not checkpoints:
+        raise ckpt.CheckpointError(f"--resume: no complete checkpoint (step_N folder) in {out}; "
+                                   "start without --resume, or point --out at the run to continue")
+    latest = checkpoints[-1]
+    state = ckpt.load_train_state(latest)
+    ckpt.load_weights(model, ckpt.read_weights(latest / ckpt.WEIGHTS), source=str(latest))
+    optimizer.load_state_dict(state["optimizer"])
+    source.load_state_dict(state["source"])
+    set_rng_state(state["rng"])
+    print(f"resumed from {latest} at step {state['step']}")
+    return state
+
+
+def train(model: Transformer, source: BatchSource, cfg: TrainConfig, env: Dist | None = None,
+          loss_fn: LossFn = causal_lm_loss, evaluate: Callable[[torch.nn.Module], dict] | None = None,
+          tokenizer_path: str | Path | None = None, resume: bool = False, info: dict | None = None) -> dict:
+    """Train until cfg.max_steps; returns the last metrics. See the module docstring."""
+    env = env or Dist()
+    out = Path(cfg.out_dir)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    model.to(env.device)
+    optimizer = make_optimizer(model, cfg, env.device)
+    counters = {"step": 0, "tokens": 0, "bad_in_row": 0, "bad_total": 0}
+    if resume:
+        state = _resume(out, model, optimizer, source)
+        counters = {k: state[k] for k in counters}
+    wrapped = _wrap(model, env, cfg)
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
+    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    peak = device_peak_flops(env.device)
+    log = RunLog(out, env.is_main)
+    if resume:
+        log.truncate_after(counters["step"])
+    info = dict(info or {}, train_config=asdict(cfg))
+
+    def save(tag_step: int):
+        if env.is_main:
+            state = {**counters, "optimizer": optimizer.state_dict(), "source": source.state_dict(),
+                     "rng": rng_state(), "config": asdict(cfg)}
+            ckpt.save_checkpoint(out / f"step_{tag_step:06d}", model, tokenizer_path, state,
+                                 dict(info, step=tag_step, tokens=counters["tokens"]))
+            ckpt.prune_checkpoints(out, cfg.keep_last)
+        if env.world > 1:
+            dist.barrier()
+
+    def run_eval() -> dict:
+        metrics = {}
+        if evaluate is not None and env.is_main:
+            with torch.no_grad(), autocast:
+                metrics = evaluate(model)
+            log.write({"step": counters["step"], "tokens": counters["tokens"], **metrics})
+            log.plot()
+        if env.world > 1:
+            dist.barrier()
+        return metrics
+
+    bar = tqdm(total=cfg.max_steps, initial=counters["step"], disable=not env.is_main, dynamic_ncols=True)
+    if env.is_main and peak is None:
+        bar.write(f"MFU is not defined on {env.device} (no known peak FLOP/s); printing tokens/s only")
+    metrics: dict = {}
+    while counters["step"] < cfg.max_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(counters["step"], cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = [_to_device(b, env.device) for b in source.next_step()]
+        targets = all_reduce_sum(sum((b["labels"] != -100).sum() for b in micro).float(), env)
+        step_tokens = sum(b["input_ids"].numel() for b in micro) * env.world
+        loss_total = torch.zeros((), device=env.device)
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = nullcontext() if (env.world == 1 or last) else wrapped.no_sync()
+            with sync:
+                with autocast:
+                    loss_sum, _ = loss_fn(wrapped, batch)
+                # DDP averages gradients over ranks; multiply by world so the result is sum / global targets.
+                (loss_sum * env.world / targets.clamp(min=1)).backward()
+            loss_total += loss_sum.detach().float()
+        step_loss = all_reduce_sum(loss_total, env) / targets.clamp(min=1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        counters["step"] += 1
+        counters["tokens"] += step_tokens
+        if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            counters["bad_in_row"] += 1
+            counters["bad_total"] += 1
+            log.write({"step": counters["step"], "tokens": counters["tokens"], "skipped": "non-finite loss or gradient",
+                       "bad_in_row": counters["bad_in_row"]})
+            bar.write(f"step {counters['step']}: non-finite loss/gradient, step skipped "
+                      f"({counters['bad_in_row']} in a row, {counters['bad_total']} in all)")
+            if counters["bad_in_row"] >= cfg.max_bad_steps:
+                bar.close()
+                last_good = ckpt.list_checkpoints(out)
+                raise TrainingDiverged(
+                    f"{counters['bad_in_row']} non-finite steps in a row at step {counters['step']}: stopping. "
+                    f"Last good checkpoint: {last_good[-1] if last_good else 'none'}. Lower the learning rate "
+                    "or check the data, then --resume.")
+            bar.update(1)
+            continue
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        counters["bad_in_row"] = 0
+        dt = time.perf_counter() - t0
+        tokens_per_s = step_tokens / dt
+        record = {"step": counters["step"], "tokens": counters["tokens"], "loss": round(step_loss.item(), 5),
+                  "lr": lr, "grad_norm": round(grad_norm.item(), 4), "tokens_per_s": round(tokens_per_s, 1)}
+        if peak is not None and cfg.flops_per_token:
+            record["mfu"] = round(cfg.flops_per_token * tokens_per_s / (peak * env.world), 4)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                        **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
+        if counters["step"] % cfg.log_every == 0 or counters["step"] == 1:
+            log.write(record)
+        metrics = record
+        done = counters["step"] == cfg.max_steps
+        if cfg.eval_every and (counters["step"] % cfg.eval_every == 0 or done):
+            metrics = {**record, **run_eval()}
+            if env.is_main and "val_loss" in metrics:
+                bar.write(json.dumps({k: metrics[k] for k in metrics if k.startswith("val") or k == "step"}))
+        if (cfg.save_every and counters["step"] % cfg.save_every == 0) or done:
+            save(counters["step"])
+    bar.close()
+    return metrics
