@@ -1,0 +1,75 @@
+"""What the stage scripts share: training flags, device choice and the closing summary.
+
+pretrain.py, sft_train.py and the healing step of scripts/shrink.py differ only in
+where batches come from and what the loss is; the flags that steer the loop itself
+(steps, learning rate schedule, checkpoints, precision, ...) are defined once here so
+the scripts cannot drift apart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .train import Dist, TrainConfig
+
+
+def add_training_args(parser: argparse.ArgumentParser, **defaults) -> None:
+    g = parser.add_argument_group("training loop")
+    g.add_argument("--out", default=defaults.get("out", "out/run"), help="run folder: checkpoints, log.jsonl, loss.png")
+    g.add_argument("--max-steps", type=int, default=defaults.get("max_steps", 1000))
+    g.add_argument("--micro-batch", type=int, default=defaults.get("micro_batch", 8),
+                   help="sequences per forward pass on each process (lower it if memory runs out)")
+    g.add_argument("--lr", type=float, default=defaults.get("lr", 3e-4), help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    g.add_argument("--warmup-steps", type=int, default=defaults.get("warmup_steps", 100))
+    g.add_argument("--weight-decay", type=float, default=defaults.get("weight_decay", 0.1))
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--eval-every", type=int, default=defaults.get("eval_every", 200))
+    g.add_argument("--save-every", type=int, default=defaults.get("save_every", 200))
+    g.add_argument("--keep-last", type=int, default=2, help="step checkpoints to keep")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--max-bad-steps", type=int, default=5, help="non-finite steps in a row before stopping")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--resume", action="store_true", help="continue from the latest step_N checkpoint in --out")
+
+
+def train_config_from_args(args, **extra) -> TrainConfig:
+    return TrainConfig(
+        out_dir=args.out, max_steps=args.max_steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
+        log_every=args.log_every, max_bad_steps=args.max_bad_steps, compile=args.compile,
+        precision=args.precision, seed=args.seed, extra=extra,
+    )
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world: int, unit: str = "sequences") -> int:
+    """Micro batches per process per step so that micro * accum * world == global batch, exactly."""
+    per_step = micro_batch * world
+    if global_batch % per_step:
+        raise ValueError(f"the global batch ({global_batch} {unit}) must be a multiple of micro batch x processes "
+                         f"({micro_batch} x {world} = {per_step}); change --micro-batch or the global batch")
+    return global_batch // per_step
+
+
+def print_summary(env: Dist, out: str | Path, metrics: dict, extra: dict | None = None) -> None:
+    if not env.is_main:
+        return
+    out = Path(out)
+    summary = {k: v for k, v in metrics.items() if k in ("step", "tokens", "loss", "tokens_per_s", "mfu")
+               or k.startswith("val")}
+    summary.update(extra or {})
+    print(json.dumps(summary))
+    print(f"checkpoints: {out}/step_*   log: {out / 'log.jsonl'}   loss plot: {out / 'loss.png'}")
+
+
+def finish(env: Dist) -> None:
+    if env.world > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

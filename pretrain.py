@@ -1,0 +1,121 @@
+"""Pretrain a Llama-style model on token bins: one device with `python`, many with `torchrun`.
+
+    python pretrain.py --data out/data --preset tiny --max-steps 200
+    torchrun --nproc_per_node=2 pretrain.py --data out/data --preset tiny --max-steps 200
+    python pretrain.py --data out/data --out out/pretrain --resume          # continue a run
+    python pretrain.py --data out/zul --init-from out/expanded --lr 1e-4      # continued pretraining
+
+Batches come from lillm.data.BinLoader, the loop is lillm.train.train (shared with SFT).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from lillm import checkpoint as ckpt
+from lillm.cli import accumulation_steps, add_training_args, finish, print_summary, train_config_from_args
+from lillm.config import PRESETS, get_preset
+from lillm.data import BinLoader, check_bins, iter_eval_batches, load_meta
+from lillm.model import Transformer
+from lillm.tokenizer import Tokenizer
+from lillm.train import causal_lm_loss, setup_distributed, train
+
+
+class StepBatches:
+    """One optimizer step = one draw of the global batch, cut into `accum` micro batches.
+
+    The loader draws (micro * accum) windows for this rank out of a global draw of
+    (micro * accum * world), so the windows of a step do not depend on how they are split.
+    """
+
+    def __init__(self, loader: BinLoader, accum: int):
+        self.loader, self.accum = loader, accum
+
+    def next_step(self) -> list[dict]:
+        x, y = self.loader.next_batch()
+        return [{"input_ids": xs, "labels": ys} for xs, ys in zip(x.chunk(self.accum), y.chunk(self.accum))]
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def bin_evaluator(val_bin: Path, seq_len: int, batch_size: int, max_batches: int, bytes_per_token: float, device):
+    """Mean next-token loss over fixed val windows, and bits per byte (comparable across tokenizers)."""
+
+    def evaluate(model) -> dict:
+        total, count = 0.0, 0
+        for x, y in iter_eval_batches(val_bin, seq_len, batch_size, max_batches, device=device):
+            loss, n = causal_lm_loss(model, {"input_ids": x, "labels": y})
+            total, count = total + loss.item(), count + int(n)
+        val_loss = total / count
+        return {"val_loss": round(val_loss, 5), "val_bpb": round(val_loss / math.log(2) / bytes_per_token, 5)}
+
+    return evaluate
+
+
+def build_model(args, vocab_size: int) -> tuple[Transformer, str]:
+    if args.init_from:
+        model = ckpt.load_model(args.init_from)
+        if model.config.vocab_size != vocab_size:
+            raise ValueError(f"--init-from {args.init_from} has vocab_size {model.config.vocab_size} but the bins' "
+                             f"tokenizer has {vocab_size}; prepare the bins with that checkpoint's tokenizer.json")
+        return model, f"checkpoint {args.init_from}"
+    overrides = {"vocab_size": vocab_size}
+    if args.seq_len > PRESETS[args.preset].max_seq_len:
+        overrides["max_seq_len"] = args.seq_len
+    torch.manual_seed(args.seed)
+    return Transformer(get_preset(args.preset, **overrides)), f"preset {args.preset}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="out/data", help="folder with train.bin, val.bin, meta.json")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one meta.json names)")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--init-from", default=None,
+                        help="start from this checkpoint folder's weights with a fresh optimizer (continued pretraining)")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--global-batch-tokens", type=int, default=16384,
+                        help="tokens per optimizer step over all processes and accumulation steps")
+    parser.add_argument("--eval-batches", type=int, default=20, help="val batches per evaluation")
+    add_training_args(parser, out="out/pretrain", max_steps=200, lr=1e-3, warmup_steps=20, eval_every=50,
+                      save_every=100)
+    args = parser.parse_args(argv)
+
+    env = setup_distributed(args.device)
+    data = Path(args.data)
+    meta = load_meta(data)
+    tokenizer_path = args.tokenizer or meta["tokenizer_path"]
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    check_bins(data, tokenizer)
+    model, origin = build_model(args, tokenizer.vocab_size)
+    seq_len = args.seq_len
+    if args.global_batch_tokens % seq_len:
+        raise ValueError(f"--global-batch-tokens {args.global_batch_tokens} must be a multiple of --seq-len {seq_len}")
+    accum = accumulation_steps(args.global_batch_tokens // seq_len, args.micro_batch, env.world)
+    loader = BinLoader(data / "train.bin", seq_len, args.micro_batch * accum, seed=args.seed,
+                       rank=env.rank, world_size=env.world, device=env.device)
+    evaluate = bin_evaluator(data / "val.bin", seq_len, args.micro_batch, args.eval_batches,
+                             meta["splits"]["val"]["bytes_per_token"], env.device)
+    cfg = train_config_from_args(args, stage="pretrain", data=str(data), preset=args.preset, seq_len=seq_len,
+                                 global_batch_tokens=args.global_batch_tokens)
+    cfg.flops_per_token = model.config.flops_per_token(seq_len)
+    if env.is_main:
+        print(f"model: {origin}, {model.num_params():,} parameters; {env.world} process(es), "
+              f"micro batch {args.micro_batch} x {accum} accumulation x {env.world} = "
+              f"{args.global_batch_tokens:,} tokens per step on {env.device}")
+    metrics = train(model, StepBatches(loader, accum), cfg, env, evaluate=evaluate, tokenizer_path=tokenizer_path,
+                    resume=args.resume, info={"stage": "pretrain", "origin": origin})
+    print_summary(env, args.out, metrics)
+    finish(env)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
