@@ -37,13 +37,13 @@ class CheckpointError(ValueError):
 
 
 # ---- state dicts with shared tensors ---------------------------------------------
-def unique_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+def unique_state_dict(model: Transformer, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The state dict with every shared tensor once: a tied lm_head is dropped (config says
     tie_word_embeddings) and a shared MLP is kept under layer 0's names only (as transformers
-    itself saves InkubaLM)."""
+    itself saves InkubaLM). `state_dict` replaces model.state_dict() (e.g. one gathered from FSDP shards)."""
     cfg = model.config
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (state_dict if state_dict is not None else model.state_dict()).items():
         if cfg.tie_embeddings and name == "lm_head.weight":
             continue
         if cfg.shared_mlp and re.match(r"model\.layers\.[1-9]\d*\.mlp\.", name):
@@ -109,14 +109,15 @@ def _fsync_tree(folder: Path) -> None:
 
 
 def save_checkpoint(folder: str | Path, model: Transformer, tokenizer_path: str | Path | None = None,
-                    train_state: dict | None = None, info: dict | None = None) -> Path:
+                    train_state: dict | None = None, info: dict | None = None,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)  # a leftover from an interrupted save: never complete, safe to drop
     tmp.mkdir(parents=True)
     config = model.config.to_hf_dict()
-    weights = {k: v.detach().contiguous().cpu() for k, v in unique_state_dict(model).items()}
+    weights = {k: v.detach().contiguous().cpu() for k, v in unique_state_dict(model, state_dict).items()}
     config["torch_dtype"] = str(next(iter(weights.values())).dtype).removeprefix("torch.")
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})

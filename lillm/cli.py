@@ -35,6 +35,8 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the model over torchrun processes (FSDP2) instead of replicating it (DDP)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--resume", action="store_true", help="continue from the latest step_N checkpoint in --out")
@@ -46,7 +48,7 @@ def train_config_from_args(args, **extra) -> TrainConfig:
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
         log_every=args.log_every, max_bad_steps=args.max_bad_steps, compile=args.compile,
-        precision=args.precision, seed=args.seed, extra=extra,
+        precision=args.precision, seed=args.seed, fsdp=args.fsdp, extra=extra,
     )
 
 

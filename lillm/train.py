@@ -56,6 +56,7 @@ class TrainConfig:
     log_every: int = 10
     max_bad_steps: int = 5              # non-finite steps in a row before the run stops
     compile: bool = False
+    fsdp: bool = False                  # shard parameters, gradients and optimizer state (FSDP2)
     precision: str = "auto"             # auto: bf16 autocast on CUDA, fp32 elsewhere
     seed: int = 1337
     flops_per_token: float | None = None
@@ -235,8 +236,18 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _wrap(model: torch.nn.Module, env: Dist, cfg: TrainConfig) -> torch.nn.Module:
+    """DDP keeps a full replica per process; FSDP (Zhao et al., 2023) shards each block's
+    parameters and optimizer state across processes, for models that do not fit one device."""
     wrapped = model
-    if env.world > 1:
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        if env.world == 1:
+            raise ValueError("--fsdp shards a model across processes: launch with torchrun --nproc_per_node=N (N > 1)")
+        if not model.config.shared_mlp:  # a module shared by every block can only be sharded once, at the root
+            for block in model.model.layers:
+                fully_shard(block)
+        fully_shard(model)
+    elif env.world > 1:
         ids = [env.device.index] if env.device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.compile:
@@ -244,7 +255,22 @@ def _wrap(model: torch.nn.Module, env: Dist, cfg: TrainConfig) -> torch.nn.Modul
     return wrapped
 
 
-def _resume(out: Path, model: Transformer, optimizer, source: BatchSource) -> dict:
+def _full_states(model, optimizer, cfg: TrainConfig) -> tuple[dict | None, dict]:
+    """Model and optimizer states as full tensors keyed by parameter name, whatever the sharding
+    (a collective under FSDP: every rank must call it). Keyed by name, not position, so a run saved
+    with FSDP resumes without it and the other way round."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=cfg.fsdp)
+    model_state = get_model_state_dict(model, options=options) if cfg.fsdp else None
+    return model_state, get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def _load_optimizer(model, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def _load_latest(out: Path, model: Transformer) -> tuple[Path, dict]:
     checkpoints = ckpt.list_checkpoints(out)
     if not checkpoints:
         raise ckpt.CheckpointError(f"--resume: no complete checkpoint (step_N folder) in {out}; "
@@ -252,11 +278,7 @@ def _resume(out: Path, model: Transformer, optimizer, source: BatchSource) -> di
     latest = checkpoints[-1]
     state = ckpt.load_train_state(latest)
     ckpt.load_weights(model, ckpt.read_weights(latest / ckpt.WEIGHTS), source=str(latest))
-    optimizer.load_state_dict(state["optimizer"])
-    source.load_state_dict(state["source"])
-    set_rng_state(state["rng"])
-    print(f"resumed from {latest} at step {state['step']}")
-    return state
+    return latest, state
 
 
 def train(model: Transformer, source: BatchSource, cfg: TrainConfig, env: Dist | None = None,
@@ -268,12 +290,18 @@ def train(model: Transformer, source: BatchSource, cfg: TrainConfig, env: Dist |
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
     model.to(env.device)
-    optimizer = make_optimizer(model, cfg, env.device)
     counters = {"step": 0, "tokens": 0, "bad_in_row": 0, "bad_total": 0}
-    if resume:
-        state = _resume(out, model, optimizer, source)
-        counters = {k: state[k] for k in counters}
+    if resume:  # weights go in before sharding; optimizer state once the optimizer exists
+        latest, state = _load_latest(out, model)
     wrapped = _wrap(model, env, cfg)
+    optimizer = make_optimizer(model, cfg, env.device)
+    if resume:
+        _load_optimizer(model, optimizer, state["optimizer"])
+        source.load_state_dict(state["source"])
+        set_rng_state(state["rng"])
+        counters = {k: state[k] for k in counters}
+        if env.is_main:
+            print(f"resumed from {latest} at step {counters['step']}")
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     peak = device_peak_flops(env.device)
@@ -283,22 +311,24 @@ def train(model: Transformer, source: BatchSource, cfg: TrainConfig, env: Dist |
     info = dict(info or {}, train_config=asdict(cfg))
 
     def save(tag_step: int):
+        model_state, optimizer_state = _full_states(model, optimizer, cfg)
         if env.is_main:
-            state = {**counters, "optimizer": optimizer.state_dict(), "source": source.state_dict(),
+            state = {**counters, "optimizer": optimizer_state, "source": source.state_dict(),
                      "rng": rng_state(), "config": asdict(cfg)}
             ckpt.save_checkpoint(out / f"step_{tag_step:06d}", model, tokenizer_path, state,
-                                 dict(info, step=tag_step, tokens=counters["tokens"]))
+                                 dict(info, step=tag_step, tokens=counters["tokens"]), state_dict=model_state)
             ckpt.prune_checkpoints(out, cfg.keep_last)
         if env.world > 1:
             dist.barrier()
 
     def run_eval() -> dict:
         metrics = {}
-        if evaluate is not None and env.is_main:
+        if evaluate is not None:  # every rank evaluates (FSDP forwards are collective); rank 0 logs
             with torch.no_grad(), autocast:
                 metrics = evaluate(model)
-            log.write({"step": counters["step"], "tokens": counters["tokens"], **metrics})
-            log.plot()
+            if env.is_main:
+                log.write({"step": counters["step"], "tokens": counters["tokens"], **metrics})
+                log.plot()
         if env.world > 1:
             dist.barrier()
         return metrics
@@ -318,7 +348,9 @@ def train(model: Transformer, source: BatchSource, cfg: TrainConfig, env: Dist |
         loss_total = torch.zeros((), device=env.device)
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
-            sync = nullcontext() if (env.world == 1 or last) else wrapped.no_sync()
+            if cfg.fsdp:
+                model.set_requires_gradient_sync(last)
+            sync = nullcontext() if (env.world == 1 or last or cfg.fsdp) else wrapped.no_sync()
             with sync:
                 with autocast:
                     loss_sum, _ = loss_fn(wrapped, batch)
@@ -327,6 +359,8 @@ def train(model: Transformer, source: BatchSource, cfg: TrainConfig, env: Dist |
             loss_total += loss_sum.detach().float()
         step_loss = all_reduce_sum(loss_total, env) / targets.clamp(min=1)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         counters["step"] += 1
         counters["tokens"] += step_tokens
         if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):

@@ -70,10 +70,11 @@ def losses(out):
             if "loss" in json.loads(l)]
 
 
-def test_two_process_ddp_equals_one_process_with_the_same_global_batch(bins, tmp_path):
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_process_run_equals_one_process_with_the_same_global_batch(bins, tmp_path, sharding):
     common = ["--max-steps", "5", "--global-batch-tokens", str(8 * 32), "--save-every", "5"]
     run_pretrain(bins, tmp_path / "one", *common, "--micro-batch", "2")             # 2 x 4 accumulation
-    run_pretrain(bins, tmp_path / "two", *common, "--micro-batch", "2", nproc=2)   # 2 x 2 x 2 processes
+    run_pretrain(bins, tmp_path / "two", *common, *sharding, "--micro-batch", "2", nproc=2)  # 2 x 2 x 2 processes
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 5
     # Same data, same math; only the order of float additions differs (gloo all-reduce vs accumulation).
