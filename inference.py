@@ -1,0 +1,110 @@
+"""Generate text from a checkpoint folder: prompts, a batch of prompts, or a chat.
+
+    python inference.py out/pretrain/step_000200 --prompt "Habari za leo" --max-new-tokens 60
+    python inference.py CKPT --prompt "Watoto" --prompt "Gwamnati" --temperature 0     # a greedy batch
+    python inference.py CKPT --chat                                                    # SFT models
+    echo "Habari" | python inference.py CKPT                                           # prompts from stdin
+
+One prompt streams to the terminal as it is generated; a batch prints each result at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from lillm import checkpoint as ckpt
+from lillm.generate import generate
+from lillm.tokenizer import Tokenizer
+
+
+class StreamPrinter:
+    """Print a row's text as tokens arrive. Decoding the whole row each time and printing the new
+    suffix keeps multi-byte characters whole (a token may hold half of one)."""
+
+    def __init__(self, tokenizer: Tokenizer, out=None):
+        self.tokenizer, self.out, self.ids, self.shown = tokenizer, out or sys.stdout, [], ""
+
+    def __call__(self, row: int, token: int):
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a split character
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+
+def load(folder: str, device: str):
+    folder = Path(folder)
+    tokenizer_file = folder / "tokenizer.json"
+    if not tokenizer_file.exists():
+        raise SystemExit(f"{tokenizer_file} is missing: a checkpoint for inference needs its tokenizer "
+                         "(copy the tokenizer.json it was trained with into the folder)")
+    model = ckpt.load_model(folder, device=device).eval()
+    return model, Tokenizer.from_file(tokenizer_file)
+
+
+def sampling_options(args, tokenizer: Tokenizer) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0, seed=args.seed)
+
+
+def complete(model, tokenizer: Tokenizer, prompts: list[str], args) -> list[str]:
+    ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
+    options = sampling_options(args, tokenizer)
+    if len(prompts) == 1:
+        sys.stdout.write(prompts[0])
+        printer = StreamPrinter(tokenizer)
+        new = generate(model, ids, on_token=printer, **options)
+        sys.stdout.write("\n")
+    else:
+        new = generate(model, ids, **options)
+        for prompt, tokens in zip(prompts, new):
+            print(f"{prompt}{tokenizer.decode(tokens)}\n---")
+    return [tokenizer.decode(tokens) for tokens in new]
+
+
+def chat(model, tokenizer: Tokenizer, args) -> None:
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat: type a message, an empty line to quit")
+    while True:
+        try:
+            user = input("> ").strip()
+        except EOFError:
+            break
+        if not user:
+            break
+        messages.append({"role": "user", "content": user})
+        ids, _ = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        printer = StreamPrinter(tokenizer)
+        new = generate(model, [ids], on_token=printer, **sampling_options(args, tokenizer))
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": tokenizer.decode(new[0])})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="checkpoint folder (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--prompt", action="append", help="a prompt; repeat for a batch (default: read stdin lines)")
+    parser.add_argument("--chat", action="store_true", help="chat with an SFT model using the chat template")
+    parser.add_argument("--system", default=None, help="system message for --chat")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    model, tokenizer = load(args.checkpoint, args.device)
+    if args.chat:
+        return chat(model, tokenizer, args)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise SystemExit("no prompt: pass --prompt TEXT (repeatable), pipe lines on stdin, or use --chat")
+    return complete(model, tokenizer, prompts, args)
+
+
+if __name__ == "__main__":
+    main()
