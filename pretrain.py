@@ -13,6 +13,7 @@ import argparse
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lillm import checkpoint as ckpt
@@ -57,6 +58,20 @@ def bin_evaluator(val_bin: Path, seq_len: int, batch_size: int, max_batches: int
         return {"val_loss": round(val_loss, 5), "val_bpb": round(val_loss / math.log(2) / bytes_per_token, 5)}
 
     return evaluate
+
+
+def unigram_bits_per_byte(data: Path, meta: dict, chunk: int = 1 << 24) -> float:
+    """The baseline a model must beat: predict every val token from train-set token frequencies
+    (add-one smoothed), ignoring all context. Bits per byte, like val_bpb."""
+    dtype = np.dtype(meta["dtype"])
+    counts = np.ones(meta["vocab_size"], dtype=np.float64)
+    train = np.memmap(data / "train.bin", dtype=dtype, mode="r")
+    for start in range(0, len(train), chunk):
+        counts += np.bincount(train[start:start + chunk], minlength=meta["vocab_size"])
+    log_probs = np.log(counts / counts.sum())
+    val = np.memmap(data / "val.bin", dtype=dtype, mode="r")
+    nats = -sum(log_probs[val[start:start + chunk]].sum() for start in range(0, len(val), chunk)) / len(val)
+    return float(nats / math.log(2) / meta["splits"]["val"]["bytes_per_token"])
 
 
 def build_model(args, vocab_size: int) -> tuple[Transformer, str]:
@@ -112,7 +127,7 @@ def main(argv=None):
               f"{args.global_batch_tokens:,} tokens per step on {env.device}")
     metrics = train(model, StepBatches(loader, accum), cfg, env, evaluate=evaluate, tokenizer_path=tokenizer_path,
                     resume=args.resume, info={"stage": "pretrain", "origin": origin})
-    print_summary(env, args.out, metrics)
+    print_summary(env, args.out, metrics, {"unigram_val_bpb": round(unigram_bits_per_byte(data, meta), 5)})
     finish(env)
     return metrics
 
