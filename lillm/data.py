@@ -1,0 +1,300 @@
+"""Pretraining data: memory-mapped token bins, checked, and sampled in seeded, rank-aware windows.
+
+Token bins (the nanoGPT / lilLM recipe). `data/prepare_pretrain.py` tokenizes the corpus once,
+offline, and writes every document's token ids back to back, with the end-of-text id `</s>` after
+each document, into one flat file of little-endian uint16 (uint32 when the vocabulary has more
+than 65,536 ids): `train.bin` and `val.bin`, described by `meta.json` (tokenizer hash, dtype,
+token/document/byte counts). Training never touches text again: `np.memmap` maps the file, the
+operating system pages in only the windows we read, so a corpus of any size costs no RAM and a
+run starts instantly.
+
+A training example is a window of seq_len + 1 consecutive tokens starting at a random offset:
+x = window[:-1], y = window[1:] (each position predicts the next token). Windows cross document
+boundaries, as in GPT-2 pretraining; `</s>` tells the model where a document ends.
+
+The global batch, and why it makes DDP and resume exact. The obvious way to give each DDP rank
+different data is a different seed per rank; then the data a run sees depends on how many
+processes it had, so a 2-process run cannot be compared with a 1-process run, and resuming on a
+different number of GPUs continues a different stream. Here every rank holds the same generator,
+draws the offsets of the whole global batch (batch_size * world_size windows) at every step, and
+keeps its own slice [rank * batch_size, (rank + 1) * batch_size). The windows of step t are a
+function of (seed, t, global batch size) only; the world size decides just who computes which
+window. DDP averages gradients over ranks, and the mean over ranks of per-rank means over equal
+slices is the mean over the global batch: the same update as one process (up to float rounding).
+The state to resume is the generator state and the step counter, both tiny and independent of
+the world size.
+
+References: Karpathy, nanoGPT (data/*/prepare.py, train.py get_batch); Radford et al. 2019
+(GPT-2, documents joined with an end-of-text token); PyTorch DistributedDataParallel docs.
+
+An SFT half (examples with loss masks) belongs below the pretraining half and shares nothing
+with it but the imports.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+META_NAME = "meta.json"
+UINT16_VOCAB_LIMIT = 1 << 16      # uint16 holds ids 0..65535
+MAX_ID_CHUNK = 1 << 24            # tokens per slice when scanning a bin for its largest id
+
+
+class BinFormatError(ValueError):
+    """A token bin that does not agree with its meta.json, the tokenizer or the model."""
+
+
+class MissingMetaError(FileNotFoundError):
+    """A token bin folder without meta.json: its tokenizer, dtype and sizes are unknown."""
+
+
+# ---- the format ---------------------------------------------------------------------------------
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest little-endian unsigned dtype that holds every id below vocab_size."""
+    if vocab_size <= UINT16_VOCAB_LIMIT:
+        return np.dtype("<u2")
+    return np.dtype("<u4")
+
+
+def encode_documents(tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of texts joined as `doc </s> doc </s> ...`, and the token count of each document.
+
+    The count includes the document's `</s>`, so the counts sum to the length of the ids.
+    """
+    eos = tokenizer.eos_id
+    if eos is None:
+        raise BinFormatError(f"tokenizer {getattr(tokenizer, 'source', '')} has no </s> token to end documents")
+    # One document at a time, on purpose: encode_batch would start the tokenizer's own thread pool,
+    # and the parallelism is prepare_pretrain's worker processes, one thread each.
+    encoded = [tokenizer.encode(text) for text in texts]
+    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
+    flat = np.empty(int(lengths.sum()), dtype=np.int64)
+    position = 0
+    for ids in encoded:
+        flat[position:position + len(ids)] = ids
+        flat[position + len(ids)] = eos
+        position += len(ids) + 1
+    if flat.size and flat.max() >= (1 << (8 * dtype.itemsize)):
+        raise BinFormatError(f"token id {int(flat.max())} does not fit in {dtype.name}")
+    return flat.astype(dtype), lengths
+
+
+# Worker-process side of data/prepare_pretrain.py: each pool worker loads the tokenizer once
+# (initializer), then encodes chunks. They live here, in an importable module, so the pool can
+# pickle them by name under any start method (fork, spawn, forkserver).
+_WORKER_TOKENIZER = None
+
+
+def init_encode_worker(tokenizer_path: str) -> None:
+    from lillm.tokenizer import Tokenizer
+
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = Tokenizer.from_file(tokenizer_path)
+
+
+def encode_chunk_in_worker(chunk: tuple) -> tuple:
+    """(tag, texts) -> (tag, token ids, per-document token counts); the tag passes through."""
+    tag, texts = chunk
+    dtype = token_dtype(_WORKER_TOKENIZER.vocab_size)
+    return (tag, *encode_documents(_WORKER_TOKENIZER, texts, dtype))
+
+
+# ---- meta.json and checks -----------------------------------------------------------------------
+def _as_dir(bin_dir_or_file) -> Path:
+    path = Path(bin_dir_or_file)
+    return path.parent if path.suffix == ".bin" or path.is_file() else path
+
+
+def _redo_hint(directory: Path, tokenizer_path=None) -> str:
+    tokenizer_arg = tokenizer_path or "<the tokenizer.json you train with>"
+    return f"re-run `python data/prepare_pretrain.py --tokenizer {tokenizer_arg} --out {directory}`"
+
+
+def load_meta(bin_dir) -> dict:
+    """meta.json of a bin folder (or of the folder holding a .bin file), with its keys checked."""
+    directory = _as_dir(bin_dir)
+    meta_path = directory / META_NAME
+    if not meta_path.is_file():
+        raise MissingMetaError(
+            f"{meta_path} not found: the token bins in {directory} have no meta.json, so their "
+            f"tokenizer, dtype and sizes are unknown; {_redo_hint(directory)}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BinFormatError(f"{meta_path} is not valid JSON ({error}); {_redo_hint(directory)}") from None
+    for key in ("tokenizer_sha256", "vocab_size", "dtype", "eos_id", "splits"):
+        if key not in meta:
+            raise BinFormatError(f"{meta_path} has no key {key!r}; {_redo_hint(directory)}")
+    return meta
+
+
+def max_token_id(path, dtype) -> int:
+    """Largest id in a bin (-1 when empty), scanned in slices so memory stays flat."""
+    dtype = np.dtype(dtype)
+    count = Path(path).stat().st_size // dtype.itemsize
+    if count == 0:
+        return -1
+    tokens = np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+    return max(int(tokens[start:start + MAX_ID_CHUNK].max()) for start in range(0, count, MAX_ID_CHUNK))
+
+
+def check_bins(bin_dir, tokenizer=None, vocab_size: int | None = None) -> dict:
+    """Refuse bins that the given tokenizer/model cannot train on; return their meta.
+
+    Checks, for every split listed in meta.json: the tokenizer hash (when a tokenizer is given),
+    the dtype against the vocabulary size, the file size against the token count, and the
+    largest id against the vocabulary (vocab_size, else the tokenizer's, else meta's).
+    """
+    directory = _as_dir(bin_dir)
+    meta = load_meta(directory)
+    tokenizer_path = getattr(tokenizer, "source", "<memory>")
+    tokenizer_path = meta.get("tokenizer_path") if tokenizer_path.startswith("<") else tokenizer_path
+    redo = _redo_hint(directory, tokenizer_path)
+    if tokenizer is not None and tokenizer.sha256 != meta["tokenizer_sha256"]:
+        raise BinFormatError(
+            f"{directory / META_NAME}: the bins were made with tokenizer sha256 "
+            f"{meta['tokenizer_sha256'][:16]}... ({meta.get('tokenizer_path', '?')}), but the "
+            f"tokenizer given has sha256 {tokenizer.sha256[:16]}...; {redo}")
+    limit = vocab_size or (tokenizer.vocab_size if tokenizer is not None else meta["vocab_size"])
+    dtype = token_dtype(meta["vocab_size"])
+    if meta["dtype"] != dtype.name:
+        raise BinFormatError(
+            f"{directory / META_NAME}: dtype {meta['dtype']!r} does not match vocab_size "
+            f"{meta['vocab_size']} (expected {dtype.name!r}); {redo}")
+    for split, info in meta["splits"].items():
+        path = directory / info["file"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} ({split} split listed in meta.json) not found; {redo}")
+        size, expected = path.stat().st_size, info["tokens"] * dtype.itemsize
+        if size != expected:
+            raise BinFormatError(
+                f"{path} holds {size} bytes but meta.json says {info['tokens']} tokens of "
+                f"{dtype.name} = {expected} bytes: truncated, or from another run; {redo}")
+        largest = max_token_id(path, dtype)
+        if largest >= limit:
+            raise BinFormatError(
+                f"{path} holds token id {largest} but the vocabulary has only {limit} ids "
+                f"(0..{limit - 1}): the bins were made with another tokenizer; {redo}")
+    return meta
+
+
+# ---- sampling -----------------------------------------------------------------------------------
+def _open_tokens(path: Path, dtype: np.dtype) -> np.memmap:
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise BinFormatError(f"{path} is {size} bytes, not a whole number of {dtype.name} tokens; "
+                             f"{_redo_hint(path.parent)}")
+    if size == 0:
+        raise BinFormatError(f"{path} is empty; {_redo_hint(path.parent)}")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(size // dtype.itemsize,))
+
+
+def _bin_dtype(path: Path, dtype) -> np.dtype:
+    if not path.is_file():
+        raise FileNotFoundError(f"token bin {path} not found; {_redo_hint(path.parent)}")
+    if dtype is None:
+        dtype = load_meta(path)["dtype"]
+    return np.dtype(dtype).newbyteorder("<")
+
+
+def _windows_to_device(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, seq_len + 1) ids -> x, y int64 tensors; pinned + non-blocking copies on CUDA."""
+    x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1], dtype=np.int64))
+    y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:], dtype=np.int64))
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+class BinLoader:
+    """Random windows (x, y) from a token bin; seeded, resumable, identical for any world size.
+
+    batch_size is per rank; the global batch is batch_size * world_size (see the module docstring).
+    """
+
+    def __init__(self, path, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, device="cpu", dtype=None):
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.path = Path(path)
+        self.dtype = _bin_dtype(self.path, dtype)
+        self.num_tokens = self.path.stat().st_size // self.dtype.itemsize
+        if self.num_tokens < seq_len + 1:
+            raise ValueError(f"{self.path} holds {self.num_tokens} tokens, fewer than seq_len + 1 = "
+                             f"{seq_len + 1}; use a shorter seq_len or more data")
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.global_batch_size = batch_size * world_size
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step = 0
+
+    @property
+    def tokens(self) -> np.memmap:
+        # Re-opened at every use (a few microseconds), as nanoGPT does: a long-lived map of a
+        # big bin keeps every page it ever touched in the process's resident memory, which
+        # looks like a leak to memory monitors and container limits.
+        return _open_tokens(self.path, self.dtype)
+
+    def next_offsets(self) -> np.ndarray:
+        """Start offsets of this rank's windows for the next step (advances the stream)."""
+        # Largest start is num_tokens - seq_len - 1: its window of seq_len + 1 ends at the last token.
+        offsets = torch.randint(0, self.num_tokens - self.seq_len, (self.global_batch_size,),
+                                generator=self.generator)
+        self.step += 1
+        return offsets[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].numpy()
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, span = self.tokens, self.seq_len + 1
+        windows = np.stack([tokens[start:start + span] for start in self.next_offsets()])
+        return _windows_to_device(windows, self.device)
+
+    def state_dict(self) -> dict:
+        """Enough to continue the same stream, on any world size with the same global batch."""
+        return {"step": self.step, "generator_state": self.generator.get_state(), "seed": self.seed,
+                "global_batch_size": self.global_batch_size, "seq_len": self.seq_len,
+                "num_tokens": self.num_tokens}
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Restore a stream; strict refuses a different global batch, seq_len or bin."""
+        if strict:
+            for key in ("global_batch_size", "seq_len", "num_tokens"):
+                if state[key] != getattr(self, key):
+                    raise ValueError(
+                        f"loader state has {key}={state[key]} but this loader has "
+                        f"{getattr(self, key)} ({self.path}): the stream would not continue; "
+                        f"keep batch_size * world_size and seq_len, or pass strict=False")
+        self.generator.set_state(state["generator_state"].to(torch.uint8).cpu())
+        self.step = int(state["step"])
+
+
+def iter_eval_batches(path, seq_len: int, batch_size: int, max_batches: int | None = None,
+                      device="cpu", rank: int = 0, world_size: int = 1,
+                      dtype=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Sequential, non-overlapping windows from the start of a bin, for evaluation.
+
+    Window i covers x = tokens[i * seq_len:(i + 1) * seq_len] (y one further), so every token is
+    predicted at most once; the same bin always gives the same batches. The last batch may be
+    smaller. With world_size > 1, rank r takes batches r, r + world_size, ...; ranks may then get
+    one batch fewer than others, so sum losses and token counts per rank and reduce them once at
+    the end (a collective call per batch would hang the rank that has none left).
+    """
+    path = Path(path)
+    tokens = _open_tokens(path, _bin_dtype(path, dtype))
+    num_windows = (len(tokens) - 1) // seq_len
+    if num_windows == 0:
+        raise ValueError(f"{path} holds {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+    num_batches = -(-num_windows // batch_size)
+    if max_batches is not None:
+        num_batches = min(num_batches, max_batches)
+    device = torch.device(device)
+    for batch in range(rank, num_batches, world_size):
+        starts = range(batch * batch_size, min((batch + 1) * batch_size, num_windows))
+        windows = np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in starts])
+        yield _windows_to_device(windows, device)
