@@ -90,7 +90,7 @@ def load_weights(model: Transformer, tensors: dict[str, torch.Tensor], source: s
 
 
 # ---- atomic folders ---------------------------------------------------------------
-def _replace_folder(tmp: Path, final: Path) -> None:
+def replace_folder(tmp: Path, final: Path) -> None:
     """Move a finished tmp folder into place; an existing `final` is swapped out, then removed."""
     old = final.with_name(final.name + ".old")
     if old.exists():
@@ -102,7 +102,7 @@ def _replace_folder(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
@@ -126,8 +126,8 @@ def save_checkpoint(folder: str | Path, model: Transformer, tokenizer_path: str 
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE)
     (tmp / "lillm.json").write_text(json.dumps(info or {}, indent=2, default=str) + "\n")
-    _fsync_tree(tmp)
-    _replace_folder(tmp, folder)
+    fsync_tree(tmp)
+    replace_folder(tmp, folder)
     return folder
 
 

@@ -134,7 +134,8 @@ class ModelConfig:
                 n_heads=n_heads,
                 n_kv_heads=hf.get("num_key_value_heads") or n_heads,
                 max_seq_len=hf.get("max_position_embeddings", 2048),
-                rope_theta=float(hf.get("rope_theta", 10000.0)),
+                # transformers 5 moved rope_theta into rope_parameters
+                rope_theta=float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
                 norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 shared_mlp=bool(hf.get("lillm_shared_mlp", False)),

@@ -50,10 +50,9 @@ The Buzuzu-Mavi shape (vocab 8,064, d 1,024, FFN 2,816, tied, shared MLP, 32 hea
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .config import ModelConfig
 from .model import Transformer

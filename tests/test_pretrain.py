@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lillm import checkpoint as ckpt
 from lillm.tokenizer import train_bpe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,55 @@
+"""Export a lillm checkpoint folder to a plain Hugging Face Llama folder (no custom code needed).
+
+    python scripts/export_hf.py out/inkuba out/inkuba-hf --dtype bfloat16
+
+A shared MLP (InkubaLM) is written once per layer, since LlamaForCausalLM has no sharing; the
+report says what that costs. Tied embeddings stay tied (lm_head omitted). The tokenizer.json is
+copied with a tokenizer_config.json, so transformers.AutoTokenizer loads it. See lillm/hf.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as `python scripts/export_hf.py` without installing
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+from lillm import checkpoint as ckpt  # noqa: E402
+from lillm.hf import export_llama  # noqa: E402
+
+DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="lillm checkpoint folder")
+    parser.add_argument("out", type=Path, nargs="?", help="folder to write (default out/exported/<checkpoint name>)")
+    parser.add_argument("--dtype", choices=DTYPES, default="keep", help="dtype to write (keep: the checkpoint's own)")
+    args = parser.parse_args()
+    out = args.out or Path("out/exported") / args.checkpoint.name
+
+    dtype = DTYPES[args.dtype]
+    if dtype is None:  # keep the dtype the checkpoint was saved in (load_model builds float32)
+        saved = json.loads((args.checkpoint / "config.json").read_text()).get("torch_dtype", "float32")
+        dtype = DTYPES.get(saved, torch.float32)
+    model = ckpt.load_model(args.checkpoint, dtype=dtype)
+    tokenizer = args.checkpoint / "tokenizer.json"
+    export_llama(model, out, tokenizer_path=tokenizer if tokenizer.exists() else None)
+    cfg = model.config
+    element = next(model.parameters()).element_size()
+    written = sum(t.numel() for n, t in model.state_dict().items() if not (cfg.tie_embeddings and n == "lm_head.weight"))
+    print(f"wrote {out}: {written:,} parameters stored ({(out / 'model.safetensors').stat().st_size / 2**20:,.1f} MiB)")
+    if cfg.shared_mlp:
+        extra = written - cfg.num_params()
+        print(f"  the shared MLP was unrolled into {cfg.n_layers} layers: +{extra:,} parameters, "
+              f"+{extra * element / 2**20:,.1f} MiB over the {cfg.num_params():,} the model holds")
+    print(f"  tokenizer: {'copied with tokenizer_config.json' if tokenizer.exists() else 'none in the checkpoint'}")
+
+
+if __name__ == "__main__":
+    main()
