@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
@@ -37,7 +36,7 @@ class StreamPrinter:
 
 
 def load(folder: str, device: str):
-    folder = Path(folder)
+    folder = ckpt.resolve_checkpoint(folder)
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.exists():
         raise SystemExit(f"{tokenizer_file} is missing: a checkpoint for inference needs its tokenizer "
@@ -86,7 +85,7 @@ def chat(model, tokenizer: Tokenizer, args) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="checkpoint folder (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("checkpoint", help="checkpoint folder (config.json, model.safetensors, tokenizer.json), or a run folder (its latest step)")
     parser.add_argument("--prompt", action="append", help="a prompt; repeat for a batch (default: read stdin lines)")
     parser.add_argument("--chat", action="store_true", help="chat with an SFT model using the chat template")
     parser.add_argument("--system", default=None, help="system message for --chat")

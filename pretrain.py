@@ -76,7 +76,7 @@ def unigram_bits_per_byte(data: Path, meta: dict, chunk: int = 1 << 24) -> float
 
 def build_model(args, vocab_size: int) -> tuple[Transformer, str]:
     if args.init_from:
-        model = ckpt.load_model(args.init_from)
+        model = ckpt.load_model(ckpt.resolve_checkpoint(args.init_from))
         if model.config.vocab_size != vocab_size:
             raise ValueError(f"--init-from {args.init_from} has vocab_size {model.config.vocab_size} but the bins' "
                              f"tokenizer has {vocab_size}; prepare the bins with that checkpoint's tokenizer.json")
@@ -94,7 +94,7 @@ def main(argv=None):
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one meta.json names)")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--init-from", default=None,
-                        help="start from this checkpoint folder's weights with a fresh optimizer (continued pretraining)")
+                        help="start from this checkpoint (or run) folder's weights with a fresh optimizer (continued pretraining)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--global-batch-tokens", type=int, default=16384,
                         help="tokens per optimizer step over all processes and accumulation steps")

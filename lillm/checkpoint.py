@@ -197,6 +197,18 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(steps, key=lambda p: int(p.name.split("_")[1]))
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder as given, or the latest complete step_N inside a run folder."""
+    folder = _recover(Path(path))
+    if (folder / "config.json").is_file():
+        return folder
+    steps = list_checkpoints(folder)
+    if not steps:
+        raise CheckpointError(f"{folder} is neither a checkpoint folder (config.json) nor a run folder with step_N "
+                              "checkpoints; train one with pretrain.py, or import one with scripts/import_hf.py")
+    return steps[-1]
+
+
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     for stale in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(stale)

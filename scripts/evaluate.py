@@ -1,0 +1,151 @@
+"""Evaluate a checkpoint on the SFT tasks: a markdown table and a JSON file, beside simple baselines.
+
+    python scripts/evaluate.py --checkpoint out/sft_run --data out/sft --limit 100
+    python scripts/evaluate.py --checkpoint out/sft_run --tasks sentiment nli --no-greedy
+
+For each (task, language) of the split (test by default): classification by option likelihood and
+by greedy generation (weighted F1), translation by greedy generation (chrF, BLEU), the loss and bits
+per byte on the reference answers, and baselines: the majority class of the train split, and copying
+the English source for translation. Then the challenge average and the zindi score for the model's
+parameter count (see lillm/evaluate.py). --limit N keeps N evenly spaced rows per task and language
+(sources are often sorted by label), so a CPU run stays short.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as `python scripts/evaluate.py` without installing
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from lillm import checkpoint as ckpt  # noqa: E402
+from lillm.evaluate import (CHALLENGE_SUBSETS, challenge_average, evaluate_subset, subset_score,  # noqa: E402
+                            zindi_score)
+from lillm.sft import assistant_loss, build_examples, read_conversations  # noqa: E402
+from lillm.tokenizer import Tokenizer  # noqa: E402
+
+
+def evenly_spaced(rows: list, limit: int) -> list:
+    return rows if len(rows) <= limit else [rows[i * len(rows) // limit] for i in range(limit)]
+
+
+def group_rows(rows: list[dict], limit: int | None) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((str(row.get("task", "")), str(row.get("lang", ""))), []).append(row)
+    if limit is not None:
+        groups = {k: evenly_spaced(g, limit) for k, g in groups.items()}
+    return dict(sorted(groups.items()))
+
+
+def loss_and_bpb(model, tokenizer, rows, seq_len: int, batch_size: int) -> dict:
+    examples, _ = build_examples(tokenizer, rows, seq_len, "truncate", verbose=False)
+    total = assistant_loss(model, examples, batch_size, tokenizer.pad_id).get("")
+    if not total or not total["tokens"]:
+        return {}
+    return {"val_loss": total["loss_sum"] / total["tokens"],
+            "val_bpb": total["loss_sum"] / math.log(2) / max(1, total["bytes"])}
+
+
+def fmt(value, scale: float = 1.0, digits: int = 3) -> str:
+    return "" if value is None else f"{value * scale:.{digits}f}"
+
+
+def markdown(results: dict) -> str:
+    lines = ["| task | lang | n | metric | model: likelihood | model: greedy | baseline | baseline is | "
+             "val loss | bits/byte |", "|" + "---|" * 10]
+    for key, r in results["subsets"].items():
+        task, lang = key.split("/")
+        if r["metric"] == "chrF":
+            greedy = f"{fmt(r.get('greedy'), digits=1)} (BLEU {fmt(r.get('bleu'), digits=1)})" if "greedy" in r else ""
+            base = f"{r['baseline']:.1f} (BLEU {r['baseline_bleu']:.1f})"
+        else:
+            greedy = fmt(r.get("greedy")) + (f" ({r['greedy_invalid']} off-list)" if "greedy" in r else "")
+            base = fmt(r["baseline"])
+        lines.append(f"| {task} | {lang} | {r['n']} | {r['metric']} | {fmt(r.get('likelihood'))} | {greedy} | {base} | "
+                     f"{r['baseline_name']} | {fmt(r.get('val_loss'))} | {fmt(r.get('val_bpb'))} |")
+    s = results["summary"]
+    lines += ["", f"parameters: {s['params']:,}"]
+    needed = ", ".join("/".join(k) for k in CHALLENGE_SUBSETS)
+    lines.append(f"challenge average (6 subsets, F1 and chrF/100): baseline {fmt(s['baseline_average'], digits=4)}")
+    for method in ("likelihood", "greedy"):
+        if s[f"model_average_{method}"] is None:
+            lines.append(f"model, classification by {method}: no average (needs {needed}, and generation)")
+            continue
+        lines.append(f"model, classification by {method}: average {s[f'model_average_{method}']:.4f}, "
+                     f"zindi score {s[f'zindi_score_{method}']:.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default="out/sft_run", help="checkpoint folder, or run folder (latest step)")
+    parser.add_argument("--data", default="out/sft", help="folder with <split>.jsonl (and train.jsonl for baselines)")
+    parser.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    parser.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: all in the split)")
+    parser.add_argument("--limit", type=int, default=100, help="rows per task and language (0 = all)")
+    parser.add_argument("--no-greedy", action="store_true", help="skip generation (likelihood scoring only)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest generated translation")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default=None, help="folder for eval_<split>.json/.md (default: the checkpoint)")
+    args = parser.parse_args(argv)
+
+    folder = ckpt.resolve_checkpoint(args.checkpoint)
+    model = ckpt.load_model(folder, device=args.device).eval()
+    tokenizer = Tokenizer.from_file(args.tokenizer or folder / "tokenizer.json")
+    data = Path(args.data)
+    rows, _ = read_conversations(data / f"{args.split}.jsonl", tasks=args.tasks)
+    train_rows = []
+    if args.split != "train" and (data / "train.jsonl").is_file():
+        train_rows, _ = read_conversations(data / "train.jsonl", tasks=args.tasks)
+    train_groups = group_rows(train_rows, None)
+    groups = group_rows(rows, args.limit or None)
+    if not groups:
+        raise ValueError(f"{data / (args.split + '.jsonl')} has no rows for tasks {args.tasks or 'all'}")
+
+    start, results = time.perf_counter(), {"checkpoint": str(folder), "split": args.split, "limit": args.limit,
+                                           "subsets": {}}
+    for (task, lang), group in tqdm(groups.items(), desc="subsets"):
+        result = evaluate_subset(model, tokenizer, group, train_groups.get((task, lang)), not args.no_greedy,
+                                 args.batch_size, args.max_new_tokens)
+        result.update(loss_and_bpb(model, tokenizer, group, model.config.max_seq_len, args.batch_size))
+        results["subsets"][f"{task}/{lang}"] = result
+    params, summary = model.num_params(), {}
+    for method in ("likelihood", "greedy"):
+        scores = {tuple(k.split("/")): subset_score(r, method) for k, r in results["subsets"].items()}
+        average = challenge_average({k: v for k, v in scores.items() if v is not None})
+        summary[f"model_average_{method}"] = average
+        summary[f"zindi_score_{method}"] = None if average is None else zindi_score(average, params)
+    base = {tuple(k.split("/")): r["baseline"] / (100 if r["metric"] == "chrF" else 1)
+            for k, r in results["subsets"].items()}
+    results["summary"] = {"params": params, **summary, "baseline_average": challenge_average(base),
+                          "seconds": round(time.perf_counter() - start, 1)}
+    table = markdown(results)
+    out = Path(args.out) if args.out else folder
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / f"eval_{args.split}.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(out / f"eval_{args.split}.md", table)
+    print(table)
+    print(f"written: {out / f'eval_{args.split}.md'} and .json")
+    return results
+
+
+if __name__ == "__main__":
+    main()

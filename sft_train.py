@@ -1,0 +1,117 @@
+"""Supervised fine-tuning of a checkpoint on conversations, with the loss on assistant tokens only.
+
+    python data/prepare_sft.py --out out/sft
+    python sft_train.py --init-from out/pretrain --data out/sft --out out/sft_run
+    python sft_train.py --init-from out/pretrain --batching pack --neftune-alpha 5 --tasks sentiment nli
+    torchrun --nproc_per_node=2 sft_train.py --init-from out/pretrain --data out/sft
+
+Conversations come from lillm.sft (chat template, loss mask, padded or packed batches), the loop is
+lillm.train.train, shared with pretraining; evaluation during training is the dev loss per
+assistant token, in all and per task. --init-from takes a checkpoint folder or a run folder (its
+latest step_N is used); training starts with a fresh optimizer.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lillm import checkpoint as ckpt
+from lillm.cli import accumulation_steps, add_training_args, finish, print_summary, train_config_from_args
+from lillm.sft import (BATCHING_CHOICES, TOO_LONG_CHOICES, SFTBatches, SFTDataError, add_neftune, build_examples,
+                       read_conversations, sft_evaluator)
+from lillm.tokenizer import Tokenizer
+from lillm.train import setup_distributed, train
+
+EPILOG = """two-stage schedule (the public 40M Buzuzu-Mavi model: translation first, then every task):
+  python sft_train.py --init-from out/pretrain --tasks translation --out out/sft_mt --max-steps 300
+  python sft_train.py --init-from out/sft_mt --out out/sft_all --max-steps 300
+The second run starts from the first one's latest checkpoint with a fresh optimizer and schedule."""
+
+
+def cap_per_task(rows: list[dict], cap: int | None) -> list[dict]:
+    """At most cap rows per (task, lang), evenly spaced, so large sources do not drown small ones."""
+    if cap is None:
+        return rows
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row.get("task"), row.get("lang")), []).append(row)
+    kept = []
+    for group in groups.values():
+        kept += group if len(group) <= cap else [group[i * len(group) // cap] for i in range(cap)]
+    return kept
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--init-from", default="out/pretrain", help="checkpoint folder, or run folder (latest step)")
+    parser.add_argument("--data", default="out/sft", help="folder with train.jsonl and dev.jsonl (data/prepare_sft.py)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="train on these tasks only (default: all)")
+    parser.add_argument("--max-per-task", type=int, default=None, help="at most N train rows per task and language")
+    parser.add_argument("--seq-len", type=int, default=None, help="longest example (default: the model's max_seq_len)")
+    parser.add_argument("--too-long", choices=TOO_LONG_CHOICES, default="truncate",
+                        help="longer examples: drop them, or shorten the prompt's middle then cut the end")
+    parser.add_argument("--batching", choices=BATCHING_CHOICES, default="pad",
+                        help="pad: one conversation per row; pack: several per row of seq_len, masked apart")
+    parser.add_argument("--global-batch", type=int, default=16,
+                        help="conversations (pad) or packed rows (pack) per optimizer step, over all processes")
+    parser.add_argument("--neftune-alpha", type=float, default=0.0, help="NEFTune noise (5 in the paper; 0 = off)")
+    parser.add_argument("--eval-limit", type=int, default=200, help="dev conversations per task for the dev loss")
+    parser.add_argument("--strict", action="store_true", help="stop at the first malformed row instead of skipping")
+    add_training_args(parser, out="out/sft_run", max_steps=200, lr=1e-4, warmup_steps=10, eval_every=50,
+                      save_every=100, micro_batch=8, weight_decay=0.0)
+    args = parser.parse_args(argv)
+
+    env = setup_distributed(args.device)
+    init = ckpt.resolve_checkpoint(args.init_from)
+    model = ckpt.load_model(init)
+    tokenizer_path = args.tokenizer or init / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but {init} has vocab_size "
+                         f"{model.config.vocab_size}; use the tokenizer the checkpoint was trained with")
+    seq_len = args.seq_len or model.config.max_seq_len
+    if seq_len > model.config.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
+
+    data = Path(args.data)
+    rows, _ = read_conversations(data / "train.jsonl", strict=args.strict, tasks=args.tasks)
+    rows = cap_per_task(rows, args.max_per_task)
+    examples, stats = build_examples(tokenizer, rows, seq_len, args.too_long, verbose=env.is_main)
+    if not examples:
+        raise SFTDataError(f"{data / 'train.jsonl'}: no usable conversation for tasks {args.tasks or 'all'} "
+                           f"at seq_len {seq_len}")
+    evaluate = None
+    if (data / "dev.jsonl").is_file():
+        dev_rows, _ = read_conversations(data / "dev.jsonl", strict=args.strict, tasks=args.tasks)
+        dev_examples, _ = build_examples(tokenizer, cap_per_task(dev_rows, args.eval_limit), seq_len, "truncate",
+                                         verbose=False)
+        evaluate = sft_evaluator(dev_examples, args.micro_batch, tokenizer.pad_id) if dev_examples else None
+
+    accum = accumulation_steps(args.global_batch, args.micro_batch, env.world,
+                               unit="packed rows" if args.batching == "pack" else "conversations")
+    source = SFTBatches(examples, args.micro_batch, accum, args.batching, seq_len, tokenizer.pad_id,
+                        seed=args.seed, rank=env.rank, world=env.world)
+    cfg = train_config_from_args(args, stage="sft", data=str(data), init_from=str(init), tasks=args.tasks,
+                                 seq_len=seq_len, batching=args.batching, global_batch=args.global_batch,
+                                 neftune_alpha=args.neftune_alpha, too_long=args.too_long, examples=stats)
+    cfg.flops_per_token = model.config.flops_per_token(seq_len)
+    if env.is_main:
+        print(f"model: {init}, {model.num_params():,} parameters; {len(examples):,} conversations "
+              f"({args.batching}, seq_len {seq_len}); micro batch {args.micro_batch} x {accum} accumulation x "
+              f"{env.world} = {args.global_batch} per step on {env.device}")
+    hook = add_neftune(model, args.neftune_alpha) if args.neftune_alpha > 0 else None
+    try:
+        metrics = train(model, source, cfg, env, evaluate=evaluate, tokenizer_path=tokenizer_path,
+                        resume=args.resume, info={"stage": "sft", "origin": str(init)})
+    finally:
+        if hook is not None:
+            hook.remove()
+    print_summary(env, args.out, metrics, {"conversations": len(examples)})
+    finish(env)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lillm import checkpoint as ckpt
+from lillm.config import INKUBA_PARAMS, get_preset
+from lillm.evaluate import (bleu, challenge_average, chrf, classify_by_likelihood, evaluate_subset, match_option,
+                            option_scores, prompt_ids, tokenize_13a, weighted_f1, zindi_score)
+from lillm.model import Transformer
+from lillm.tokenizer import train_bpe
+
+REPO = Path(__file__).resolve().parents[1]
+HYPOTHESES = ["Watoto wanacheza mpira uwanjani kila jioni.", "Gwamnati ta ƙaddamar da sabon shiri.",
+              "", "Mvua kubwa imenyesha jijini Dar es Salaam, 12,000 watu.", "abc"]
+REFERENCES = ["Watoto wanacheza mpira uwanjani jioni.", "Gwamnatin jihar ta ƙaddamar da sabon shirin noma.",
+              "Habari za asubuhi.", "Mvua kubwa ilinyesha Dar es Salaam usiku; watu 12,000.", "abc"]
+
+
+# ---- metrics --------------------------------------------------------------------------------------
+def test_weighted_f1_matches_hand_computation():
+    y_true = ["a", "a", "a", "b", "b", "c"]
+    y_pred = ["a", "a", "b", "b", "c", "c"]
+    # a: P 2/2, R 2/3, F1 0.8; b: P 1/2, R 1/2, F1 0.5; c: P 1/2, R 1/1, F1 2/3; weights 3, 2, 1.
+    assert weighted_f1(y_true, y_pred) == pytest.approx((3 * 0.8 + 2 * 0.5 + 1 * 2 / 3) / 6)
+    assert weighted_f1(y_true, y_true) == 1.0
+    # Never predicting b gives b an F1 of 0; a predicted label absent from the truth only costs precision.
+    assert weighted_f1(["a", "b"], ["a", "x"]) == pytest.approx(0.5)
+    assert weighted_f1(["a", "a", "b"], ["a", "a", "a"]) == pytest.approx(2 / 3 * 0.8)
+    with pytest.raises(ValueError, match="y_pred has 1"):
+        weighted_f1(["a", "b"], ["a"])
+
+
+def test_zindi_score_matches_hand_computation():
+    assert zindi_score(0.5, INKUBA_PARAMS // 4) == pytest.approx((0.5 + 0.75 * 0.5) / 2)
+    assert zindi_score(0.5, INKUBA_PARAMS) == pytest.approx(0.25)
+    assert zindi_score(0.8, 0) == pytest.approx(0.8)
+    scores = {(t, l): 0.6 for t in ("sentiment", "nli", "translation") for l in ("hau", "swa")}
+    assert challenge_average(scores) == pytest.approx(0.6)
+    assert challenge_average({("sentiment", "hau"): 1.0}) is None
+
+
+def test_chrf_matches_hand_computation_on_a_tiny_case():
+    # order 1: {a, b} vs {a, c}: P = R = 1/2; order 2: ab vs ac: P = R = 0; orders 3..6 have no n-grams.
+    assert chrf(["ab"], ["ac"]) == pytest.approx(25.0)
+    assert chrf(["a b c"], ["abc"]) == pytest.approx(100.0)  # whitespace is ignored
+    assert chrf([""], ["abc"]) == 0.0
+
+
+def test_chrf_and_bleu_agree_with_sacrebleu():
+    sacrebleu = pytest.importorskip("sacrebleu")
+    for n in (1, 2, len(HYPOTHESES)):
+        hyps, refs = HYPOTHESES[:n], REFERENCES[:n]
+        assert chrf(hyps, refs) == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score, abs=1e-9)
+        assert bleu(hyps, refs) == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-9)
+    for hyp, ref in zip(HYPOTHESES, REFERENCES):
+        assert chrf([hyp], [ref]) == pytest.approx(sacrebleu.sentence_chrf(hyp, [ref]).score, abs=1e-9)
+
+
+def test_13a_tokenization_splits_punctuation_but_not_numbers():
+    assert tokenize_13a("Hello, world! 12,000 people; 3.5-4") == \
+        ["Hello", ",", "world", "!", "12,000", "people", ";", "3.5", "-", "4"]
+
+
+def test_match_option_accepts_exact_or_leading_answers_only():
+    options = ["Chanya", "Wastani", "Hasi"]
+    assert match_option(" chanya. ", options) == "Chanya"
+    assert match_option("Hasi kabisa", options) == "Hasi"
+    assert match_option("sijui", options) is None
+
+
+# ---- likelihood scoring ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["Habari za asubuhi Chanya Wastani Hasi.", "Watoto wanacheza mpira uwanjani jioni 0 1 2."] * 30
+    return train_bpe(texts, vocab_size=280, min_frequency=1, show_progress=False)
+
+
+def tiny_model(vocab=280):
+    torch.manual_seed(0)
+    return Transformer(get_preset("tiny", vocab_size=vocab, max_seq_len=64))
+
+
+def sentiment_row(text, label):
+    return {"messages": [{"role": "user", "content": f"Hisia? {text}"}, {"role": "assistant", "content": label}],
+            "task": "sentiment", "lang": "swa", "label": label, "options": ["Chanya", "Wastani", "Hasi"],
+            "input": text}
+
+
+def test_option_scores_are_summed_log_probs_of_option_tokens_and_eos(tokenizer):
+    model, row = tiny_model(), sentiment_row("Watoto wanacheza", "Hasi")
+    scores = option_scores(model, tokenizer, [row], batch_size=2)[0]  # batch of 2 mixes padded rows
+    prompt = prompt_ids(tokenizer, row["messages"][:1], 64)
+    assert prompt[-1] == tokenizer.role_id("assistant")
+    for option, score in zip(row["options"], scores):
+        answer = tokenizer.encode(option) + [tokenizer.eos_id]
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            logprobs = F.log_softmax(model(ids).float(), -1)[0]
+        by_hand = sum(logprobs[len(prompt) - 1 + j, token].item() for j, token in enumerate(answer))
+        assert score == pytest.approx(by_hand, abs=1e-4)
+    assert classify_by_likelihood(model, tokenizer, [row]) == [row["options"][scores.index(max(scores))]]
+
+
+def test_long_prompts_are_shortened_to_fit_the_context(tokenizer):
+    row = sentiment_row("Watoto wanacheza mpira uwanjani jioni. " * 40, "Chanya")
+    ids = prompt_ids(tokenizer, row["messages"][:1], 50)
+    assert len(ids) <= 50 and ids[-1] == tokenizer.role_id("assistant") and ids[0] == tokenizer.bos_id
+
+
+def test_subset_results_carry_model_and_baseline_scores(tokenizer):
+    model = tiny_model()
+    rows = [sentiment_row("a", "Chanya"), sentiment_row("b", "Hasi"), sentiment_row("c", "Hasi")]
+    train = [sentiment_row("d", "Wastani")] * 3
+    result = evaluate_subset(model, tokenizer, rows, train, greedy=True, batch_size=4)
+    assert result["metric"] == "weighted F1" and result["n"] == 3
+    assert result["baseline"] == 0.0 and "Wastani" in result["baseline_name"]  # train majority is never right
+    assert 0.0 <= result["likelihood"] <= 1.0 and 0.0 <= result["greedy"] <= 1.0
+    translation = [{"messages": [{"role": "user", "content": "Translate: good morning"},
+                                 {"role": "assistant", "content": "habari za asubuhi"}],
+                    "task": "translation", "lang": "swa", "input": "good morning"}]
+    result = evaluate_subset(model, tokenizer, translation, greedy=True, max_new_tokens=4)
+    assert result["metric"] == "chrF" and result["baseline"] == pytest.approx(chrf(["good morning"],
+                                                                                   ["habari za asubuhi"]))
+
+
+def test_evaluate_script_writes_table_and_json(tmp_path, tokenizer):
+    tokenizer.save(tmp_path / "tokenizer.json")
+    ckpt.save_checkpoint(tmp_path / "model", tiny_model(), tmp_path / "tokenizer.json")
+    data = tmp_path / "sft"
+    data.mkdir()
+    rows = [sentiment_row(t, l) for t, l in (("a", "Chanya"), ("b", "Hasi"), ("c", "Wastani"))]
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    results = script.main(["--checkpoint", str(tmp_path / "model"), "--data", str(data), "--limit", "2",
+                           "--out", str(tmp_path / "eval")])
+    assert results["subsets"]["sentiment/swa"]["n"] == 2
+    assert results["summary"]["params"] == tiny_model().num_params()
+    table = (tmp_path / "eval" / "eval_test.md").read_text()
+    assert "| sentiment | swa | 2 | weighted F1 |" in table and "majority" in table
+    assert json.loads((tmp_path / "eval" / "eval_test.json").read_text())["split"] == "test"
+    assert not list((tmp_path / "eval").glob("*.tmp"))
