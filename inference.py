@@ -16,6 +16,7 @@ import torch
 
 from lillm import checkpoint as ckpt
 from lillm.generate import generate
+from lillm.peft import load_peft
 from lillm.tokenizer import Tokenizer
 
 
@@ -35,13 +36,15 @@ class StreamPrinter:
             self.shown = text
 
 
-def load(folder: str, device: str):
+def load(folder: str, device: str, adapter: str | None = None):
     folder = ckpt.resolve_checkpoint(folder)
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.exists():
         raise SystemExit(f"{tokenizer_file} is missing: a checkpoint for inference needs its tokenizer "
                          "(copy the tokenizer.json it was trained with into the folder)")
     model = ckpt.load_model(folder, device=device).eval()
+    if adapter is not None:  # LoRA / QLoRA / prefix / adapter tensors saved apart by lillm.peft.save_peft
+        model = load_peft(model, adapter).eval()
     return model, Tokenizer.from_file(tokenizer_file)
 
 
@@ -95,8 +98,9 @@ def main(argv=None):
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--adapter", default=None, help="a lillm.peft adapter folder to apply to the checkpoint")
     args = parser.parse_args(argv)
-    model, tokenizer = load(args.checkpoint, args.device)
+    model, tokenizer = load(args.checkpoint, args.device, args.adapter)
     if args.chat:
         return chat(model, tokenizer, args)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]

@@ -17,10 +17,12 @@ import numpy as np
 import torch
 
 from lillm import checkpoint as ckpt
-from lillm.cli import accumulation_steps, add_training_args, finish, print_summary, train_config_from_args
+from lillm.cli import (accumulation_steps, add_peft_args, add_training_args, apply_peft_from_args, finish,
+                       print_summary, train_config_from_args)
 from lillm.config import PRESETS, get_preset
 from lillm.data import BinLoader, check_bins, iter_eval_batches, load_meta
 from lillm.model import Transformer
+from lillm.peft import describe
 from lillm.tokenizer import Tokenizer
 from lillm.train import causal_lm_loss, setup_distributed, train
 
@@ -101,6 +103,7 @@ def main(argv=None):
     parser.add_argument("--eval-batches", type=int, default=20, help="val batches per evaluation")
     add_training_args(parser, out="out/pretrain", max_steps=200, lr=1e-3, warmup_steps=20, eval_every=50,
                       save_every=100)
+    add_peft_args(parser)
     args = parser.parse_args(argv)
 
     env = setup_distributed(args.device)
@@ -110,6 +113,7 @@ def main(argv=None):
     tokenizer = Tokenizer.from_file(tokenizer_path)
     check_bins(data, tokenizer)
     model, origin = build_model(args, tokenizer.vocab_size)
+    model = apply_peft_from_args(model, args)
     seq_len = args.seq_len
     if args.global_batch_tokens % seq_len:
         raise ValueError(f"--global-batch-tokens {args.global_batch_tokens} must be a multiple of --seq-len {seq_len}")
@@ -126,7 +130,7 @@ def main(argv=None):
               f"micro batch {args.micro_batch} x {accum} accumulation x {env.world} = "
               f"{args.global_batch_tokens:,} tokens per step on {env.device}")
     metrics = train(model, StepBatches(loader, accum), cfg, env, evaluate=evaluate, tokenizer_path=tokenizer_path,
-                    resume=args.resume, info={"stage": "pretrain", "origin": origin})
+                    resume=args.resume, info={"stage": "pretrain", "origin": origin, "peft": describe(model)})
     print_summary(env, args.out, metrics, {"unigram_val_bpb": round(unigram_bits_per_byte(data, meta), 5)})
     finish(env)
     return metrics

@@ -16,7 +16,9 @@ import argparse
 from pathlib import Path
 
 from lillm import checkpoint as ckpt
-from lillm.cli import accumulation_steps, add_training_args, finish, print_summary, train_config_from_args
+from lillm.cli import (accumulation_steps, add_peft_args, add_training_args, apply_peft_from_args, finish,
+                       print_summary, train_config_from_args)
+from lillm.peft import describe
 from lillm.sft import (BATCHING_CHOICES, TOO_LONG_CHOICES, SFTBatches, SFTDataError, add_neftune, build_examples,
                        read_conversations, sft_evaluator)
 from lillm.tokenizer import Tokenizer
@@ -61,6 +63,7 @@ def main(argv=None):
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed row instead of skipping")
     add_training_args(parser, out="out/sft_run", max_steps=200, lr=1e-4, warmup_steps=10, eval_every=50,
                       save_every=100, micro_batch=8, weight_decay=0.0)
+    add_peft_args(parser)
     args = parser.parse_args(argv)
 
     env = setup_distributed(args.device)
@@ -74,6 +77,7 @@ def main(argv=None):
     seq_len = args.seq_len or model.config.max_seq_len
     if seq_len > model.config.max_seq_len:
         raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    model = apply_peft_from_args(model, args)
 
     data = Path(args.data)
     rows, _ = read_conversations(data / "train.jsonl", strict=args.strict, tasks=args.tasks)
@@ -104,7 +108,7 @@ def main(argv=None):
     hook = add_neftune(model, args.neftune_alpha) if args.neftune_alpha > 0 else None
     try:
         metrics = train(model, source, cfg, env, evaluate=evaluate, tokenizer_path=tokenizer_path,
-                        resume=args.resume, info={"stage": "sft", "origin": str(init)})
+                        resume=args.resume, info={"stage": "sft", "origin": str(init), "peft": describe(model)})
     finally:
         if hook is not None:
             hook.remove()

@@ -6,6 +6,7 @@ A checkpoint is a folder:
     tokenizer.json     the tokenizer the model was trained with (when known)
     train_state.pt     optimizer, schedule, step, RNG and loader states (only to resume)
     lillm.json         what produced it (stage, step, tokens, trained parameters, ...)
+    peft.json          only for a model wrapped by lillm.peft: the method whose tensors sit beside the base weights
 
 Two rules make it safe. Writing: everything goes into `<name>.tmp` first and is
 renamed into place only when complete (a rename is atomic on POSIX), so a kill at any
@@ -25,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import peft
 from .config import ModelConfig
 from .model import Transformer
 
@@ -126,6 +128,8 @@ def save_checkpoint(folder: str | Path, model: Transformer, tokenizer_path: str 
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE)
     (tmp / "lillm.json").write_text(json.dumps(info or {}, indent=2, default=str) + "\n")
+    if peft.peft_record(model) is not None:
+        (tmp / peft.PEFT_RECORD).write_text(json.dumps(peft.peft_record(model), indent=2) + "\n")
     fsync_tree(tmp)
     replace_folder(tmp, folder)
     return folder
@@ -170,6 +174,8 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu",
     model = model.to_empty(device="cpu")
     if config.tie_embeddings:  # to_empty allocates fresh storage: tie again
         model.lm_head.weight = model.model.embed_tokens.weight
+    if (folder / peft.PEFT_RECORD).is_file():  # LoRA/QLoRA/prefix/adapter tensors are in the weights too
+        peft.rebuild_peft(model, json.loads((folder / peft.PEFT_RECORD).read_text()))
     load_weights(model, read_weights(folder / WEIGHTS), source=str(folder / WEIGHTS))
     return model.to(device=device, dtype=dtype)
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .peft import METHODS as PEFT_METHODS
+from .peft import apply_peft
 from .train import Dist, TrainConfig
 
 
@@ -40,6 +42,28 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--resume", action="store_true", help="continue from the latest step_N checkpoint in --out")
+
+
+def add_peft_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("parameter-efficient fine-tuning (lillm.peft)")
+    g.add_argument("--peft", choices=["none", *PEFT_METHODS], default="none",
+                   help="none: train the model as it is; full / lora / qlora / prefix / adapters: lillm.peft")
+    g.add_argument("--lora-rank", type=int, default=8)
+    g.add_argument("--lora-alpha", type=float, default=16.0)
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-targets", default="q,v", help="comma-separated from q,k,v,o,gate,up,down, or 'all'")
+    g.add_argument("--prefix-length", type=int, default=16, help="virtual tokens per layer (prefix tuning)")
+    g.add_argument("--adapter-size", type=int, default=64, help="bottleneck width (Houlsby adapters)")
+    g.add_argument("--train-embeddings", action="store_true",
+                   help="also train embed_tokens / lm_head, e.g. the new rows of an expanded vocabulary")
+
+
+def apply_peft_from_args(model, args):
+    if args.peft == "none":
+        return model
+    return apply_peft(model, args.peft, targets=args.lora_targets, rank=args.lora_rank, alpha=args.lora_alpha,
+                      dropout=args.lora_dropout, prefix_length=args.prefix_length, adapter_size=args.adapter_size,
+                      train_embeddings=args.train_embeddings)
 
 
 def train_config_from_args(args, **extra) -> TrainConfig:

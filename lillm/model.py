@@ -105,6 +105,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.cache: KVCache | None = None
+        self.kv_prefix = None  # prefix tuning (lillm.peft.KVPrefix): (k, v, mask) -> longer k, v, mask
 
     def forward(self, x, cos, sin, mask=None, cache_pos=None):
         B, T, _ = x.shape
@@ -116,6 +117,8 @@ class Attention(nn.Module):
             if self.cache is None:
                 raise RuntimeError("cache_pos given but no KV cache: call model.setup_cache(batch_size, max_len) first")
             k, v = self.cache.update(cache_pos, k, v)
+        if self.kv_prefix is not None:
+            k, v, mask = self.kv_prefix(k, v, mask)
         if self.n_kv_heads != self.n_heads:
             # Each kv head serves n_heads / n_kv_heads query heads; expand is a view, reshape copies once.
             group = self.n_heads // self.n_kv_heads
