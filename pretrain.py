@@ -24,6 +24,7 @@ from lillm.data import BinLoader, check_bins, iter_eval_batches, load_meta
 from lillm.model import Transformer
 from lillm.peft import describe
 from lillm.tokenizer import Tokenizer
+from lillm.vocab import train_only_new_rows
 from lillm.train import causal_lm_loss, setup_distributed, train
 
 
@@ -101,6 +102,12 @@ def main(argv=None):
     parser.add_argument("--global-batch-tokens", type=int, default=16384,
                         help="tokens per optimizer step over all processes and accumulation steps")
     parser.add_argument("--eval-batches", type=int, default=20, help="val batches per evaluation")
+    parser.add_argument("--curriculum", action="store_true",
+                        help="read train.bin in order (sources in the order given to prepare_pretrain --corpora) "
+                             "instead of random windows")
+    parser.add_argument("--train-new-rows-from", type=int, default=None, metavar="ID",
+                        help="continued pretraining after scripts/expand_vocab.py: train only embedding rows >= ID "
+                             "(the base vocab size), everything else frozen; weight decay is set to 0")
     add_training_args(parser, out="out/pretrain", max_steps=200, lr=1e-3, warmup_steps=20, eval_every=50,
                       save_every=100)
     add_peft_args(parser)
@@ -114,12 +121,15 @@ def main(argv=None):
     check_bins(data, tokenizer)
     model, origin = build_model(args, tokenizer.vocab_size)
     model = apply_peft_from_args(model, args)
+    if args.train_new_rows_from is not None:
+        model = train_only_new_rows(model, args.train_new_rows_from)
+        args.weight_decay = 0.0
     seq_len = args.seq_len
     if args.global_batch_tokens % seq_len:
         raise ValueError(f"--global-batch-tokens {args.global_batch_tokens} must be a multiple of --seq-len {seq_len}")
     accum = accumulation_steps(args.global_batch_tokens // seq_len, args.micro_batch, env.world)
     loader = BinLoader(data / "train.bin", seq_len, args.micro_batch * accum, seed=args.seed,
-                       rank=env.rank, world_size=env.world, device=env.device)
+                       rank=env.rank, world_size=env.world, device=env.device, sequential=args.curriculum)
     evaluate = bin_evaluator(data / "val.bin", seq_len, args.micro_batch, args.eval_batches,
                              meta["splits"]["val"]["bytes_per_token"], env.device)
     cfg = train_config_from_args(args, stage="pretrain", data=str(data), preset=args.preset, seq_len=seq_len,

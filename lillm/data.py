@@ -217,7 +217,7 @@ class BinLoader:
     """
 
     def __init__(self, path, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, device="cpu", dtype=None):
+                 world_size: int = 1, device="cpu", dtype=None, sequential: bool = False):
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be positive, got {seq_len} and {batch_size}")
         if not 0 <= rank < world_size:
@@ -233,6 +233,7 @@ class BinLoader:
         self.global_batch_size = batch_size * world_size
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)
+        self.sequential = sequential  # a curriculum: windows in file order (sources as prepared), not at random
         self.step = 0
 
     @property
@@ -245,8 +246,15 @@ class BinLoader:
     def next_offsets(self) -> np.ndarray:
         """Start offsets of this rank's windows for the next step (advances the stream)."""
         # Largest start is num_tokens - seq_len - 1: its window of seq_len + 1 ends at the last token.
-        offsets = torch.randint(0, self.num_tokens - self.seq_len, (self.global_batch_size,),
-                                generator=self.generator)
+        if self.sequential:
+            # Consecutive windows from the start of the file, wrapping after a full pass: the bin's
+            # document order (the order the sources were listed in prepare_pretrain) is the curriculum.
+            first = self.step * self.global_batch_size
+            windows = (self.num_tokens - 1) // self.seq_len
+            offsets = ((first + torch.arange(self.global_batch_size)) % windows) * self.seq_len
+        else:
+            offsets = torch.randint(0, self.num_tokens - self.seq_len, (self.global_batch_size,),
+                                    generator=self.generator)
         self.step += 1
         return offsets[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].numpy()
 

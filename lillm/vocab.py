@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 from tokenizers import models, pre_tokenizers, trainers
 
+from .model import Transformer
 from .tokenizer import Tokenizer, _merge_parts, fertility_report
 
 FILLER = "<|unused_{}|>"
@@ -238,3 +239,23 @@ def fertility_change(base: Tokenizer, expanded: Tokenizer, texts: Iterable[str])
     before, after = fertility_report(base, texts), fertility_report(expanded, texts)
     return {"before": before, "after": after,
             "tokens_per_word_change": after["tokens_per_word"] / before["tokens_per_word"] - 1}
+
+
+def train_only_new_rows(model: Transformer, first_new_id: int) -> Transformer:
+    """Freeze everything but the embedding rows (and untied head rows) from `first_new_id` on.
+
+    The bafoGPT warm-up: new tokens start as averages of their pieces, and a few hundred steps
+    that move only them let the rest of the model stay as it was while they find their place.
+    Old rows get a zero gradient through a hook; train with weight_decay=0, because AdamW's
+    decoupled decay would still shrink rows whose gradient is zero.
+    """
+    if not 0 < first_new_id < model.config.vocab_size:
+        raise VocabExpansionError(f"first_new_id={first_new_id} must lie inside the vocabulary "
+                                  f"(1..{model.config.vocab_size - 1}); use the base vocab size of the expansion")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    tables = {id(t): t for t in (model.model.embed_tokens.weight, model.lm_head.weight)}.values()
+    for table in tables:
+        table.requires_grad_(True)
+        table.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:first_new_id]), grad[first_new_id:]]))
+    return model

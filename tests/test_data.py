@@ -207,3 +207,17 @@ def test_eval_batches_split_across_ranks_cover_each_batch_once(positions_bin):
     shards = [[x for x, _ in iter_eval_batches(val, seq_len=5, batch_size=2, rank=r, world_size=2)] for r in (0, 1)]
     assert sorted(map(tuple, torch.cat(shards[0] + shards[1]).tolist())) == \
         sorted(map(tuple, torch.cat(whole).tolist()))
+
+
+def test_sequential_loader_walks_the_bin_in_order_for_a_curriculum(tmp_path):
+    ids = np.arange(1000, dtype=np.uint16)
+    path = tmp_path / "train.bin"
+    ids.tofile(path)
+    loader = BinLoader(path, seq_len=10, batch_size=3, sequential=True, dtype=np.uint16)
+    x, y = loader.next_batch()
+    assert x[:, 0].tolist() == [0, 10, 20] and torch.equal(y, x + 1)
+    x, _ = loader.next_batch()
+    assert x[:, 0].tolist() == [30, 40, 50]
+    ranks = [BinLoader(path, 10, 2, rank=r, world_size=2, sequential=True, dtype=np.uint16).next_batch()[0]
+             for r in range(2)]
+    assert torch.cat(ranks)[:, 0].tolist() == [0, 10, 20, 30]

@@ -156,3 +156,24 @@ def test_expanding_a_swahili_tokenizer_with_isizulu_lowers_isizulu_fertility():
     report = fertility_change(base, expansion.tokenizer, zulu[:100])
     assert len(merges) == 200 and report["tokens_per_word_change"] < -0.05
     assert fertility_change(base, expansion.tokenizer, swahili[:100])["tokens_per_word_change"] <= 0
+
+
+def test_training_only_new_rows_leaves_old_rows_and_other_weights_untouched():
+    from lillm.config import get_preset
+    from lillm.model import Transformer
+    from lillm.vocab import train_only_new_rows
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", vocab_size=64))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_only_new_rows(model, 48)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    for _ in range(3):
+        x = torch.randint(0, 64, (2, 12))
+        model(x).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    after = model.state_dict()
+    embed = "model.embed_tokens.weight"
+    assert torch.equal(after[embed][:48], before[embed][:48])
+    assert not torch.equal(after[embed][48:], before[embed][48:])
+    assert all(torch.equal(after[k], before[k]) for k in before if k not in (embed, "lm_head.weight"))
