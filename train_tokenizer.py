@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
+from lillm.checkpoint import write_text_atomic
 from lillm.corpora import CORPORA, FORMATS, LANGS, data_dir, documents_for, read_documents
 from lillm.tokenizer import Tokenizer, fertility_report, load_lenient, train_bpe
 
@@ -82,13 +81,6 @@ def load_comparisons(paths: list[str]) -> tuple[dict[str, Tokenizer], dict[str, 
     return loaded, notes
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, path)
-
-
 def print_table(lang: str, rows: dict[str, dict], vocab: dict[str, int]) -> None:
     first = next(iter(rows.values()))
     print(f"\n[{lang}] held out: {first['documents']:,} documents, {first['words']:,} words, {first['bytes']:,} bytes")
@@ -127,7 +119,7 @@ def main() -> None:
         print_table(lang, rows, vocab)
         report["languages"][lang] = rows
     report_path = out.with_name(out.stem + ".report.json")
-    write_json_atomic(report_path, report)
+    write_text_atomic(report_path, json.dumps(report, indent=2, ensure_ascii=False))
     print(f"\nreport written to {report_path}; total time {time.time() - started:.1f}s")
 
 

@@ -31,7 +31,6 @@ import argparse
 import csv
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -40,6 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as `python data/prepare_sft.py` without installing
     sys.path.insert(0, str(REPO_ROOT))
 
+from lillm.checkpoint import write_text_atomic  # noqa: E402
 from lillm.corpora import CORPORA, data_dir as resolve_data_dir  # noqa: E402
 from lillm.sft import row_problem  # noqa: E402
 
@@ -320,15 +320,6 @@ def read_user_file(path: Path, alpaca: bool, strict: bool) -> tuple[list[dict], 
 
 
 # ---- writing ----------------------------------------------------------------------------------------
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def split_stats(rows: list[dict]) -> dict:
     stats: dict = {}
     for row in rows:
@@ -379,7 +370,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
-        write_atomic(out / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_text_atomic(out / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     stats = {"tasks": tasks, "langs": args.langs, "alpaca": args.alpaca, "limit": args.limit, "seed": args.seed,
              "splits": {split: {"rows": len(rows), "by_task": split_stats(rows)} for split, rows in splits.items()},
              "skipped_rows": problems,
@@ -387,7 +378,7 @@ def main(argv=None) -> dict:
                        "its test our test; there is no nli dev split",
                        "news: hau/swa train is MasakhaNEWS's 50-per-label few-shot file; answers are the "
                        "dataset's English category names"]}
-    write_atomic(out / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     for split, rows in splits.items():
         print(f"{split}: {len(rows):,} conversations -> {out / (split + '.jsonl')}")
     return stats

@@ -245,9 +245,7 @@ def main(argv=None):
               f"{fert['swa_hau_held_out']['before']['tokens_per_word']:.3f} -> "
               f"{fert['swa_hau_held_out']['after']['tokens_per_word']:.3f} ({fert['vocab']})")
     if args.report:
-        tmp = Path(args.report).with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, args.report)
+        ckpt.write_text_atomic(args.report, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -86,12 +85,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default="out/sft_run", help="checkpoint folder, or run folder (latest step)")
@@ -140,8 +133,8 @@ def main(argv=None) -> dict:
     table = markdown(results)
     out = Path(args.out) if args.out else folder
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / f"eval_{args.split}.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    write_atomic(out / f"eval_{args.split}.md", table)
+    ckpt.write_text_atomic(out / f"eval_{args.split}.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    ckpt.write_text_atomic(out / f"eval_{args.split}.md", table)
     print(table)
     print(f"written: {out / f'eval_{args.split}.md'} and .json")
     return results
