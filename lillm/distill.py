@@ -21,7 +21,9 @@ vocabulary was shrunk keeps a subset of the teacher's ids: pass `teacher_token_i
 (the teacher id of each student id, in student order) and the teacher's logits are
 gathered at those columns. Its softmax is then taken over the kept ids only: the teacher's
 mass on dropped tokens is redistributed proportionally, which is the best target a student
-unable to produce those tokens can match.
+unable to produce those tokens can match. The teacher must also READ the student's
+inputs in its own ids: wrap it in `lillm.vocab_shrink.OldIdTeacher(teacher, kept_old_ids)`,
+which maps new id k to `kept_old_ids[k]`.
 
 The teacher is frozen: put in eval mode, its parameters set to requires_grad=False, and run
 under torch.no_grad(); it is moved to the batch's device on first use.
