@@ -15,7 +15,7 @@ if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; 
   PRESET=${PRESET:-lillm-39m}; STEPS=${STEPS:-3000}; SEQ=${SEQ:-512}; BATCH_TOKENS=${BATCH_TOKENS:-131072}
   MICRO=${MICRO:-32}; EXTRA=(--compile)
 else
-  PRESET=${PRESET:-small}; STEPS=${STEPS:-600}; SEQ=${SEQ:-128}; BATCH_TOKENS=${BATCH_TOKENS:-8192}
+  PRESET=${PRESET:-small}; STEPS=${STEPS:-300}; SEQ=${SEQ:-128}; BATCH_TOKENS=${BATCH_TOKENS:-8192}
   MICRO=${MICRO:-16}; EXTRA=()
 fi
 OUT=${OUT:-out}
