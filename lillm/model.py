@@ -57,25 +57,36 @@ class RotaryEmbedding:
     def _build(self, length: int, device):
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim))
         angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout: both halves share angles
-        self.cos_table, self.sin_table, self.length = angles.cos(), angles.sin(), length
+        cos, sin = angles.cos(), angles.sin()
+        # Rotate-half layout: both halves share angles. The first half's sine is stored negated,
+        # so that apply_rotary's rotate-half is a single roll (see there).
+        self.cos_table, self.sin_table = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+        self.length = length
+
+    def _ensure(self, length: int, device) -> None:
+        if self.cos_table is None or self.cos_table.device != device or length > self.length:
+            self._build(max(length, self.length), device)
 
     def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        needed = int(position_ids.max()) + 1 if position_ids.numel() else 0
-        if self.cos_table is None or self.cos_table.device != position_ids.device or needed > self.length:
-            self._build(max(needed, self.length), position_ids.device)
+        self._ensure(int(position_ids.max()) + 1 if position_ids.numel() else 0, position_ids.device)
         return self.cos_table[position_ids], self.sin_table[position_ids]
 
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
+    def span(self, start: int, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions start..end-1 for every row: (1, T, hd) views of the tables, no gather, no host sync."""
+        self._ensure(end, device)
+        return self.cos_table[None, start:end], self.sin_table[None, start:end]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, hd); cos/sin: (B, T, hd), computed in fp32 for accuracy at long positions."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+    """x: (B, H, T, hd); cos/sin: (B, T, hd) from RotaryEmbedding, fp32 for accuracy at long positions.
+
+    Rotate-half pairs channel i with i + hd/2: x * cos + [-x2, x1] * sin. Rolling x by hd/2 gives
+    [x2, x1] in one op (instead of chunk, neg and cat), and the table's negated first-half sine
+    supplies the minus sign: the same products, so the same bits.
+    """
+    x32 = x.float()
+    rotated = x32 * cos.unsqueeze(1) + x32.roll(x.shape[-1] // 2, dims=-1) * sin.unsqueeze(1)
+    return rotated.to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -93,7 +104,8 @@ class KVCache(nn.Module):
             raise ValueError(f"KV cache holds {self.k.shape[2]} positions; writing up to {end}. Call setup_cache with a larger max_len")
         self.k[:, :, pos:end] = k
         self.v[:, :, pos:end] = v
-        return self.k, self.v
+        # Only the written part: attending over the empty tail costs time and is masked anyway.
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class Attention(nn.Module):
@@ -119,12 +131,10 @@ class Attention(nn.Module):
             k, v = self.cache.update(cache_pos, k, v)
         if self.kv_prefix is not None:
             k, v, mask = self.kv_prefix(k, v, mask)
-        if self.n_kv_heads != self.n_heads:
-            # Each kv head serves n_heads / n_kv_heads query heads; expand is a view, reshape copies once.
-            group = self.n_heads // self.n_kv_heads
-            k = k[:, :, None].expand(-1, -1, group, -1, -1).reshape(B, self.n_heads, -1, self.head_dim)
-            v = v[:, :, None].expand(-1, -1, group, -1, -1).reshape(B, self.n_heads, -1, self.head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        # enable_gqa: each kv head serves n_heads / n_kv_heads query heads inside the kernel,
+        # without copying k and v once per query head.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -213,6 +223,7 @@ class Transformer(nn.Module):
         segment_ids: torch.Tensor | None = None,
         cache_pos: int | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, vocab).
 
@@ -220,33 +231,45 @@ class Transformer(nn.Module):
             and the cache length (cache_pos + T, or the whole cache) with one.
         segment_ids: (B, T) document ids for packed sequences: attention stays inside a document.
         cache_pos: where the T new tokens go in the KV cache (None = no cache).
+        return_hidden: return the final normed hidden states (B, T, d_model) instead of the logits,
+            for callers that need the logits of a few positions only (generate: the last one).
         """
         B, T = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
         start = cache_pos or 0
-        if position_ids is None:
-            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        cos, sin = self.rotary(position_ids)
+        if position_ids is None:  # every row at positions start..start+T-1
+            cos, sin = self.rotary.span(start, start + T, x.device)
+        else:
+            cos, sin = self.rotary(position_ids)
         mask = self._attention_mask(B, T, start, attention_mask, segment_ids, cache_pos is not None, x.device)
         for block in self.model.layers:
             x = block(x, cos, sin, mask, cache_pos)
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        return x if return_hidden else self.lm_head(x)
 
     def _attention_mask(self, B, T, start, attention_mask, segment_ids, cached, device):
-        """None means plain causal (the fast path); otherwise a boolean (B, 1, T, keys) mask."""
-        if not cached and attention_mask is None and segment_ids is None:
-            return None
+        """None means plain causal (the fast path); otherwise a boolean mask broadcast to (B, 1, T, keys)."""
+        if attention_mask is None and segment_ids is None and start == 0:
+            return None  # queries 0..T-1 over keys 0..T-1, with or without a cache
         if cached and self.model.layers[0].self_attn.cache is None:
             raise RuntimeError("cache_pos given but no KV cache: call model.setup_cache(batch_size, max_len) first")
-        n_keys = self.model.layers[0].self_attn.cache.k.shape[2] if cached else T
-        query_pos = torch.arange(start, start + T, device=device)[:, None]
-        key_pos = torch.arange(n_keys, device=device)[None, :]
-        mask = (key_pos <= query_pos)[None].expand(B, T, n_keys)
+        n_keys = start + T  # the keys written so far (start is 0 without a cache)
+        key_pos = torch.arange(n_keys, device=device)
+        valid = None
         if attention_mask is not None:
             valid = attention_mask.bool()
-            if valid.shape[1] < n_keys:  # keys not yet written are excluded by causality anyway
+            if valid.shape[1] < n_keys:  # the new tokens' own keys: real tokens
                 valid = F.pad(valid, (0, n_keys - valid.shape[1]), value=True)
-            mask = mask & valid[:, None, :n_keys]
+            valid = valid[:, None, :n_keys]
+        if T == 1 and segment_ids is None:
+            # One new token: every key written so far is in its past, so only padding is masked.
+            if valid is None:
+                return torch.ones(1, 1, 1, n_keys, dtype=torch.bool, device=device)
+            return (valid | (key_pos == start))[:, None]
+        query_pos = torch.arange(start, start + T, device=device)[:, None]
+        mask = (key_pos <= query_pos)[None].expand(B, T, n_keys)
+        if valid is not None:
+            mask = mask & valid
         if segment_ids is not None:
             if cached:
                 raise ValueError("segment_ids (packed documents) are for training; not supported with a KV cache")
