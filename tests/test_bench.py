@@ -1,0 +1,112 @@
+"""Tests for scripts/bench.py: the benchmark runs end to end on tiny sizes and refuses unfair comparisons.
+
+No timing is asserted (the machine is shared); only that every measurement is made, reported and
+recorded, and that the decode comparison stops when the two libraries disagree.
+"""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lillm.tokenizer import train_bpe
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+spec = importlib.util.spec_from_file_location("bench", SCRIPT)
+bench = importlib.util.module_from_spec(spec)
+sys.modules["bench"] = bench
+spec.loader.exec_module(bench)  # also puts scripts/ on sys.path for the bench_* modules
+
+import bench_decode  # noqa: E402
+import bench_train  # noqa: E402
+
+SWAHILI = ["Habari za asubuhi rafiki yangu", "Watoto wanacheza mpira uwanjani", "Mvua inanyesha sana leo",
+           "Tunakwenda sokoni kununua matunda", "Mwalimu anafundisha darasani", "Kahawa ya Kenya ni tamu"]
+TINY_RUN = ["--presets", "tiny", "--device", "cpu", "--threads", "1", "--steps", "1", "--warmup", "1",
+            "--repeats", "1", "--batch", "2", "--seq-len", "16", "--decode-batches", "1", "2",
+            "--prompt-len", "4", "--new-tokens", "3", "--prefill-len", "8", "--prefill-batches", "2"]
+
+
+@pytest.fixture(scope="module")
+def text_and_tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench-data")
+    corpus = folder / "swa.txt"
+    corpus.write_text("\n".join(f"{line} {i}" for i in range(40) for line in SWAHILI) + "\n", encoding="utf-8")
+    tokenizer = folder / "tokenizer.json"
+    train_bpe(SWAHILI * 3, vocab_size=300, min_frequency=1, show_progress=False).save(tokenizer)
+    return corpus, tokenizer
+
+
+def test_tiny_run_measures_every_comparison_and_writes_the_record(tmp_path, text_and_tokenizer, capsys):
+    corpus, tokenizer = text_and_tokenizer
+    out = tmp_path / "bench.json"
+    record = bench.main(TINY_RUN + ["--no-memory", "--tokenizer", str(tokenizer), "--data-files", str(corpus),
+                                    "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(record))
+    for key in ("date", "device", "torch", "transformers", "threads", "command"):
+        assert record[key], key
+    assert record["threads"] == 1 and "--presets tiny" in record["command"]
+    metrics = [row["metric"] for row in record["comparisons"]]
+    assert metrics == ["train step B=2 T=16", "decode B=1 prompt=4 new=3", "decode B=2 prompt=4 new=3",
+                       "prefill B=2 prompt=8"]
+    for row in record["comparisons"]:
+        assert row["lillm"] > 0 and row["transformers"] > 0
+        assert row["speedup"] == pytest.approx(row["lillm"] / row["transformers"])
+    data = {row["metric"]: row for row in record["data"]}
+    assert {"prepare_pretrain, 1 worker", "prepare_pretrain, 2 workers", "BinLoader.next_batch B=2 T=16",
+            "loader headroom over tiny training"} == set(data)
+    assert all(row["value"] > 0 for row in data.values())
+    printed = capsys.readouterr().out
+    assert "| tiny | decode B=2 prompt=4 new=3 | tokens/s |" in printed
+    assert "| prepare_pretrain, 2 workers |" in printed
+
+
+def test_greedy_check_accepts_the_same_weights_and_fires_on_different_ones():
+    cfg = bench_decode.decode_config("tiny")
+    ours, theirs = bench_train.build_pair(cfg, "cpu", seed=0)
+    prompts = bench_decode.random_prompts(cfg.vocab_size, batch=2, length=5)
+    bench_decode.assert_same_greedy(ours.eval(), theirs.eval(), prompts, new_tokens=4)
+    torch.manual_seed(123)
+    stranger = bench_train.hf_model_like(cfg).eval()  # same shapes, other random weights
+    with pytest.raises(bench_decode.GreedyMismatchError, match="prompt 0, new token 0: lillm chose"):
+        bench_decode.assert_same_greedy(ours, stranger, prompts, new_tokens=4)
+
+
+def test_step_memory_is_measured_in_a_fresh_process_and_is_positive():
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("the CPU memory measurement reads Linux's /proc/self/status")
+    used = bench_train.step_memory_in_subprocess("lillm", "tiny", batch=2, seq_len=16, threads=1)
+    # At least the gradients and both AdamW moments of the fp32 weights (3 copies), minus rounding to pages.
+    weights = bench_train.bench_config("tiny").num_params() * 4
+    assert used > 2 * weights
+
+
+def test_help_lists_presets_devices_and_comparisons(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--presets", "--device", "--what", "--steps", "--batch", "--seq-len", "--threads", "--json"):
+        assert option in text
+
+
+def test_bad_settings_are_refused_with_the_option_named(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--steps", "0"])
+    assert "--steps must be at least 1" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--device", "cuda"])
+        assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
+def test_a_missing_data_file_fails_before_any_model_is_benchmarked(tmp_path, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("model benchmarks ran before the data sources were checked")
+
+    monkeypatch.setattr(bench, "run_comparisons", must_not_run)
+    missing = tmp_path / "absent.txt"
+    with pytest.raises(FileNotFoundError, match="absent.txt not found"):
+        bench.main(["--presets", "tiny", "--data-files", str(missing), "--json", str(tmp_path / "b.json")])
