@@ -67,23 +67,23 @@ def test_masked_positions_get_zero_gradient(tokenizer):
                       tokenizer.pad_id)
     captured = {}
 
-    def keep_logits(module, args, output):
+    def keep_hidden(module, args, output):  # the final hidden states: the loss is fused with lm_head
         output.retain_grad()
-        captured["logits"] = output
+        captured["hidden"] = output
 
     def keep_embeddings(module, args, output):
         output.retain_grad()
         captured["embeddings"] = output
 
-    handles = [model.lm_head.register_forward_hook(keep_logits),
+    handles = [model.model.norm.register_forward_hook(keep_hidden),
                model.model.embed_tokens.register_forward_hook(keep_embeddings)]
     loss, n = causal_lm_loss(model, batch)
     loss.backward()
     for h in handles:
         h.remove()
     masked = batch["labels"] == IGNORE_INDEX
-    assert captured["logits"].grad[masked].abs().max() == 0
-    assert (captured["logits"].grad[~masked].abs().sum(-1) > 0).all()
+    assert captured["hidden"].grad[masked].abs().max() == 0
+    assert (captured["hidden"].grad[~masked].abs().sum(-1) > 0).all()
     # Padding after the short example influences nothing that is trained.
     short_pad = batch["attention_mask"][1] == 0
     assert short_pad.any() and captured["embeddings"].grad[1][short_pad].abs().max() == 0
