@@ -33,11 +33,10 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from .loss import causal_lm_loss  # the default loss_fn; SFT and distillation pass their own
 from .model import Transformer
 
 
@@ -78,67 +77,6 @@ class TrainingDiverged(RuntimeError):
 
 
 # ---- the pieces ---------------------------------------------------------------------
-class LinearCrossEntropy(torch.autograd.Function):
-    """sum(cross_entropy(hidden @ weight.T, labels)), ignoring labels of -100, `chunk` rows at a time.
-
-    The (tokens x vocab) logits are the largest tensor of a small model's step, and the plain path
-    writes and re-reads them several times (logits, log-softmax, their gradients). Per chunk of
-    rows we compute the logits once, turn them in place into their gradient (softmax - one-hot)
-    and use it at once for both matmul gradients, the idea of Liger Kernel's fused linear
-    cross-entropy (Hsu et al., 2024). The gradients are made during the forward pass and only
-    scaled in backward, which is exact because the loss is a plain sum.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk: int):
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            rows, targets = hidden[start:start + chunk], labels[start:start + chunk]
-            logits = (rows @ weight.t()).float()
-            keep = targets != -100
-            safe, picked = targets.clamp(min=0), torch.arange(len(targets), device=targets.device)
-            log_norm = logits.logsumexp(-1)
-            total += ((log_norm - logits[picked, safe]) * keep).sum()
-            grad_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place
-            grad_logits[picked, safe] -= 1
-            grad_logits.mul_(keep[:, None])
-            if want_hidden:
-                grad_hidden[start:start + chunk] = (grad_logits @ weight.float()).to(hidden.dtype)
-            if want_weight:
-                grad_weight.addmm_(grad_logits.t(), rows.float())
-        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (None if grad_hidden is None else grad_hidden * grad_total,
-                None if grad_weight is None else grad_weight * grad_total, None, None)
-
-
-def causal_lm_loss(model, batch: dict, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over labels != -100, and the number of such labels.
-
-    When training a model whose lm_head weight is a plain tensor (one process or DDP; not FSDP,
-    whose sharded lm_head only its own forward may gather), the loss is fused with lm_head.
-    """
-    base = getattr(model, "_orig_mod", model)  # torch.compile
-    base = getattr(base, "module", base)  # DDP
-    fused = torch.is_grad_enabled() and not isinstance(base, FSDPModule)
-    out = model(batch["input_ids"], position_ids=batch.get("position_ids"),
-                attention_mask=batch.get("attention_mask"), segment_ids=batch.get("segment_ids"),
-                return_hidden=fused)
-    labels = batch["labels"]
-    if fused:
-        loss = LinearCrossEntropy.apply(out.flatten(0, 1), base.lm_head.weight, labels.flatten(), chunk)
-    else:
-        loss = F.cross_entropy(out.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    return loss, (labels != -100).sum()
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up over warmup_steps, then cosine from lr down to lr * min_lr_ratio at max_steps."""
     if step < cfg.warmup_steps:

@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from lillm.config import get_preset
+from lillm.loss import causal_lm_loss
+from lillm.model import Transformer
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_head_and_loss_give_the_plain_loss_and_gradients(tied):
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", vocab_size=53, max_seq_len=32, tie_embeddings=tied))
+    x = torch.randint(0, 53, (3, 17))
+    labels = torch.randint(0, 53, (3, 17))
+    labels[0, :5] = -100
+    batch = {"input_ids": x, "labels": labels}
+
+    def grads(fused_chunk):
+        model.zero_grad()
+        if fused_chunk:
+            loss, n = causal_lm_loss(model, batch, chunk=fused_chunk)
+        else:
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                     reduction="sum")
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    plain_loss, plain = grads(None)
+    fused_loss, fused = grads(7)  # a chunk that does not divide the 51 rows
+    assert fused_loss.item() == pytest.approx(plain_loss.item(), rel=1e-6)
+    for name in plain:
+        assert torch.allclose(fused[name], plain[name], rtol=1e-4, atol=1e-6), name
