@@ -236,18 +236,6 @@ def test_exported_tokenizer_loads_with_autotokenizer_and_gives_the_same_ids(tmp_
     assert (auto.bos_token, auto.eos_token, auto.unk_token) == ("<s>", "</s>", "<unk>")
 
 
-def buzuzu_or_skip():
-    from lillm.corpora import data_dir
-    try:
-        root = data_dir()
-    except FileNotFoundError:
-        pytest.skip("data directory absent")
-    folder = root / "buzuzu_mavi_stefan027" / "tokenizer"
-    if not (folder / "tokenizer.model").exists():
-        pytest.skip("Buzuzu-Mavi tokenizer absent from the data directory")
-    return root, folder
-
-
 def swahili_hausa_dev_lines(root) -> list[str]:
     lines = []
     for rel in ("mafand_mt/en-swa/dev.swa", "mafand_mt/en-hau/dev.hau"):
@@ -266,8 +254,8 @@ def sentencepiece_ids(folder, lines):
     return [reference.encode("\u2581" + line) for line in lines]
 
 
-def test_buzuzu_exact_tokenizer_encodes_swahili_and_hausa_dev_text_like_sentencepiece(capsys):
-    root, folder = buzuzu_or_skip()
+def test_buzuzu_exact_tokenizer_encodes_swahili_and_hausa_dev_text_like_sentencepiece(capsys, buzuzu):
+    root, folder = buzuzu
     with pytest.raises(Exception, match="out of vocabulary"):
         tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))  # why a repair is needed at all
     lines = swahili_hausa_dev_lines(root)
@@ -281,8 +269,8 @@ def test_buzuzu_exact_tokenizer_encodes_swahili_and_hausa_dev_text_like_sentence
     assert all(tok.decode(ids) == line for ids, line in zip(got[:500], lines[:500]))
 
 
-def test_buzuzu_repaired_tokenizer_json_loads_and_agrees_with_sentencepiece_on_most_lines(tmp_path, capsys):
-    root, folder = buzuzu_or_skip()
+def test_buzuzu_repaired_tokenizer_json_loads_and_agrees_with_sentencepiece_on_most_lines(tmp_path, capsys, buzuzu):
+    root, folder = buzuzu
     lines = swahili_hausa_dev_lines(root)
     tok = tokenizers.Tokenizer.from_file(str(save_tokenizer(load_tokenizer(folder), tmp_path / "tokenizer.json")))
     assert tok.get_vocab_size() == 8064 and tok.token_to_id("<0x0A>") == 13

@@ -199,18 +199,6 @@ def test_shrink_model_vocab_refuses_ids_outside_the_vocabulary():
 
 
 # ---- the real Buzuzu-Mavi tokenizer ----------------------------------------------------------------------
-def buzuzu_or_skip():
-    from lillm.corpora import data_dir
-    try:
-        root = data_dir()
-    except FileNotFoundError:
-        pytest.skip("data directory absent")
-    folder = root / "buzuzu_mavi_stefan027" / "tokenizer"
-    if not (folder / "tokenizer.model").exists():
-        pytest.skip("Buzuzu-Mavi tokenizer absent from the data directory")
-    return root, folder
-
-
 def texts(root, langs, split, per_lang=None):
     from lillm.corpora import documents_for
     kinds = ("mono", "news", "sentiment", "mt")
@@ -218,9 +206,9 @@ def texts(root, langs, split, per_lang=None):
             for lang in langs}
 
 
-def test_public_buzuzu_8064_set_loses_about_15_percent_and_shrinking_it_to_itself_reaches_all(capsys):
+def test_public_buzuzu_8064_set_loses_about_15_percent_and_shrinking_it_to_itself_reaches_all(capsys, buzuzu):
     from lillm.spm import load_tokenizer
-    root, folder = buzuzu_or_skip()
+    root, folder = buzuzu
     public = sentencepiece_reachability(folder / "tokenizer.model")
     assert 0.12 < public["unreachable"] / public["tested"] < 0.18
     repaired = load_tokenizer(folder)
@@ -235,9 +223,9 @@ def test_public_buzuzu_8064_set_loses_about_15_percent_and_shrinking_it_to_itsel
               f"100% reachable")
 
 
-def test_buzuzu_shrunk_to_4096_on_swahili_hausa_reaches_every_token_and_round_trips_all_dev_text(capsys):
+def test_buzuzu_shrunk_to_4096_on_swahili_hausa_reaches_every_token_and_round_trips_all_dev_text(capsys, buzuzu):
     from lillm.spm import load_tokenizer
-    root, folder = buzuzu_or_skip()
+    root, folder = buzuzu
     before = Tokenizer(load_tokenizer(folder))
     train = [t for v in texts(root, ["swa", "hau"], "train", 4000).values() for t in v]
     shrink = shrink_vocabulary(before, train, vocab_size=4096)
