@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job, from a fresh clone: install, train a Swahili+Hausa tokenizer, tokenize the corpus,
 # pretrain a small model, report val bits per byte against a unigram baseline, and sample from it.
-# About 10 minutes on a 2-core CPU; with a CUDA GPU it trains the 39M preset instead.
+# Under 15 minutes on a 2-core CPU; with a CUDA GPU it trains the 39M preset instead.
 #   bash scripts/quickstart.sh                  (data from ../shared/data, or LILLM_DATA_DIR)
 #   STEPS=2000 PRESET=small bash scripts/quickstart.sh
 set -euo pipefail
