@@ -12,8 +12,11 @@ The pieces and the papers behind them:
 - SwiGLU (Shazeer, 2020, "GLU Variants Improve Transformer"): down(silu(gate(x)) * up(x)).
 - Pre-norm residual blocks and (optionally) tied input/output embeddings
   (Press & Wolf, 2017).
-- A preallocated KV cache written at a position (as in gpt-fast), so decoding is
-  one token per step with fixed shapes; the model never looks at `self.training`.
+- A preallocated KV cache written at a position (as in gpt-fast). With a plain int
+  position, attention reads only the part written so far (fastest in eager mode).
+  With a tensor position every shape is fixed (the whole cache, masked), so the
+  one-token step can be captured once as a CUDA graph and replayed (lillm.generate).
+  The model never looks at `self.training`.
 
 Parameter names follow the Hugging Face Llama state dict (model.embed_tokens,
 model.layers.N.self_attn.q_proj, ...), so import and export are a matter of copying.
@@ -71,6 +74,11 @@ class RotaryEmbedding:
         self._ensure(int(position_ids.max()) + 1 if position_ids.numel() else 0, position_ids.device)
         return self.cos_table[position_ids], self.sin_table[position_ids]
 
+    def lookup(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As calling, without reading the largest position back to the host (which a CUDA graph
+        cannot do): the tables must already cover it (Transformer.setup_cache builds them)."""
+        return self.cos_table[position_ids], self.sin_table[position_ids]
+
     def span(self, start: int, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Positions start..end-1 for every row: (1, T, hd) views of the tables, no gather, no host sync."""
         self._ensure(end, device)
@@ -98,7 +106,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(pos, torch.Tensor):
+            # Fixed shapes for CUDA graphs: write through an index tensor, return the whole cache
+            # (the caller's mask hides what is not written yet). No bounds check: it would need
+            # the position on the host; StaticDecoder checks lengths before it starts.
+            where = pos + torch.arange(k.shape[2], device=k.device)
+            self.k.index_copy_(2, where, k)
+            self.v.index_copy_(2, where, v)
+            return self.k, self.v
         end = pos + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} positions; writing up to {end}. Call setup_cache with a larger max_len")
@@ -183,6 +199,15 @@ class Transformer(nn.Module):
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary._ensure(cfg.max_seq_len, self.lm_head.weight.device)
+
+    def _apply(self, fn, *args, **kwargs):
+        # The rotary tables are not buffers (a dtype cast must not round them), so .to()/.cuda()
+        # does not move them: rebuild them on the weights' device now. Built lazily inside a
+        # compiled forward instead, they would change what the compiler saw and cost a second compile.
+        super()._apply(fn, *args, **kwargs)
+        self.rotary._ensure(self.rotary.length, self.lm_head.weight.device)
+        return self
 
     # ---- construction ------------------------------------------------------
     @torch.no_grad()
@@ -206,6 +231,7 @@ class Transformer(nn.Module):
     # ---- KV cache ------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int, device=None, dtype=None):
         ref = self.lm_head.weight
+        self.rotary._ensure(max_len, device or ref.device)  # for steps that look positions up blindly
         for block in self.model.layers:
             block.self_attn.cache = KVCache(batch_size, self.config.n_kv_heads, max_len, self.config.head_dim,
                                             device or ref.device, dtype or ref.dtype)
@@ -221,7 +247,7 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
-        cache_pos: int | None = None,
+        cache_pos: int | torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         return_hidden: bool = False,
     ) -> torch.Tensor:
@@ -230,22 +256,43 @@ class Transformer(nn.Module):
         attention_mask: (B, keys) with 1 for real tokens, 0 for padding; keys = T without a cache,
             and the cache length (cache_pos + T, or the whole cache) with one.
         segment_ids: (B, T) document ids for packed sequences: attention stays inside a document.
-        cache_pos: where the T new tokens go in the KV cache (None = no cache).
+        cache_pos: where the T new tokens go in the KV cache (None = no cache). An int attends over
+            the keys written so far; a 0-d tensor makes every shape fixed for CUDA graphs: keys are
+            the whole cache, attention_mask (if given) covers the whole cache, and nothing is read
+            back to the host.
         return_hidden: return the final normed hidden states (B, T, d_model) instead of the logits,
             for callers that need the logits of a few positions only (generate: the last one).
         """
         B, T = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
-        start = cache_pos or 0
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if position_ids is None:  # every row at positions start..start+T-1
-            cos, sin = self.rotary.span(start, start + T, x.device)
+        if isinstance(cache_pos, torch.Tensor):
+            cos, sin, mask = self._static_step_inputs(T, cache_pos, position_ids, attention_mask)
         else:
-            cos, sin = self.rotary(position_ids)
-        mask = self._attention_mask(B, T, start, attention_mask, segment_ids, cache_pos is not None, x.device)
+            start = cache_pos or 0
+            if position_ids is None:  # every row at positions start..start+T-1
+                cos, sin = self.rotary.span(start, start + T, x.device)
+            else:
+                cos, sin = self.rotary(position_ids)
+            mask = self._attention_mask(B, T, start, attention_mask, segment_ids, cache_pos is not None, x.device)
         for block in self.model.layers:
             x = block(x, cos, sin, mask, cache_pos)
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
+
+    def _static_step_inputs(self, T, cache_pos, position_ids, attention_mask):
+        """Rotary tables and mask for T tokens written at the tensor cache_pos, over the whole cache."""
+        cache = self.model.layers[0].self_attn.cache
+        if cache is None:
+            raise RuntimeError("cache_pos given but no KV cache: call model.setup_cache(batch_size, max_len) first")
+        query_pos = cache_pos + torch.arange(T, device=cache_pos.device)
+        if position_ids is None:
+            position_ids = query_pos[None]
+        cos, sin = self.rotary.lookup(position_ids)
+        key_pos = torch.arange(cache.k.shape[2], device=cache_pos.device)
+        mask = key_pos <= query_pos[:, None]  # (T, keys): the past, and nothing not yet written
+        if attention_mask is not None:  # (B, keys): padding of left-padded prompts
+            mask = mask & attention_mask.bool()[:, None, :]
+        return cos, sin, mask[:, None] if mask.dim() == 3 else mask
 
     def _attention_mask(self, B, T, start, attention_mask, segment_ids, cached, device):
         """None means plain causal (the fast path); otherwise a boolean mask broadcast to (B, 1, T, keys)."""

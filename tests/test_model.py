@@ -49,7 +49,10 @@ def test_rotary_q_dot_k_depends_only_on_relative_position():
     assert not torch.allclose(score(5, 2), score(5, 4), atol=1e-3)
 
 
-def test_kv_cache_decoding_of_two_prompts_of_different_lengths_equals_full_forward():
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["int-position", "tensor-position"])
+def test_kv_cache_decoding_of_two_prompts_of_different_lengths_equals_full_forward(fixed_shapes):
+    """An int cache_pos attends over the written keys; a tensor one over the whole (longer) cache,
+    masked, as the CUDA-graph decoder runs it: both must equal the full forward pass."""
     model = make()  # tiny has GQA: 4 query heads, 2 kv heads
     assert model.config.n_kv_heads < model.config.n_heads
     torch.manual_seed(1)
@@ -63,14 +66,17 @@ def test_kv_cache_decoding_of_two_prompts_of_different_lengths_equals_full_forwa
         mask[row, width - n:] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     steps = 6
-    model.setup_cache(2, width + steps)
+    cache_len = width + steps + (5 if fixed_shapes else 0)  # fixed shapes: unwritten tail stays masked
+    model.setup_cache(2, cache_len)
+    step_mask = torch.nn.functional.pad(mask, (0, cache_len - width), value=1) if fixed_shapes else mask
     with torch.no_grad():
         logits = model(ids, position_ids=positions, attention_mask=mask, cache_pos=0)
         cached = [[logits[r, -1]] for r in range(2)]
         for step in range(steps - 1):
             token = torch.stack([seqs[r][prompt_lens[r] + step] for r in range(2)])[:, None]
             pos = positions[:, -1:] + 1 + step
-            out = model(token, position_ids=pos, attention_mask=mask, cache_pos=width + step)
+            cache_pos = torch.tensor(width + step) if fixed_shapes else width + step
+            out = model(token, position_ids=pos, attention_mask=step_mask, cache_pos=cache_pos)
             for r in range(2):
                 cached[r].append(out[r, -1])
         model.clear_cache()
