@@ -3,6 +3,7 @@
     python inference.py out/pretrain/step_000200 --prompt "Habari za leo" --max-new-tokens 60
     python inference.py CKPT --prompt "Watoto" --prompt "Gwamnati" --temperature 0     # a greedy batch
     python inference.py CKPT --chat                                                    # SFT models
+    python inference.py CKPT --chat --compile                                          # CUDA-graph decoding
     echo "Habari" | python inference.py CKPT                                           # prompts from stdin
 
 One prompt streams to the terminal as it is generated; a batch prints each result at the end.
@@ -50,7 +51,8 @@ def load(folder: str, device: str, adapter: str | None = None):
 
 def sampling_options(args, tokenizer: Tokenizer) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0, seed=args.seed)
+                top_p=args.top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0, seed=args.seed,
+                compile=args.compile)
 
 
 def complete(model, tokenizer: Tokenizer, prompts: list[str], args) -> list[str]:
@@ -99,6 +101,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--adapter", default=None, help="a lillm.peft adapter folder to apply to the checkpoint")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode with fixed shapes through torch.compile (CUDA graphs on a GPU): the first "
+                             "reply compiles for a minute, later ones are several times faster (lillm.generate)")
     args = parser.parse_args(argv)
     model, tokenizer = load(args.checkpoint, args.device, args.adapter)
     if args.chat:

@@ -8,6 +8,13 @@ every row's next token sits in the same column of the cache; padding is masked o
 and positions are counted per row (cumulative sum of the mask), so a padded prompt
 decodes exactly as it would alone.
 
+Fixed shapes and CUDA graphs (`compile=True`, the idea of gpt-fast): a small model's
+one-token step is a few hundred tiny kernels, and on a GPU launching them costs more
+than running them. `StaticDecoder` writes the cache through a position *tensor* and
+attends over the whole (masked) cache, so every step has the same shapes and buffers;
+`torch.compile(mode="reduce-overhead")` then records the step once as a CUDA graph
+and each new token replays it with one launch.
+
 Sampling: temperature scales the logits; top-k keeps the k most likely tokens;
 top-p (Holtzman et al., 2019, "The Curious Case of Neural Text Degeneration") keeps
 the smallest set whose probability reaches p. Temperature 0 is greedy.
@@ -17,6 +24,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from .model import Transformer
 
@@ -54,17 +62,75 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
+class StaticDecoder:
+    """The one-token step with fixed shapes, compiled once per (batch, cache length).
+
+    The model's KV cache is allocated once at `max_len` positions and kept between calls (so the
+    recorded graphs keep pointing at the same buffers); `model.clear_cache()` frees it.
+    backend / mode are torch.compile's; mode=None with backend="eager" traces the step without
+    compiling it (tests use that to prove it runs without graph breaks or host reads), and
+    compile=False runs the same fixed-shape step eagerly.
+    """
+
+    def __init__(self, model: Transformer, compile: bool = True, backend: str = "inductor",
+                 mode: str | None = "reduce-overhead"):
+        self.model = model
+        self.step = self._step
+        if compile:
+            options = {} if mode is None else {"mode": mode}
+            self.step = torch.compile(self._step, backend=backend, fullgraph=True, dynamic=False, **options)
+        self.graphs = compile and mode == "reduce-overhead"
+
+    def _step(self, token: torch.Tensor, position: torch.Tensor, cache_pos: torch.Tensor,
+              key_valid: torch.Tensor) -> torch.Tensor:
+        return self.model(token, position_ids=position, attention_mask=key_valid, cache_pos=cache_pos)[:, -1]
+
+    def ensure_cache(self, batch: int, max_len: int) -> None:
+        cache = self.model.model.layers[0].self_attn.cache
+        if cache is None or cache.k.shape[0] != batch or cache.k.shape[2] != max_len \
+                or cache.k.dtype != self.model.lm_head.weight.dtype:
+            self.model.setup_cache(batch, max_len)
+
+    def __call__(self, token, position, cache_pos, key_valid) -> torch.Tensor:
+        if self.graphs:  # the previous step's outputs may be overwritten now: we are done with them
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.step(token, position, cache_pos, key_valid)
+
+
+def static_decoder(model: Transformer) -> StaticDecoder:
+    """The model's StaticDecoder, made on first use: compiled graphs are kept with the model."""
+    decoder = getattr(model, "_static_decoder", None)
+    if decoder is None:
+        decoder = model._static_decoder = StaticDecoder(model)
+    return decoder
+
+
+def cache_length(model: Transformer, needed: int) -> int:
+    """The model's context length when the request fits (one graph serves every request), else the request."""
+    return max(needed, model.config.max_seq_len)
+
+
 @torch.no_grad()
 def generate_stream(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 128,
                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                     eos_id: int | None = None, pad_id: int = 0, seed: int | None = None,
-                    ) -> Iterator[torch.Tensor]:
-    """Yield a (B,) tensor of new token ids per step; rows that have emitted eos yield pad_id after."""
+                    compile: bool | StaticDecoder = False) -> Iterator[torch.Tensor]:
+    """Yield a (B,) tensor of new token ids per step; rows that have emitted eos yield pad_id after.
+
+    compile: True decodes through the model's StaticDecoder (CUDA graphs on a GPU; the first call
+    per batch size compiles for a minute), or pass a StaticDecoder of your own.
+    """
     device = model.lm_head.weight.device
     ids, mask = left_pad(prompts, pad_id, device)
     batch, prompt_len = ids.shape
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    if compile:
+        decoder = compile if isinstance(compile, StaticDecoder) else static_decoder(model)
+        yield from _static_stream(decoder, ids, mask, positions, max_new_tokens,
+                                  lambda logits: sample_next(logits, temperature, top_k, top_p, generator),
+                                  eos_id, pad_id)
+        return
     if len({len(prompt) for prompt in prompts}) == 1:
         # No padding: no mask (the prompt pass runs the plain causal kernel, each new token
         # attends to every key written so far) and no position ids (every row is at cache_pos).
@@ -93,18 +159,47 @@ def generate_stream(model: Transformer, prompts: list[list[int]], max_new_tokens
         model.clear_cache()
 
 
+def _static_stream(decoder: StaticDecoder, ids, mask, positions, max_new_tokens: int, sample, eos_id, pad_id):
+    """generate_stream's loop with fixed shapes: the cache stays allocated for the next call."""
+    model = decoder.model
+    batch, prompt_len = ids.shape
+    total = prompt_len + max_new_tokens
+    cache_len = cache_length(model, total)
+    decoder.ensure_cache(batch, cache_len)
+    key_valid = F.pad(mask.bool(), (0, cache_len - prompt_len), value=True)  # new tokens are real
+    # The prompt pass is eager (its length varies); it fills cache positions 0..prompt_len-1.
+    hidden = model(ids, position_ids=positions, attention_mask=mask, cache_pos=0, return_hidden=True)
+    logits = model.lm_head(hidden[:, -1])
+    position = positions[:, -1:] + 1
+    cache_pos = torch.tensor(prompt_len, device=ids.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    for step in range(max_new_tokens):
+        token = sample(logits).masked_fill(finished, pad_id)
+        yield token
+        if eos_id is not None:
+            finished |= token == eos_id
+            if bool(finished.all()):
+                return
+        if step + 1 == max_new_tokens:
+            return
+        logits = decoder(token[:, None], position, cache_pos, key_valid)
+        position, cache_pos = position + 1, cache_pos + 1
+
+
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 128,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, pad_id: int = 0, seed: int | None = None,
-             on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+             on_token: Callable[[int, int], None] | None = None,
+             compile: bool | StaticDecoder = False) -> list[list[int]]:
     """New tokens for each prompt (without the prompt), cut after the first eos (kept).
 
     on_token(row, token_id) is called as tokens arrive, for streaming to a terminal.
+    compile: decode with fixed shapes and CUDA graphs (see StaticDecoder and generate_stream).
     """
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for step_tokens in generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p,
-                                       eos_id, pad_id, seed):
+                                       eos_id, pad_id, seed, compile):
         for row, token in enumerate(step_tokens.tolist()):
             if done[row]:
                 continue

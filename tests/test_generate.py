@@ -1,7 +1,7 @@
 import torch
 
 from lillm.config import get_preset
-from lillm.generate import generate, sample_next
+from lillm.generate import StaticDecoder, generate, sample_next
 from lillm.model import Transformer
 
 
@@ -57,3 +57,28 @@ def test_streaming_callback_sees_every_token_in_order():
     out = generate(model, [[3, 4], [5]], max_new_tokens=4, temperature=0, on_token=lambda r, t: seen.append((r, t)))
     assert [t for r, t in seen if r == 0] == out[0]
     assert [t for r, t in seen if r == 1] == out[1]
+
+
+def test_fixed_shape_decoding_equals_generate_and_keeps_its_cache_between_calls():
+    """StaticDecoder's step (the one CUDA graphs replay), run eagerly: same greedy tokens as the
+    plain path, for a padded batch; the cache is allocated once and reused by the next call."""
+    model = make()
+    prompts = [[5, 9, 11, 3, 7], [8, 2], [4]]
+    decoder = StaticDecoder(model, compile=False)
+    expected = generate(model, prompts, max_new_tokens=10, temperature=0)
+    assert generate(model, prompts, max_new_tokens=10, temperature=0, compile=decoder) == expected
+    cache = model.model.layers[0].self_attn.cache
+    assert cache.k.shape[2] == model.config.max_seq_len  # one length for every request that fits
+    assert generate(model, prompts, max_new_tokens=4, temperature=0, compile=decoder) == [e[:4] for e in expected]
+    assert model.model.layers[0].self_attn.cache is cache
+    assert generate(model, prompts[:1], max_new_tokens=6, temperature=0, compile=decoder) == [expected[0][:6]]
+
+
+def test_fixed_shape_step_traces_as_one_graph_without_host_reads():
+    """fullgraph=True fails on any graph break, such as reading a position back to the host,
+    which CUDA graphs cannot replay. The eager backend traces without compiling (no GPU here)."""
+    model = make()
+    decoder = StaticDecoder(model, backend="eager", mode=None)
+    prompts = [[5, 9, 11, 3, 7], [8, 2]]
+    assert generate(model, prompts, max_new_tokens=5, temperature=0, compile=decoder) == \
+        generate(model, prompts, max_new_tokens=5, temperature=0)

@@ -31,6 +31,23 @@ def test_streamed_text_equals_the_decoded_generation(folder, capsys):
     assert capsys.readouterr().out == "Habari" + tokenizer.decode(expected) + "\n"
 
 
+def test_compile_flag_decodes_through_the_fixed_shape_step_with_the_same_result(folder, capsys, monkeypatch):
+    """--compile takes lillm.generate's StaticDecoder path; here traced by the eager backend, because
+    compiling for real takes half a minute on a CPU (the GPU speed is in the README's table)."""
+    import lillm.generate
+
+    path, _, _ = folder
+    used = []
+
+    def traced_decoder(model):
+        used.append(model)
+        return lillm.generate.StaticDecoder(model, backend="eager", mode=None)
+    monkeypatch.setattr(lillm.generate, "static_decoder", traced_decoder)
+    args = [str(path), "--prompt", "Habari", "--prompt", "Ina", "--temperature", "0", "--max-new-tokens", "8"]
+    assert inference.main(args + ["--compile"]) == inference.main(args)
+    assert len(used) == 1
+
+
 def test_a_batch_of_prompts_gives_one_result_each(folder, capsys):
     path, _, _ = folder
     result = inference.main([str(path), "--prompt", "Habari", "--prompt", "Ina kwana", "--max-new-tokens", "5"])
