@@ -36,6 +36,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # Under autocast the matmuls below run in bf16 like the rest of the model.
+        low_precision = torch.is_autocast_enabled(hidden.device.type)
         for start in range(0, hidden.shape[0], chunk):
             rows, targets = hidden[start:start + chunk], labels[start:start + chunk]
             logits = (rows @ weight.t()).float()
@@ -49,7 +51,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             if want_hidden:
                 grad_hidden[start:start + chunk] = (grad_logits @ weight.float()).to(hidden.dtype)
             if want_weight:
-                grad_weight.addmm_(grad_logits.t(), rows.float())
+                if low_precision:  # a bf16 product (an in-place addmm_ would run in slow fp32)
+                    grad_weight += grad_logits.t() @ rows
+                else:
+                    grad_weight.addmm_(grad_logits.t(), rows.float())
         ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
         return total
 
@@ -60,7 +65,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                 None if grad_weight is None else grad_weight * grad_total, None, None)
 
 
-def causal_lm_loss(model, batch: dict, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def default_chunk(device: torch.device) -> int:
+    """Rows per chunk: small on CPUs, where a chunk's logits should stay in cache; large on GPUs,
+    where each chunk is a few kernel launches and a matmul needs thousands of rows to fill the chip."""
+    return 8192 if device.type == "cuda" else 256
+
+
+def causal_lm_loss(model, batch: dict, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over labels != -100, and the number of such labels.
 
     When training a model whose lm_head weight is a plain tensor (one process or DDP; not FSDP,
@@ -74,7 +85,8 @@ def causal_lm_loss(model, batch: dict, chunk: int = 256) -> tuple[torch.Tensor, 
                 return_hidden=fused)
     labels = batch["labels"]
     if fused:
-        loss = LinearCrossEntropy.apply(out.flatten(0, 1), base.lm_head.weight, labels.flatten(), chunk)
+        loss = LinearCrossEntropy.apply(out.flatten(0, 1), base.lm_head.weight, labels.flatten(),
+                                        chunk or default_chunk(out.device))
     else:
         loss = F.cross_entropy(out.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
     return loss, (labels != -100).sum()
