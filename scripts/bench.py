@@ -63,8 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     train = parser.add_argument_group("training step")
     train.add_argument("--steps", type=int, default=5, help="timed training steps per side")
     train.add_argument("--warmup", type=int, default=2, help="untimed calls per side before timing (every benchmark)")
-    train.add_argument("--batch", type=int, default=8, help="training batch size (also the loader's)")
-    train.add_argument("--seq-len", type=int, default=128, help="training sequence length (also the loader's)")
+    train.add_argument("--batch", type=int, help="training batch size, also the loader's (default: 8 on CPU, "
+                                                 "32 on CUDA, where a small batch cannot fill the GPU)")
+    train.add_argument("--seq-len", type=int, help="training sequence length, also the loader's (default: 128 "
+                                                   "on CPU, 512 on CUDA: the presets' context)")
     train.add_argument("--no-memory", dest="memory", action="store_false",
                        help="skip the step-memory measurement (two fresh subprocesses per preset)")
     decode = parser.add_argument_group("decoding and prefill")
@@ -74,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     decode.add_argument("--new-tokens", type=int, default=256)
     decode.add_argument("--prefill-len", type=int, default=512)
     decode.add_argument("--prefill-batches", type=int, nargs="+", default=[1, 8])
+    decode.add_argument("--hf-compiled-decode", action="store_true",
+                        help="also time transformers' static-cache generate (compiled by transformers on GPUs)")
     data = parser.add_argument_group("data pipeline")
     data.add_argument("--tokenizer", help="tokenizer.json for prepare_pretrain (default: train one on the corpora)")
     data.add_argument("--data-corpora", nargs="+", help=f"registered corpora (default: {' '.join(DEFAULT_CORPORA)})")
@@ -91,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     cuda = args.device == "cuda"
     args.presets = args.presets or (GPU_PRESETS if cuda else CPU_PRESETS)
     args.compile = cuda if args.compile is None else args.compile
+    args.batch = (32 if cuda else 8) if args.batch is None else args.batch
+    args.seq_len = (512 if cuda else 128) if args.seq_len is None else args.seq_len
     if args.dtype == "auto":
         args.dtype = "bfloat16" if cuda else "float32"
     if args.tokenizer and not Path(args.tokenizer).is_file():
@@ -139,22 +145,23 @@ def write_json(path: Path, record: dict) -> None:
     os.replace(temporary, path)
 
 
-def run_comparisons(args, bar) -> list[dict]:
+def run_comparisons(args, bar, save=lambda rows: None) -> list[dict]:
+    """Every comparison asked for; save(rows) after each, so a run cut short keeps what it measured."""
     dtype = getattr(torch, args.dtype)
     rows = []
     for preset in args.presets:
         if "train" in args.what:
             rows += bench_train(preset, args.device, dtype, args.batch, args.seq_len, args.steps, args.warmup,
                                 args.compile, args.memory, args.threads)
-            bar.update()
+            bar.update(), save(rows)
         if "decode" in args.what:
             rows += bench_decode(preset, args.device, dtype, args.decode_batches, args.prompt_len,
-                                 args.new_tokens, args.repeats, args.warmup, args.compile)
-            bar.update()
+                                 args.new_tokens, args.repeats, args.warmup, args.compile, args.hf_compiled_decode)
+            bar.update(), save(rows)
         if "prefill" in args.what:
             rows += bench_prefill(preset, args.device, dtype, args.prefill_batches, args.prefill_len,
                                   args.repeats, args.warmup)
-            bar.update()
+            bar.update(), save(rows)
     return rows
 
 
@@ -189,8 +196,8 @@ def main(argv=None) -> dict:
     load_before = os.getloadavg()
     jobs = len(args.presets) * len([w for w in args.what if w != "data"])
     with tqdm(total=jobs, desc="benchmarks", unit="job") as bar:
-        comparisons = run_comparisons(args, bar)
-    write_json(Path(args.json), make_record(args, argv, load_before, comparisons, []))  # kept if data fails
+        comparisons = run_comparisons(
+            args, bar, lambda rows: write_json(Path(args.json), make_record(args, argv, load_before, rows, [])))
     data = []
     if sources is not None:
         steps_per_s = {row["preset"]: row["steps_per_s_lillm"] for row in comparisons if "steps_per_s_lillm" in row}

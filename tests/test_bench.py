@@ -7,6 +7,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -72,6 +73,28 @@ def test_greedy_check_accepts_the_same_weights_and_fires_on_different_ones():
     stranger = bench_train.hf_model_like(cfg).eval()  # same shapes, other random weights
     with pytest.raises(bench_decode.GreedyMismatchError, match="prompt 0, new token 0: lillm chose"):
         bench_decode.assert_same_greedy(ours, stranger, prompts, new_tokens=4)
+
+
+class FixedLogits:
+    """Stands in for a transformers model whose logits over a sequence are given."""
+    device = torch.device("cpu")
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    def __call__(self, input_ids):
+        return SimpleNamespace(logits=self.logits[None, : input_ids.shape[1]])
+
+
+def test_greedy_check_accepts_a_rounding_tie_and_nothing_more():
+    prompt, vocab = [1, 1], 5
+    logits = torch.zeros(4, vocab)
+    logits[1, 2], logits[1, 3] = 10.0, 10.0 - 1e-6  # step 0: 2 is best, 3 ties with it at rounding level
+    logits[2, 4] = 7.0                              # step 1: 4 is best by 7
+    reference = FixedLogits(logits)
+    assert bench_decode.count_ties(reference, prompt, [3, 4], [2, 0], row=0) == 1
+    with pytest.raises(bench_decode.GreedyMismatchError, match="new token 1: lillm chose 0, transformers 4"):
+        bench_decode.count_ties(reference, prompt, [3, 0], [2, 4], row=0)
 
 
 def test_step_memory_is_measured_in_a_fresh_process_and_is_positive():
