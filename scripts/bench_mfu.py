@@ -1,0 +1,163 @@
+"""Where does a GPU training step lose MFU? lillm alone, one preset, several ways to run the step.
+
+    python scripts/bench_mfu.py --preset lillm-300m --batch 32                    # every variant
+    python scripts/bench_mfu.py --variants model fused-compiled --attention cudnn flash --profile
+
+scripts/bench.py compares lillm with transformers the way lillm.train runs (the model compiled,
+the fused head + loss of lillm/loss.py outside the compiled graph). This script times variants
+of that step, to see what the compiler and the attention kernel are worth:
+- model:          torch.compile(model); the fused loss runs eagerly (what lillm.train does)
+- fused-compiled: the model and the fused loss compiled together, as one function
+- plain-compiled: the model and a plain cross-entropy over full logits compiled together
+- eager:          nothing compiled
+each with SDPA's cuDNN or flash attention kernel (--attention; CUDA only). MFU is model FLOPs
+(lillm.config.flops_per_token) per second over the device's bf16 peak (lillm.train); --profile
+prints torch.profiler's top kernels of the first variant. Each variant compiles from scratch
+(torch._dynamo.reset), so its first steps take a minute on a GPU; they are not timed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from lillm.config import get_preset  # noqa: E402
+from lillm.loss import causal_lm_loss  # noqa: E402
+from lillm.model import Transformer  # noqa: E402
+from lillm.train import TrainConfig, device_peak_flops, make_optimizer  # noqa: E402
+
+VARIANTS = ("model", "fused-compiled", "plain-compiled", "eager")
+
+
+def mean_loss(model, batch: dict) -> torch.Tensor:
+    total, count = causal_lm_loss(model, batch)
+    return total / count
+
+
+def plain_loss(model, batch: dict) -> torch.Tensor:
+    logits = model(batch["input_ids"])
+    return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+
+
+def loss_function(variant: str, model, batch: dict):
+    """A no-argument callable computing the mean loss the way the variant says."""
+    if variant == "model":
+        compiled = torch.compile(model)
+        return lambda: mean_loss(compiled, batch)
+    if variant == "fused-compiled":
+        compiled = torch.compile(mean_loss)
+        return lambda: compiled(model, batch)
+    if variant == "plain-compiled":
+        compiled = torch.compile(plain_loss)
+        return lambda: compiled(model, batch)
+    return lambda: mean_loss(model, batch)
+
+
+def time_steps(step, steps: int, device: torch.device) -> float:
+    """Median seconds per step (device events on CUDA, the host clock elsewhere)."""
+    seconds = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            seconds.append(start.elapsed_time(end) / 1000)
+        else:
+            begin = time.perf_counter()
+            step()
+            seconds.append(time.perf_counter() - begin)
+    return sorted(seconds)[len(seconds) // 2]
+
+
+def run_variant(args, variant: str, attention: str, device: torch.device) -> dict:
+    cfg = get_preset(args.preset).replace(max_seq_len=args.seq_len)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device)
+    optimizer = make_optimizer(model, TrainConfig(), device)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device)
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(attention == "cudnn")
+        torch.backends.cuda.enable_flash_sdp(attention == "flash")
+    loss_of = loss_function(variant, model, batch)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with autocast:
+            loss = loss_of()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    begin = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    warmup_s = time.perf_counter() - begin
+    seconds = time_steps(step, args.steps, device)
+    tokens_per_s = args.batch * args.seq_len / seconds
+    peak = device_peak_flops(device)
+    row = dict(preset=args.preset, variant=variant, attention=attention if device.type == "cuda" else "default",
+               batch=args.batch, seq_len=args.seq_len, step_ms=round(seconds * 1000, 2),
+               tokens_per_s=round(tokens_per_s), warmup_s=round(warmup_s, 1),
+               mfu=None if peak is None else round(tokens_per_s * cfg.flops_per_token(args.seq_len) / peak, 4))
+    if device.type == "cuda":
+        row["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    if args.profile:
+        print_profile(step, device)
+        args.profile = False  # the first variant only
+    return row
+
+
+def print_profile(step, device: torch.device) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=18, max_name_column_width=60), flush=True)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="lillm-300m")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--attention", nargs="+", choices=["cudnn", "flash"], default=["cudnn"],
+                        help="SDPA kernels to try on CUDA (ignored on CPU)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (compilation)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of the first variant")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    rows = []
+    for attention in args.attention if device.type == "cuda" else ["default"]:
+        for variant in args.variants:
+            rows.append(run_variant(args, variant, attention, device))
+            print(json.dumps(rows[-1]), flush=True)
+            torch._dynamo.reset()
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
