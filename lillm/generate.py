@@ -21,6 +21,7 @@ the smallest set whose probability reaches p. Temperature 0 is greedy.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -125,11 +126,10 @@ def generate_stream(model: Transformer, prompts: list[list[int]], max_new_tokens
     batch, prompt_len = ids.shape
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    sample = partial(sample_next, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     if compile:
         decoder = compile if isinstance(compile, StaticDecoder) else static_decoder(model)
-        yield from _static_stream(decoder, ids, mask, positions, max_new_tokens,
-                                  lambda logits: sample_next(logits, temperature, top_k, top_p, generator),
-                                  eos_id, pad_id)
+        yield from _static_stream(decoder, ids, mask, positions, max_new_tokens, sample, eos_id, pad_id)
         return
     if len({len(prompt) for prompt in prompts}) == 1:
         # No padding: no mask (the prompt pass runs the plain causal kernel, each new token
@@ -139,40 +139,36 @@ def generate_stream(model: Transformer, prompts: list[list[int]], max_new_tokens
     try:
         # Only the prompt's last position needs logits: lm_head skips the others.
         hidden = model(ids, position_ids=positions, attention_mask=mask, cache_pos=0, return_hidden=True)
-        logits = model.lm_head(hidden[:, -1])
-        next_pos = None if positions is None else positions[:, -1:] + 1
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            token = sample_next(logits, temperature, top_k, top_p, generator)
-            token = token.masked_fill(finished, pad_id)
-            yield token
-            if eos_id is not None:
-                finished |= token == eos_id
-                if bool(finished.all()):
-                    return
-            if step + 1 == max_new_tokens:
-                return
-            logits = model(token[:, None], position_ids=next_pos, attention_mask=mask,
-                           cache_pos=prompt_len + step)[:, -1]
-            next_pos = None if next_pos is None else next_pos + 1
+
+        def step_logits(token, step):
+            position = None if positions is None else positions[:, -1:] + 1 + step
+            return model(token[:, None], position_ids=position, attention_mask=mask,
+                         cache_pos=prompt_len + step)[:, -1]
+        yield from _sample_loop(model.lm_head(hidden[:, -1]), step_logits, max_new_tokens, sample, eos_id, pad_id)
     finally:
         model.clear_cache()
 
 
 def _static_stream(decoder: StaticDecoder, ids, mask, positions, max_new_tokens: int, sample, eos_id, pad_id):
-    """generate_stream's loop with fixed shapes: the cache stays allocated for the next call."""
+    """generate_stream with fixed shapes: the cache stays allocated for the next call."""
     model = decoder.model
     batch, prompt_len = ids.shape
-    total = prompt_len + max_new_tokens
-    cache_len = cache_length(model, total)
+    cache_len = cache_length(model, prompt_len + max_new_tokens)
     decoder.ensure_cache(batch, cache_len)
     key_valid = F.pad(mask.bool(), (0, cache_len - prompt_len), value=True)  # new tokens are real
     # The prompt pass is eager (its length varies); it fills cache positions 0..prompt_len-1.
     hidden = model(ids, position_ids=positions, attention_mask=mask, cache_pos=0, return_hidden=True)
-    logits = model.lm_head(hidden[:, -1])
-    position = positions[:, -1:] + 1
-    cache_pos = torch.tensor(prompt_len, device=ids.device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    first_cache_pos = torch.tensor(prompt_len, device=ids.device)
+
+    def step_logits(token, step):
+        return decoder(token[:, None], positions[:, -1:] + 1 + step, first_cache_pos + step, key_valid)
+    yield from _sample_loop(model.lm_head(hidden[:, -1]), step_logits, max_new_tokens, sample, eos_id, pad_id)
+
+
+def _sample_loop(logits, step_logits, max_new_tokens: int, sample, eos_id, pad_id):
+    """Sample a token per row, yield it, and run the next step (step_logits(token, step)) until
+    max_new_tokens or until every row has emitted eos; finished rows yield pad_id."""
+    finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     for step in range(max_new_tokens):
         token = sample(logits).masked_fill(finished, pad_id)
         yield token
@@ -180,10 +176,8 @@ def _static_stream(decoder: StaticDecoder, ids, mask, positions, max_new_tokens:
             finished |= token == eos_id
             if bool(finished.all()):
                 return
-        if step + 1 == max_new_tokens:
-            return
-        logits = decoder(token[:, None], position, cache_pos, key_valid)
-        position, cache_pos = position + 1, cache_pos + 1
+        if step + 1 < max_new_tokens:
+            logits = step_logits(token, step)
 
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 128,
