@@ -145,23 +145,26 @@ def write_json(path: Path, record: dict) -> None:
     os.replace(temporary, path)
 
 
+def run_comparison(what: str, preset: str, args, dtype: torch.dtype) -> list[dict]:
+    if what == "train":
+        return bench_train(preset, args.device, dtype, args.batch, args.seq_len, args.steps, args.warmup,
+                           args.compile, args.memory, args.threads)
+    if what == "decode":
+        return bench_decode(preset, args.device, dtype, args.decode_batches, args.prompt_len, args.new_tokens,
+                            args.repeats, args.warmup, args.compile, args.hf_compiled_decode)
+    return bench_prefill(preset, args.device, dtype, args.prefill_batches, args.prefill_len, args.repeats,
+                         args.warmup)
+
+
 def run_comparisons(args, bar, save=lambda rows: None) -> list[dict]:
     """Every comparison asked for; save(rows) after each, so a run cut short keeps what it measured."""
     dtype = getattr(torch, args.dtype)
     rows = []
     for preset in args.presets:
-        if "train" in args.what:
-            rows += bench_train(preset, args.device, dtype, args.batch, args.seq_len, args.steps, args.warmup,
-                                args.compile, args.memory, args.threads)
-            bar.update(), save(rows)
-        if "decode" in args.what:
-            rows += bench_decode(preset, args.device, dtype, args.decode_batches, args.prompt_len,
-                                 args.new_tokens, args.repeats, args.warmup, args.compile, args.hf_compiled_decode)
-            bar.update(), save(rows)
-        if "prefill" in args.what:
-            rows += bench_prefill(preset, args.device, dtype, args.prefill_batches, args.prefill_len,
-                                  args.repeats, args.warmup)
-            bar.update(), save(rows)
+        for what in (w for w in WHAT if w in args.what and w != "data"):
+            rows += run_comparison(what, preset, args, dtype)
+            bar.update()
+            save(rows)
     return rows
 
 
