@@ -34,8 +34,12 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--keep-last", type=int, default=2, help="step checkpoints to keep")
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--max-bad-steps", type=int, default=5, help="non-finite steps in a row before stopping")
-    g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32", "bf16-true"], default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast over fp32 weights; bf16-true: "
+                        "weights, gradients and AdamW moments in bf16, stochastic rounding (half the memory)")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each transformer block in the backward pass: much less activation memory "
+                        "for about a third more compute; losses and gradients unchanged")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--fsdp", action="store_true",
                    help="shard the model over torchrun processes (FSDP2) instead of replicating it (DDP)")
@@ -73,6 +77,7 @@ def train_config_from_args(args, **extra) -> TrainConfig:
         eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
         log_every=args.log_every, max_bad_steps=args.max_bad_steps, compile=args.compile,
         precision=args.precision, seed=args.seed, fsdp=args.fsdp, extra=extra,
+        activation_checkpointing=args.activation_checkpointing,
     )
 
 

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .errors import TrainingDiverged
 from .loss import causal_lm_loss  # the default loss_fn; SFT and distillation pass their own
+from .memory import BF16AdamW, checkpoint_blocks
 from .model import Transformer
 
 
@@ -58,7 +59,8 @@ class TrainConfig:
     max_bad_steps: int = 5              # non-finite steps in a row before the run stops
     compile: bool = False
     fsdp: bool = False                  # shard parameters, gradients and optimizer state (FSDP2)
-    precision: str = "auto"             # auto: bf16 autocast on CUDA, fp32 elsewhere
+    precision: str = "auto"             # auto: bf16 autocast on CUDA, fp32 elsewhere; bf16-true: all bf16 (lillm.memory)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass (lillm.memory)
     seed: int = 1337
     flops_per_token: float | None = None
     extra: dict = field(default_factory=dict)  # stage-specific settings, recorded in checkpoints
@@ -98,6 +100,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.precision == "bf16-true":  # bf16 moments, stochastic rounding (lillm.memory explains why)
+        return BF16AdamW(groups, lr=cfg.lr, betas=cfg.betas, seed=cfg.seed)
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
 
@@ -236,6 +240,8 @@ def _wrap(model: torch.nn.Module, env: Dist, cfg: TrainConfig) -> torch.nn.Modul
     """DDP keeps a full replica per process; FSDP (Zhao et al., 2023) shards each block's
     parameters and optimizer state across processes, for models that do not fit one device."""
     wrapped = model
+    if cfg.activation_checkpointing:  # before fully_shard: FSDP's gather hooks then wrap the recomputed forward
+        checkpoint_blocks(model)
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
         if env.world == 1:
@@ -286,7 +292,7 @@ def train(model: Transformer, source: BatchSource, cfg: TrainConfig, env: Dist |
     out = Path(cfg.out_dir)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    model.to(env.device)
+    model.to(env.device, dtype=torch.bfloat16 if cfg.precision == "bf16-true" else None)
     progress = Progress()
     if resume:  # weights go in before sharding; optimizer state once the optimizer exists
         latest, state = _load_latest(out, model)
