@@ -120,3 +120,15 @@ def test_resume_with_a_different_world_size_keeps_the_global_batch(bins, tmp_pat
     a = load_file(tmp_path / "straight/step_000004/model.safetensors")
     b = load_file(state_dir / "step_000004/model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_activation_checkpointing_under_fsdp_changes_nothing(bins, tmp_path):
+    common = ["--max-steps", "3", "--global-batch-tokens", str(8 * 32), "--save-every", "3", "--micro-batch", "2",
+              "--fsdp"]
+    run_pretrain(bins, tmp_path / "plain", *common, nproc=2)
+    output = run_pretrain(bins, tmp_path / "ckpt", *common, "--activation-checkpointing", nproc=2)
+    assert json.loads((tmp_path / "ckpt/step_000003/lillm.json").read_text())["train_config"]["activation_checkpointing"]
+    assert losses(tmp_path / "plain") == losses(tmp_path / "ckpt"), output[-2000:]
+    a = load_file(tmp_path / "plain/step_000003/model.safetensors")
+    b = load_file(tmp_path / "ckpt/step_000003/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
