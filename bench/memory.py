@@ -143,6 +143,40 @@ def measure_in_subprocess(name, setting, batch, seq_len, device, steps, threads)
     return harness.run_child("bench.memory", "--one", json.dumps(settings))
 
 
+# ---- what checkpointing costs in time ------------------------------------------------------------------
+def checkpointing_cost(name: str, batch: int, seq_len: int, device: str, repeats: int, threads: int) -> dict:
+    """Seconds of forward + backward, plain against checkpointed, alternating (bench.harness.time_alternating)
+    on one process so that a busy machine slows both alike; medians."""
+    import copy
+
+    import torch
+
+    from lillm.loss import causal_lm_loss
+    from lillm.memory import checkpoint_blocks
+    from lillm.model import Transformer
+
+    torch.set_num_threads(threads)
+    cfg = model_config(name, seq_len)
+    torch.manual_seed(0)
+    plain = Transformer(cfg).to(device)
+    recomputed = checkpoint_blocks(copy.deepcopy(plain))
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(1))
+    data = {"input_ids": ids[:, :-1].to(device), "labels": ids[:, 1:].to(device)}
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+
+    def step(model):
+        def run():
+            with autocast:
+                loss, count = causal_lm_loss(model, data)
+            (loss / count).backward()
+            model.zero_grad(set_to_none=True)
+        return run
+    seconds = harness.time_alternating({"plain": step(plain), "checkpointed": step(recomputed)}, repeats, 1, device)
+    plain_s, ckpt_s = harness.median(seconds["plain"]), harness.median(seconds["checkpointed"])
+    return {"model": name, "batch": batch, "seq_len": seq_len, "plain_s": plain_s, "checkpointed_s": ckpt_s,
+            "slowdown": ckpt_s / plain_s}
+
+
 # ---- what fits -------------------------------------------------------------------------------------
 def largest_fitting(budget_gib: float, setting: str, batch: int, seq_len: int) -> str:
     """The largest model of FIT_MODELS whose estimated CUDA peak fits the budget (with 10% left for the
@@ -189,6 +223,8 @@ def main(argv=None):
     parser.add_argument("--fit-batch", type=int, default=8, help="micro batch of the what-fits table")
     parser.add_argument("--fit-seq-len", type=int, default=512, help="sequence length of the what-fits table")
     parser.add_argument("--fit-only", action="store_true", help="print the estimate's what-fits table and stop")
+    parser.add_argument("--time-checkpointing", type=int, default=0, metavar="REPEATS",
+                        help="instead of memory: time forward + backward with and without checkpointing")
     parser.add_argument("--json", default="out/bench_memory.json")
     args = parser.parse_args(argv)
     print(f"Estimated peak of one training step on one GPU, B={args.fit_batch} T={args.fit_seq_len} "
@@ -204,6 +240,11 @@ def main(argv=None):
     presets = args.presets or (["lillm-39m", "lillm-300m", "inkuba-0.4b", "llama-1.1b"] if cuda
                                else ["lillm-39m", "lillm-300m"])
     batch, seq_len = args.batch or (8 if cuda else 2), args.seq_len or (512 if cuda else 64)
+    if args.time_checkpointing:
+        for name in presets:
+            cost = checkpointing_cost(name, batch, seq_len, device, args.time_checkpointing, args.threads)
+            print(json.dumps(cost))
+        return None
     rows = []
     record = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "device": harness.device_name(device), "torch": torch.__version__,

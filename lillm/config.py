@@ -268,10 +268,9 @@ def estimate_training_memory(cfg: ModelConfig, batch: int, seq_len: int, precisi
     block += ab * (2 * q_width + 2 * kv_width) + 4 * cfg.n_heads + 8   # q, k, v, attention output; logsumexp; rsqrt
     block += ab * cfg.d_ff * (4 if trains["down"] else 3)               # gate, silu(gate), up (and their product)
     block += ab * lora_rank * len(targets) if lora else 0                # A x of each LoRA
-    if activation_checkpointing:  # each block keeps its input; one block's tensors come back during backward
-        blocks = L * N * residual * d + N * block
-    else:
-        blocks = L * N * block
+    # Checkpointing: each block keeps only its input; one block's tensors come back at a time in backward.
+    blocks = L * N * residual * d if activation_checkpointing else L * N * block
+    recomputed = N * block if activation_checkpointing else 0
 
     # -- the head, the fused loss (lillm.loss.LinearCrossEntropy), autocast's weight copies
     head_trains = not lora
@@ -280,14 +279,15 @@ def estimate_training_memory(cfg: ModelConfig, batch: int, seq_len: int, precisi
     tail = N * d * (4 + (residual if head_trains else 0)) + N * d * hidden  # final norm; gradient of the hidden states
     head_gradient = V * d * wb if head_trains else 0  # made in the forward pass, kept for backward
     weight_copies = 2 * (projections + V * d) if precision == "autocast" else 0
-    activations = blocks + tail + head_gradient + weight_copies
+    saved = blocks + tail + head_gradient + weight_copies  # what the forward pass leaves for backward
     loss_scratch = rows * V * 4 * 2                   # one chunk's logits and their softmax
     if precision == "bf16-true":                      # fp32 copies of the head: its weight, its gradient buffer
         loss_scratch += V * d * 4 * (2 if head_trains else 1)
     nf4_scratch = 10 * max(d * cfg.d_ff, d * q_width) if peft == "qlora" else 0  # one projection dequantised
     end_of_backward = gradients + (V * d * wb if head_trains and cfg.tie_embeddings else 0)  # the embedding's own
-    peak = weights + optimizer + max(activations + max(loss_scratch, nf4_scratch),
-                                     activations + head_gradient + N * d * hidden,  # backward starts
+    peak = weights + optimizer + max(saved + max(loss_scratch, nf4_scratch),
+                                     saved + head_gradient + N * d * hidden,  # backward starts
+                                     saved + recomputed,                      # a checkpointed block rebuilt
                                      end_of_backward, gradients + optimizer_scratch)
     return {"weights": int(weights), "gradients": int(gradients), "optimizer": int(optimizer),
-            "activations": int(activations), "peak": int(peak), "trained_params": int(trained)}
+            "activations": int(saved + recomputed), "peak": int(peak), "trained_params": int(trained)}

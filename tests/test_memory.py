@@ -188,3 +188,24 @@ def test_resume_is_exact_with_checkpointing_and_bf16_true(tmp_path, changes):
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert logged_losses(tmp_path / "a") == logged_losses(tmp_path / "b")
+
+
+# ---- the memory estimate ------------------------------------------------------------------------
+def test_estimate_counts_what_each_setting_saves():
+    from lillm.config import estimate_training_memory
+    cfg = get_preset("lillm-300m")
+    full = estimate_training_memory(cfg, 8, 512, "autocast")
+    assert full["weights"] == full["gradients"] == 4 * cfg.num_params() and full["optimizer"] == 8 * cfg.num_params()
+    pure = estimate_training_memory(cfg, 8, 512, "bf16-true")
+    assert pure["weights"] * 2 == full["weights"] and pure["optimizer"] * 2 == full["optimizer"]
+    recomputed = estimate_training_memory(cfg, 8, 512, "autocast", activation_checkpointing=True)
+    assert recomputed["activations"] < full["activations"] / 3
+    qlora = estimate_training_memory(cfg, 8, 512, "autocast", peft="qlora")
+    assert qlora["weights"] < full["weights"] / 3 and qlora["gradients"] < full["gradients"] / 100
+
+
+def test_estimate_is_within_15_percent_of_a_measured_cpu_peak():
+    from bench.memory import estimate, measure_in_subprocess
+    measured = measure_in_subprocess("small", "autocast", 8, 256, "cpu", steps=2, threads=1)  # fp32 on the CPU
+    predicted = estimate("small", "autocast", 8, 256, "cpu")["peak"]
+    assert abs(predicted / measured["measured_peak"] - 1) < 0.15, (predicted, measured)
