@@ -18,10 +18,27 @@ import sys
 from pathlib import Path
 
 from lillm import checkpoint as ckpt
-from lillm.cli import (accumulation_steps, add_peft_args, add_training_args, apply_peft_from_args, finish,
-                       print_summary, train_config_from_args)
-from lillm.dpo import (LOSS_TYPES, TOO_LONG_CHOICES, DPOConfig, DPODataError, DPOLoss, PreferenceBatches,
-                       add_reference_logps, build_pairs, dpo_evaluator, read_pairs)
+from lillm.cli import (
+    accumulation_steps,
+    add_peft_args,
+    add_training_args,
+    apply_peft_from_args,
+    finish,
+    print_summary,
+    train_config_from_args,
+)
+from lillm.dpo import (
+    LOSS_TYPES,
+    TOO_LONG_CHOICES,
+    DPOConfig,
+    DPODataError,
+    DPOLoss,
+    PreferenceBatches,
+    add_reference_logps,
+    build_pairs,
+    dpo_evaluator,
+    read_pairs,
+)
 from lillm.peft import describe
 from lillm.sft import BATCHING_CHOICES
 from lillm.tokenizer import Tokenizer

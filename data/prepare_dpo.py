@@ -23,7 +23,13 @@ import sys
 from pathlib import Path
 
 from lillm import checkpoint as ckpt
-from lillm.dpo import DPODataError, classification_pairs, read_user_pairs, translation_pairs, write_jsonl_atomic
+from lillm.dpo import (
+    DPODataError,
+    classification_pairs,
+    read_user_pairs,
+    translation_pairs,
+    write_jsonl_atomic,
+)
 from lillm.sft import read_conversations
 from lillm.tokenizer import Tokenizer
 

@@ -53,16 +53,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 
-from .sft import IGNORE_INDEX, SFTBatches, SFTExample, pack_rows, role_token_ids, shorten_prompt
+from .sft import (
+    IGNORE_INDEX,
+    SFTBatches,
+    SFTExample,
+    role_token_ids,
+    shorten_prompt,
+)
 from .tokenizer import Tokenizer
 
 LOSS_TYPES = ("dpo", "simpo")
@@ -482,7 +487,7 @@ def dpo_evaluator(pairs: list[PreferencePair], cfg: DPOConfig, batch_size: int =
 
 # ---- preference pairs from the challenge tasks ------------------------------------------------------------
 def _choose(seed: int, key: str, count: int) -> int:
-    digest = hashlib.blake2b(f"{seed}|{key}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}|{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % count
 
 
@@ -563,23 +568,27 @@ def translation_pairs(model, tokenizer: Tokenizer, rows: list[dict], samples: in
 
 
 def read_user_pairs(path: str | Path, strict: bool = False) -> tuple[list[dict], list[str]]:
-    """Preference rows from a user file: .jsonl read here, or .parquet / .json / .csv through the
-    `datasets` library's local loaders (the Hugging Face layout prompt/chosen/rejected)."""
+    """Preference rows from a user file: .jsonl read here; .parquet (how Hugging Face stores datasets)
+    through pyarrow; .json / .csv through the `datasets` library's local loaders. Same layout:
+    prompt (or messages), chosen, rejected."""
     path = Path(path)
     if path.suffix == ".jsonl":
         return read_pairs(path, strict=strict)
-    loaders = {".parquet": "parquet", ".json": "json", ".csv": "csv"}
-    if path.suffix not in loaders:
-        raise DPODataError(f"{path}: unknown file type {path.suffix!r}; give .jsonl, .json, .parquet or .csv "
+    if path.suffix not in (".parquet", ".json", ".csv"):
+        raise DPODataError(f"{path}: unknown file type {path.suffix!r}; give .jsonl, .parquet, .json or .csv "
                            "with prompt (or messages), chosen and rejected")
     if not path.is_file():
         raise FileNotFoundError(f"preference file {path} does not exist")
     try:
-        import datasets
-    except ImportError:
-        raise DPODataError(f"{path}: reading {path.suffix} files needs the datasets library "
-                           "(pip install datasets), or convert it to JSON lines") from None
-    table = datasets.load_dataset(loaders[path.suffix], data_files=str(path), split="train")
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+            table = pq.read_table(path).to_pylist()
+        else:
+            import datasets
+            table = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
+    except ImportError as error:
+        raise DPODataError(f"{path}: reading {path.suffix} files needs {error.name} (pip install "
+                           f"{'pyarrow' if path.suffix == '.parquet' else 'datasets'}), or convert it to JSON lines") from None
     rows, problems = [], []
     for number, row in enumerate(table, start=1):
         try:

@@ -8,9 +8,24 @@ import torch.nn.functional as F
 
 from lillm import checkpoint as ckpt
 from lillm.config import get_preset
-from lillm.dpo import (DPOConfig, DPODataError, DPOLoss, PreferenceBatches, adapters_disabled, add_reference_logps,
-                       build_pairs, classification_pairs, pair_batch, packed_pair_batch, preference_metrics,
-                       read_pairs, read_user_pairs, sequence_logps, tokenize_pair, translation_pairs)
+from lillm.dpo import (
+    DPOConfig,
+    DPODataError,
+    DPOLoss,
+    PreferenceBatches,
+    adapters_disabled,
+    add_reference_logps,
+    build_pairs,
+    classification_pairs,
+    packed_pair_batch,
+    pair_batch,
+    preference_metrics,
+    read_pairs,
+    read_user_pairs,
+    sequence_logps,
+    tokenize_pair,
+    translation_pairs,
+)
 from lillm.model import Transformer
 from lillm.peft import apply_peft
 from lillm.sft import IGNORE_INDEX
@@ -278,7 +293,7 @@ def test_translation_pairs_reject_the_models_own_worse_sample(tokenizer):
 
 
 def test_user_files_in_jsonl_and_parquet(tmp_path):
-    pytest.importorskip("datasets")
+    pytest.importorskip("pyarrow")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
