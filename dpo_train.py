@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
+
+import torch
 
 from lillm import checkpoint as ckpt
 from lillm.cli import (
@@ -110,7 +113,10 @@ def main(argv=None):
         dev_rows, _ = read_pairs(data / "dev.jsonl", strict=args.strict, tasks=args.tasks)
         dev_pairs, _ = build_pairs(tokenizer, cap_per_task(dev_rows, args.eval_limit), seq_len, "truncate", verbose=False)
     if dpo.needs_reference:  # the --init-from model (adapters off) IS the reference, before any step
-        add_reference_logps(model, pairs + dev_pairs, args.micro_batch, tokenizer.pad_id, progress=env.is_main)
+        # In the precision the loop will run the policy in, so that policy = reference gives h = 0 exactly.
+        bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
+        with torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+            add_reference_logps(model, pairs + dev_pairs, args.micro_batch, tokenizer.pad_id, progress=env.is_main)
     evaluate = dpo_evaluator(dev_pairs, dpo, args.micro_batch, tokenizer.pad_id) if dev_pairs else None
 
     accum = accumulation_steps(args.global_batch, args.micro_batch, env.world,
