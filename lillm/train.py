@@ -38,6 +38,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .loss import causal_lm_loss  # the default loss_fn; SFT and distillation pass their own
 from .model import Transformer
+from .moe import router_metrics
 
 
 @dataclass
@@ -384,6 +385,7 @@ def train(model: Transformer, source: BatchSource, cfg: TrainConfig, env: Dist |
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                         **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
         if counters["step"] % cfg.log_every == 0 or counters["step"] == 1:
+            record.update(router_metrics(model))  # a mixture of experts' auxiliary losses; {} when dense
             log.write(record)
         metrics = record
         done = counters["step"] == cfg.max_steps
