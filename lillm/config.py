@@ -219,6 +219,9 @@ PRESETS: dict[str, ModelConfig] = {
     # moe-tiny: 684,864 parameters, 617,280 active per token (tiny: 616,768, plus the router's 512).
     "moe-tiny": ModelConfig(vocab_size=8192, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=88, max_seq_len=128,
                             n_experts=4, experts_per_token=2),
+    # small-moe: the CPU benchmark's mixture (README), 8 experts of half small's d_ff, top 2.
+    "small-moe": ModelConfig(vocab_size=8192, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=256,
+                             max_seq_len=256, n_experts=8, experts_per_token=2),
     # lillm-39m-moe: 117,502,464 parameters, 39,645,696 active per token (lillm-39m: 39,596,544).
     "lillm-39m-moe": ModelConfig(vocab_size=8192, d_model=512, n_layers=12, n_heads=16, n_kv_heads=8, d_ff=704,
                                  max_seq_len=512, n_experts=8, experts_per_token=2),
