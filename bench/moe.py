@@ -2,8 +2,8 @@
 pretrain.py on the same bins, batches and schedule, then compare training tokens/s, peak memory and
 val bits per byte after the same number of steps.
 
-    python scripts/bench_moe.py --data out/data --out out/bench_moe                    # CPU: small vs small-moe
-    python scripts/bench_moe.py --data out/data --dense lillm-39m --moe lillm-39m-moe --seq-len 512 \\
+    python -m bench.moe --data out/data --out out/bench_moe                    # CPU: small vs small-moe
+    python -m bench.moe --data out/data --dense lillm-39m --moe lillm-39m-moe --seq-len 512 \\
         --global-batch-tokens 65536 --micro-batch 32 --steps 500                        # on a GPU
 
 Each run is its own process; its peak resident memory (RSS) is read from the OS when it ends (on a
