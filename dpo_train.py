@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lillm import checkpoint as ckpt
+from lillm.errors import LillmError
 from lillm.cli import (
     accumulation_steps,
     add_peft_args,
@@ -142,6 +143,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (DPODataError, ckpt.CheckpointError, FileNotFoundError) as error:  # bad input: one line, status 2
+    except (LillmError, FileNotFoundError) as error:  # bad input: one line, status 2
         print(f"dpo_train.py: {error}", file=sys.stderr)
         sys.exit(2)

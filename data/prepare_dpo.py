@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from lillm import checkpoint as ckpt
+from lillm.errors import LillmError
 from lillm.dpo import (
     DPODataError,
     classification_pairs,
@@ -123,6 +124,6 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (DPODataError, ckpt.CheckpointError, FileNotFoundError) as error:  # bad input: one line, status 2
+    except (LillmError, FileNotFoundError) as error:  # bad input: one line, status 2
         print(f"prepare_dpo.py: {error}", file=sys.stderr)
         sys.exit(2)

@@ -61,6 +61,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .errors import DPODataError
 from .sft import (
     IGNORE_INDEX,
     SFTBatches,
@@ -72,10 +73,6 @@ from .tokenizer import Tokenizer
 
 LOSS_TYPES = ("dpo", "simpo")
 TOO_LONG_CHOICES = ("drop", "truncate")
-
-
-class DPODataError(ValueError):
-    """A preference file, or a row in it, that cannot be trained on."""
 
 
 @dataclass

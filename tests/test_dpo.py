@@ -255,9 +255,9 @@ def test_adapters_disabled_covers_prefix_and_houlsby_adapters(tokenizer):
     for method in ("prefix", "adapters"):
         model = apply_peft(tiny_model(), method, prefix_length=4, adapter_size=8)
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.requires_grad:
-                    p.add_(0.1)
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.add_(0.1)
         with adapters_disabled(model):
             assert [logp_by_hand(model, p.chosen) for p in pairs] == pytest.approx(expected, rel=1e-5)
         assert [logp_by_hand(model, p.chosen) for p in pairs] != pytest.approx(expected, rel=1e-3)
