@@ -23,7 +23,10 @@ reads every weight once either way), which is why servers batch (Yu et al., 2022
 continuously at each step; vLLM, Kwon et al., 2023, adds paged caches). We do the simplest form,
 static batching: the greedy requests waiting when the worker is free run as one left-padded batch
 (lillm.generate masks the padding and counts positions per row, so each row decodes as it would
-alone), and a row that reaches its own max_tokens or `</s>` simply stops being reported. Sampled
+alone), and a row that reaches its own max_tokens or `</s>` simply stops being reported. The
+worker waits `batch_window` (20 ms) after a greedy request for others sent at the same moment; a
+request arriving while a batch runs waits for that batch to finish (continuous batching would let
+it join at the next step, at the price of per-row cache positions). Sampled
 requests run one at a time, so a request's seed reproduces its answer whatever else is queued.
 
 Checks first. Every request is validated before it is queued: bad JSON, an unknown field, a
@@ -262,8 +265,9 @@ class TextStream:
 class Engine:
     """The one thread that runs the model: requests queue up, greedy ones waiting together are batched."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64):
-        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64,
+                 batch_window: float = 0.02):
+        self.model, self.tokenizer, self.max_batch, self.batch_window = model, tokenizer, max_batch, batch_window
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.batch_sizes: Counter[int] = Counter()  # how many model runs had each batch size
         self.thread = threading.Thread(target=self._run, name="lillm-engine", daemon=True)
@@ -288,9 +292,11 @@ class Engine:
             if first is None:
                 return
             waiting, stop = [first], False
-            while len(waiting) < self.max_batch:  # take whatever else is already waiting
+            # Requests sent together reach the queue a few milliseconds apart: wait that long for them.
+            deadline = time.monotonic() + (self.batch_window if first.greedy else 0.0)
+            while len(waiting) < self.max_batch:
                 try:
-                    job = self.jobs.get_nowait()
+                    job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
                 if job is None:
