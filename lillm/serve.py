@@ -50,9 +50,10 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from .errors import ChatTemplateError, LillmError
 from .generate import generate_stream
 from .model import Transformer
-from .tokenizer import ChatTemplateError, Tokenizer
+from .tokenizer import Tokenizer
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any context this model has holds as JSON
@@ -63,7 +64,7 @@ CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt"}
 
 
-class RequestError(ValueError):
+class RequestError(LillmError):
     """A request the server refuses, with the HTTP status and the OpenAI error fields."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400,
@@ -188,7 +189,7 @@ def chat_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:
         checked.append({"role": message["role"], "content": _message_text(index, message["content"])})
     try:
         ids, _ = tokenizer.apply_chat_template(checked, add_generation_prompt=True)
-    except (ChatTemplateError, ValueError) as error:  # e.g. a tokenizer without role tokens
+    except (ChatTemplateError, ValueError) as error:  # e.g. a tokenizer without role tokens or <s>
         raise RequestError(f"{error}; use /v1/completions with a plain prompt instead", param="messages") from None
     return ids
 
@@ -198,7 +199,10 @@ def completion_prompt(body: dict, tokenizer: Tokenizer, vocab_size: int) -> list
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]  # a batch of one prompt
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt, add_bos=True)
+        ids = tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None)
+        if not ids:
+            raise RequestError("prompt is empty and this tokenizer has no <s> to start from", param="prompt")
+        return ids
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         if not all(0 <= t < vocab_size for t in prompt):
             raise RequestError(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
@@ -402,6 +406,10 @@ class Handler(BaseHTTPRequestHandler):
         except RequestError as error:
             self.close_connection = True
             return self._send_error(error)
+        except Exception as error:  # noqa: BLE001 -- a bug: answer 500 and keep serving
+            self.app.log({"error": f"{type(error).__name__}: {error}", "path": path})
+            return self._send_error(RequestError(f"internal error: {type(error).__name__}: {error}", status=500,
+                                                 kind="server_error"))
         reply = Reply(kind, self.app.model_name, len(job.prompt))
         if job.stream:
             self._stream(job, reply)

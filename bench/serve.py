@@ -1,7 +1,7 @@
 """The local server's latency and throughput: time to the first token and tokens/s, 1 and 8 at once.
 
-    PYTHONPATH=. python scripts/bench_serve.py out/sft/step_000400            # a checkpoint
-    PYTHONPATH=. python scripts/bench_serve.py --preset small --tokenizer out/tokenizer/tokenizer.json
+    python -m bench.serve out/sft/step_000400            # a checkpoint
+    python -m bench.serve --preset small --tokenizer out/tokenizer/tokenizer.json --threads 1
 
 A lillm.serve.ChatServer runs in this process on a free port; clients (threads here, plain
 http.client) send N streaming /v1/completions requests at once, greedy, each with a different
@@ -13,13 +13,15 @@ prompts decoded by lillm.generate directly, as one batch, give the speed without
 
 With --preset the weights are random (drawn at std 0.2, since at the presets' 0.02 a random model
 repeats its last token); the work per token depends on the shape only. A random model rarely
-emits </s>, and the token counts come from the server's usage report either way.
+emits </s>, and the token counts come from the server's usage report either way. On a shared
+machine prefer --threads 1 (see bench/__main__.py). The load average before and after is printed.
 """
 from __future__ import annotations
 
 import argparse
 import http.client
 import json
+import os
 import statistics
 import threading
 import time
@@ -110,6 +112,7 @@ def main(argv=None):
         name = str(folder)
     else:
         parser.error("give a checkpoint folder, or --preset and --tokenizer")
+    load_before = os.getloadavg()[0]
     print(f"# {name}: {model.num_params() / 1e6:.1f}M parameters, {torch.get_num_threads()} torch threads, "
           f"{args.max_tokens} new tokens per request, greedy", flush=True)
     rows = []
@@ -128,7 +131,8 @@ def main(argv=None):
         for row in rows:
             row["generate_tok_s"] = statistics.median(direct_tok_s(model, tokenizer, row["concurrency"],
                                                                    args.max_tokens) for _ in range(args.rounds))
-    print(f"\nmodel runs by batch size: {batches}\n")
+    print(f"\nmodel runs by batch size: {batches}; load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after\n")
     print("| requests at once | first token (median / max) | tokens/s per request | tokens/s in all | "
           "lillm.generate, same batch |")
     print("|---:|---:|---:|---:|---:|")
