@@ -487,7 +487,7 @@ class Handler(BaseHTTPRequestHandler):
                 else:
                     self._event(RequestError(event[1], status=500, kind="server_error").body())
             self.wfile.write(b"data: [DONE]\n\n")
-        except (BrokenPipeError, ConnectionResetError):  # the client left: stop generating its tokens
+        except OSError:  # the client left (a broken pipe, a reset) or stopped reading: stop its tokens
             job.cancelled.set()
 
     def _event(self, body: dict | None) -> None:
