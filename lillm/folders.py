@@ -54,6 +54,8 @@ RUN_OUTPUTS = ("log.jsonl", "loss.png")  # with the step_N folders: what --overw
 def is_own(name: str, kind: str) -> bool:
     if name in (MARKER, LOCK) or HIDDEN_LEFTOVER.fullmatch(name):
         return True
+    if kind == "checkpoint" and re.fullmatch(r"eval_\w+\.(json|md)", name):  # scripts/evaluate.py's reports
+        return True
     return name in OWN_FILES[kind] or (kind == "run" and bool(STEP.fullmatch(name)))
 
 
@@ -86,7 +88,10 @@ def listing(folder: Path, names: list[str] | None = None, limit: int = 5) -> str
 
 
 def is_empty(folder: Path) -> bool:
-    return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+    """Missing, or holding nothing but lillm's lock and hidden leftovers."""
+    if not folder.exists():
+        return True
+    return folder.is_dir() and all(p.name == LOCK or HIDDEN_LEFTOVER.fullmatch(p.name) for p in folder.iterdir())
 
 
 def check_output(folder: str | Path, kind: str, overwrite: bool = False, resume: bool = False,

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from lillm.cli import run_main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as `python scripts/bench_import.py` without installing
@@ -87,13 +88,13 @@ def run_child(*args: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--tmp", type=Path, default=None, help="where to write the folders (default: system temp dir)")
     parser.add_argument("--no-export", action="store_true", help="skip measuring the unrolled export")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:  # a measurement subprocess: print one JSON line
         kind, folder, option = args.child
         out = child_write(Path(folder), option == "export") if kind == "write" else child_import(Path(folder), option)
@@ -122,4 +123,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -32,6 +32,7 @@ from lillm.config import get_preset  # noqa: E402
 from lillm.loss import causal_lm_loss  # noqa: E402
 from lillm.model import Transformer  # noqa: E402
 from lillm.train import TrainConfig, device_peak_flops, make_optimizer  # noqa: E402
+from lillm.cli import run_main
 
 VARIANTS = ("model", "fused-compiled", "plain-compiled", "eager")
 
@@ -160,4 +161,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
