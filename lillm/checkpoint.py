@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, unsupported_hf_fields
 from .errors import CheckpointError, InputFileError
-from .folders import check_output, discard, hidden_tmp, mark, publish_folder
+from .folders import check_replaceable, discard, hidden_tmp, mark, publish_folder
 from .model import Transformer
 
 WEIGHTS = "model.safetensors"
@@ -127,7 +127,7 @@ def save_checkpoint(folder: str | Path, model: Transformer, tokenizer_path: str 
     """Write a checkpoint folder atomically (hidden tmp folder, then a rename). An existing folder is
     replaced only if it is a lillm checkpoint holding only lillm's files and `overwrite` is set."""
     folder = Path(folder)
-    check_output(folder, "checkpoint", overwrite=overwrite)  # before any work: refuse a user's folder
+    check_replaceable(folder, "checkpoint", overwrite=overwrite)  # before any work: refuse a user's folder
     tmp = hidden_tmp(folder)
     config = model.config.to_hf_dict()
     weights = {k: v.detach().contiguous().cpu() for k, v in unique_state_dict(model, state_dict).items()}

@@ -163,22 +163,38 @@ def sweep_leftovers(folder: str | Path) -> None:
                 remove_hidden(path)
 
 
+def check_replaceable(final: str | Path, kind: str, overwrite: bool = False) -> bool:
+    """check_output for a folder written whole (a checkpoint, an export), plus: an existing one must hold
+    only lillm's files, since replacing the folder replaces everything in it. True when it exists."""
+    final = Path(final)
+    if not check_output(final, kind, overwrite=overwrite):
+        return False
+    foreign = [p.name for p in final.iterdir() if not is_own(p.name, kind)]
+    if foreign:
+        raise OutputFolderError(f"--out {final} holds files lillm did not write ({listing(final, foreign)}); "
+                                "they would be lost when the folder is replaced: move them out, or choose "
+                                "another --out")
+    return True
+
+
 def publish_folder(tmp: Path, final: Path, kind: str, overwrite: bool = False) -> None:
-    """Move a finished hidden tmp folder to `final`. An existing `final` must be lillm's `kind` folder,
-    `overwrite` must be set, and it must hold only lillm's files; it is swapped out through a hidden
-    name, so a kill between the renames leaves it recoverable (checkpoint.recover_folder)."""
-    if check_output(final, kind, overwrite=overwrite):
-        foreign = [p.name for p in final.iterdir() if not is_own(p.name, kind)]
-        if foreign:
-            raise OutputFolderError(f"--out {final} holds files lillm did not write ({listing(final, foreign)}); "
-                                    "they would be lost when the folder is replaced: move them out, or choose "
-                                    "another --out")
+    """Move a finished hidden tmp folder to `final`. An existing `final` must pass check_replaceable; it is
+    swapped out through a hidden name, so a kill between the renames leaves it recoverable
+    (checkpoint._recover puts it back)."""
+    try:
+        exists = check_replaceable(final, kind, overwrite)
+    except OutputFolderError:
+        remove_hidden(tmp)
+        raise
+    if exists:
         old = final.with_name(f".{final.name}.replaced-{os.getpid()}")
         os.replace(final, old)
         os.replace(tmp, final)
         remove_hidden(old)
     else:
         if final.is_dir():  # new and empty: rmdir only succeeds on an empty folder, so nothing is lost
+            for leftover in final.iterdir():  # only lillm's lock or hidden leftovers (is_empty)
+                remove_hidden(leftover)
             final.rmdir()
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)

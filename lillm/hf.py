@@ -36,7 +36,7 @@ from tqdm import tqdm
 from .checkpoint import fsync_tree, load_weights, replace_folder, unique_state_dict
 from .config import ModelConfig, unsupported_hf_fields
 from .errors import CheckpointError, HFError, HFFileNotFoundError
-from .folders import check_output, hidden_tmp, mark
+from .folders import check_replaceable, hidden_tmp, mark
 from .model import Transformer
 
 MLP_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.(.+)")
@@ -290,7 +290,7 @@ def export_llama(model: Transformer, folder: str | Path, tokenizer_path: str | P
     layer, tied embeddings written as tied (lm_head omitted). Atomic: tmp folder, then rename;
     an existing folder is replaced only if it is a lillm export and overwrite is set (lillm/folders.py)."""
     folder, cfg = Path(folder), model.config
-    check_output(folder, "export", overwrite=overwrite)
+    check_replaceable(folder, "export", overwrite=overwrite)
     tmp = hidden_tmp(folder)
     tensors = [(n, t) for n, t in model.state_dict().items() if not (cfg.tie_embeddings and n == "lm_head.weight")]
     dtype = str(tensors[0][1].dtype).removeprefix("torch.")

@@ -277,7 +277,8 @@ def check_args(args) -> None:
     need(0 <= args.alpha <= 1, "--alpha", args.alpha, "must be between 0 and 1")
     source = Path(args.source)
     if not source.exists():
-        raise InputFileError(f"--source {source} does not exist; pass an InkubaLM folder or a lillm checkpoint")
+        raise InputFileError(f"--source {source} does not exist, so it is neither a model folder (config.json) nor a "
+                             "run folder; pass an InkubaLM folder or a lillm checkpoint")
     check_not_inside(args.out, source, "--out", "--source")
     check_output(args.out, "checkpoint", overwrite=args.overwrite)
     check_run_folder(heal_folder(args), resume=args.resume, overwrite=args.overwrite)
