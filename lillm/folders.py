@@ -108,8 +108,9 @@ def check_output(folder: str | Path, kind: str, overwrite: bool = False, resume:
     found = folder_kind(folder)
     if found != kind:
         what = f"a lillm {found} folder" if found else f"files lillm did not write ({listing(folder)})"
-        raise OutputFolderError(f"{flag} {folder} already exists and holds {what}; lillm only writes a {kind} "
-                                f"folder into a new or empty folder or its own {kind} folder: choose another {flag}")
+        raise OutputFolderError(f"{flag} {folder} already exists and holds {what}; lillm writes its {kind} "
+                                f"folder only into a new or empty folder or an earlier {kind} folder of its own: "
+                                f"choose another {flag}")
     if not (overwrite or resume):
         again = "--resume to continue it or --overwrite" if kind == "run" else "--overwrite"
         raise OutputFolderError(f"{flag} {folder} already holds a lillm {kind} folder; pass {again} to replace "
