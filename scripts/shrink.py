@@ -264,6 +264,7 @@ class Shrinker:
 
 def check_args(args) -> None:
     """Every flag and both output folders checked before the source is read."""
+    need(args.max_steps >= 0, "--heal-steps (--max-steps)", args.max_steps, "must be 0 (no healing) or more")
     check_training_args(args, allow_zero_steps=True)
     for flag, value in (("--seq-len", args.seq_len), ("--batch", args.batch), ("--calib-batches", args.calib_batches),
                         ("--eval-tokens", args.eval_tokens), ("--min-count", args.min_count)):

@@ -223,7 +223,7 @@ CASES = [
     ("scripts.shrink", "--source {ckpt} --out {user}", 2, ["thesis.txt", "choose another --out"]),
     ("scripts.shrink", "--source {ckpt} --out {models}", 2, ["contains --source"]),
     ("scripts.shrink", "--source {ckpt} --out {new} --seq-len 0", 2, ["--seq-len 0"]),
-    ("scripts.shrink", "--source {ckpt} --out {new} --heal-steps -1", 2, ["--max-steps -1", "at least 0"]),
+    ("scripts.shrink", "--source {ckpt} --out {new} --heal-steps -1", 2, ["--heal-steps (--max-steps) -1", "0 (no healing)"]),
     ("scripts.evaluate", "--checkpoint {ckpt} --data {sft} --batch-size 0 --device cpu", 2, ["--batch-size 0"]),
     ("scripts.evaluate", "--checkpoint {missing} --data {sft} --device cpu", 2, ["no_such_thing", "does not exist"]),
 ]
