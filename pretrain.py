@@ -150,7 +150,9 @@ def main(argv=None):
                                  global_batch_tokens=args.global_batch_tokens)
     cfg.flops_per_token = model.config.flops_per_token(seq_len)
     if env.is_main:
-        print(f"model: {origin}, {model.num_params():,} parameters; {env.world} process(es), "
+        active = model.config.active_params() if model.config.n_experts else None  # a mixture of experts
+        print(f"model: {origin}, {model.num_params():,} parameters{f' ({active:,} active)' if active else ''}; "
+              f"{env.world} process(es), "
               f"micro batch {args.micro_batch} x {accum} accumulation x {env.world} = "
               f"{args.global_batch_tokens:,} tokens per step on {env.device}")
     metrics = train(model, StepBatches(loader, accum), cfg, env, evaluate=evaluate, tokenizer_path=tokenizer_path,

@@ -1,5 +1,9 @@
 """Hugging Face interop: import any Llama folder (InkubaLM-0.4B included), export back.
 
+Mixtral folders (a mixture of experts, lillm/moe.py) go through the same code: lillm names its
+modules as Mixtral's checkpoints do (block_sparse_moe.gate, block_sparse_moe.experts.N.w1/w2/w3,
+which transformers 5 still writes, fusing the experts into 3-d tensors only in memory).
+
 A Llama checkpoint on the Hub is a folder: config.json, weights (model.safetensors,
 sharded safetensors with an index, or the older pytorch_model.bin) and a tokenizer.
 lillm's parameter names and rotary layout are Hugging Face's, so importing is
@@ -48,7 +52,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     """ModelConfig from a Llama config.json, refusing every field lillm does not implement."""
     problems = unsupported_hf_fields(hf)
     if hf.get("model_type") is None:
-        problems.insert(0, "model_type is missing; lillm imports Llama models (model_type 'llama') only")
+        problems.insert(0, "model_type is missing; lillm imports Llama and Mixtral models (model_type 'llama' or "
+                           "'mixtral') only")
     rope = dict(hf.get("rope_parameters") or {})
     if problems:
         raise HFError(f"{source}: cannot import this model: " + "; ".join(problems))

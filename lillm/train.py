@@ -40,6 +40,7 @@ from .errors import TrainingDiverged
 from .folders import open_run_folder
 from .loss import causal_lm_loss  # the default loss_fn; SFT and distillation pass their own
 from .model import Transformer
+from .moe import router_metrics
 
 
 @dataclass
@@ -416,6 +417,7 @@ def _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, i
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                         **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
         if progress.step % cfg.log_every == 0 or progress.step == 1:
+            record.update(router_metrics(model))  # a mixture of experts' auxiliary losses; {} when dense
             log.write(record)
         metrics = record
         done = progress.step == cfg.max_steps
