@@ -160,7 +160,7 @@ def main(argv=None):
     parser.add_argument("--max-batch", type=int, default=8, help="--serve: greedy requests decoded together at most")
     args = parser.parse_args(argv)
     if args.serve and (args.chat or args.prompt or args.compile):
-        parser.error("--serve runs a server: drop --chat, --prompt and --compile")
+        raise FlagError("--serve runs a server: drop --chat, --prompt and --compile")
     check_sampling(args)
     model, tokenizer = load(args.checkpoint, args.device, args.adapter)
     if args.serve:

@@ -30,6 +30,7 @@ import torch
 
 from lillm import checkpoint as ckpt
 from lillm.config import get_preset
+from lillm.errors import FlagError
 from lillm.generate import generate
 from lillm.model import Transformer
 from lillm.serve import ChatServer, Defaults
@@ -101,7 +102,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.preset:
         if not args.tokenizer:
-            parser.error("--preset needs --tokenizer (train one with train_tokenizer.py)")
+            raise FlagError("--preset needs --tokenizer: a tokenizer.json (train one with train_tokenizer.py)")
         tokenizer = Tokenizer.from_file(args.tokenizer)
         torch.manual_seed(0)
         model = Transformer(get_preset(args.preset, vocab_size=tokenizer.vocab_size, init_std=0.2)).eval()
@@ -111,7 +112,7 @@ def main(argv=None):
         model, tokenizer = ckpt.load_model(folder).eval(), Tokenizer.from_file(folder / "tokenizer.json")
         name = str(folder)
     else:
-        parser.error("give a checkpoint folder, or --preset and --tokenizer")
+        raise FlagError("no model: give a checkpoint folder, or --preset NAME and --tokenizer FILE")
     load_before = os.getloadavg()[0]
     print(f"# {name}: {model.num_params() / 1e6:.1f}M parameters, {torch.get_num_threads()} torch threads, "
           f"{args.max_tokens} new tokens per request, greedy", flush=True)
@@ -142,4 +143,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from lillm.cli import run_main  # one line for bad input, status 2 (lillm/cli.py)
+
+    run_main(main)

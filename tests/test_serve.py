@@ -14,6 +14,7 @@ import torch
 
 from lillm import checkpoint as ckpt
 from lillm.config import get_preset
+from lillm.errors import FlagError
 from lillm.generate import generate
 from lillm.model import Transformer
 from lillm.serve import ChatServer, Defaults, Engine, Job
@@ -318,7 +319,7 @@ def test_inference_serve_flag_starts_a_server_on_localhost(tmp_path, model_and_t
             made[0].httpd.shutdown()
         thread.join(30)
     assert not thread.is_alive()
-    with pytest.raises(SystemExit):
+    with pytest.raises(FlagError, match="--serve"):
         inference.main([str(tmp_path / "ckpt"), "--serve", "--chat"])
 
 
