@@ -18,6 +18,33 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 
+def unsupported_hf_fields(hf: dict) -> list[str]:
+    """What a Llama config.json asks for that lillm does not compute, each with its key named.
+
+    Every load path (import from Hugging Face, reading a checkpoint) refuses these: a model that
+    loads but computes something else (scaled RoPE, biases, another activation) is worse than an error."""
+    problems = []
+    if hf.get("model_type", "llama") not in ("llama", "mixtral"):
+        problems.append(f"model_type is {hf.get('model_type')!r}; lillm imports Llama and Mixtral models "
+                        "(model_type 'llama' or 'mixtral') only")
+    rope = dict(hf.get("rope_parameters") or {})  # transformers >= 5 keeps rope_theta in here
+    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        problems.append(f"rope_scaling={hf.get('rope_scaling') or rope!r}: lillm implements plain RoPE only, "
+                        "so positions would be encoded differently; use a model without RoPE scaling")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            problems.append(f"{key}=true: lillm's linear layers have no bias")
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf['hidden_act']!r}: lillm's MLP is SwiGLU (silu)")
+    if hf.get("sliding_window") is not None:
+        problems.append(f"sliding_window={hf['sliding_window']}: lillm attends to every earlier position")
+    if hf.get("attention_dropout"):
+        problems.append(f"attention_dropout={hf['attention_dropout']}: lillm has no dropout; set it to 0.0")
+    if hf.get("quantization_config"):
+        problems.append("quantization_config is set: the weights are quantized; use the full-precision model")
+    return problems
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 8192
