@@ -26,6 +26,14 @@ class MissingMetaError(LillmError, FileNotFoundError):
     """A token bin folder without meta.json: its tokenizer, dtype and sizes are unknown."""
 
 
+class SourceError(LillmError):
+    """A corpus source (a file, a folder, a Hugging Face dataset, a --mix weight) that cannot be read as given."""
+
+
+class HubUnavailableError(SourceError, ConnectionError):
+    """A Hugging Face hub dataset that cannot be reached: offline, gated without a token, or not found."""
+
+
 class SFTDataError(LillmError):
     """A conversation file, or a row in it, that cannot be trained on."""
 
@@ -76,3 +84,18 @@ class DistillationError(LillmError):
 # ---- training ------------------------------------------------------------------------------------
 class TrainingDiverged(LillmError, RuntimeError):
     """Too many non-finite steps in a row: the run stopped at its last good checkpoint."""
+
+
+def exit_on_user_error(main):
+    """Wrap a script's main(): a LillmError becomes one line on stderr and exit status 2, no traceback."""
+    import functools
+    import sys
+
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except LillmError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return run
