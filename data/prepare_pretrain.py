@@ -19,8 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from lillm.bins import prepare, summary
-from lillm.data import META_NAME
+from lillm.bins import META_NAME, prepare, summary
 from lillm.errors import exit_on_user_error
 from lillm.sources import DEFAULT_KINDS, resolve_sources
 

@@ -51,17 +51,26 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from .data import META_NAME, token_dtype
 from .errors import BinFormatError, LillmError, SourceError
 from .sources import DEFAULT_KINDS, Source, open_dataset, parse_mix, require_columns, resolve_sources
 from .tokenizer import Tokenizer
 
+META_NAME = "meta.json"
+UINT16_VOCAB_LIMIT = 1 << 16      # uint16 holds ids 0..65535
 CHUNK_BYTES = 1 << 20   # text per task sent to a worker: big enough to hide pickling, small for memory
 DIGEST_BYTES = 16
 
 
 class EmptyCorpusError(LillmError):
     """A source that gives no document once empty and duplicate ones are dropped."""
+
+
+# ---- the format ---------------------------------------------------------------------------------
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest little-endian unsigned dtype that holds every id below vocab_size."""
+    if vocab_size <= UINT16_VOCAB_LIMIT:
+        return np.dtype("<u2")
+    return np.dtype("<u4")
 
 
 # ---- encoding (in worker processes) ---------------------------------------------------------------

@@ -41,19 +41,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
+# The format is the writer's (lillm/bins.py, which imports no torch, so preparing data starts fast).
+from .bins import META_NAME, UINT16_VOCAB_LIMIT, token_dtype  # noqa: F401 - re-exported
 from .errors import BinFormatError, MissingMetaError
 
-META_NAME = "meta.json"
-UINT16_VOCAB_LIMIT = 1 << 16      # uint16 holds ids 0..65535
 MAX_ID_CHUNK = 1 << 24            # tokens per slice when scanning a bin for its largest id
-
-
-# ---- the format ---------------------------------------------------------------------------------
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest little-endian unsigned dtype that holds every id below vocab_size."""
-    if vocab_size <= UINT16_VOCAB_LIMIT:
-        return np.dtype("<u2")
-    return np.dtype("<u4")
 
 
 # ---- meta.json and checks -----------------------------------------------------------------------

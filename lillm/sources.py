@@ -317,21 +317,43 @@ def hub_error(what: str, name: str, error: Exception) -> HubUnavailableError | S
     return SourceError(f"{what}: {type(error).__name__}: {message}")
 
 
+def datasets_cache() -> Path:
+    if os.environ.get("HF_DATASETS_CACHE"):
+        return Path(os.environ["HF_DATASETS_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "datasets"
+
+
+def cached_copy_exists(name: str) -> bool:
+    """Whether the datasets cache holds a folder for this hub dataset (datasets names it owner___name)."""
+    prefix = name.replace("/", "___").lower()
+    cache = datasets_cache()
+    return cache.is_dir() and any(entry.name.lower().startswith(prefix) for entry in cache.iterdir())
+
+
 def open_hub_dataset(name: str, config: str | None, split: str, what: str | None = None):
     """A hub dataset split, streamed; offline mode loads a cached, non-streamed copy if there is one."""
-    import datasets
-
     what = what or f"--hf {name}{':' + config if config else ''}"
     offline = hub_offline()
+    if not offline:
+        check_hub_reachable(what)   # before importing datasets, which alone takes seconds
+    elif not cached_copy_exists(name):
+        raise HubUnavailableError(f"{what}: {offline} is set and the datasets cache ({datasets_cache()}) has no "
+                                  f"copy of {name}; {DOWNLOAD_HINT}")
+    import datasets
+
     try:
         if offline:
-            try:   # only a copy in the local cache can be read offline; streaming always needs the network
+            # Only a copy in the local cache can be read offline (streaming always needs the network),
+            # and only when datasets saw the variable at import; otherwise it would retry the network.
+            try:
+                if not datasets.config.HF_HUB_OFFLINE:
+                    raise ConnectionError(f"{offline} was set after datasets was imported")
                 return datasets.load_dataset(name, config, split=split)
             except Exception as error:  # any failure offline means: no usable local copy
                 raise HubUnavailableError(
                     f"{what}: {offline} is set and the datasets cache has no copy of {name} "
                     f"({type(error).__name__}); {DOWNLOAD_HINT}") from None
-        check_hub_reachable(what)
         return datasets.load_dataset(name, config, split=split, streaming=True)
     except (HubUnavailableError, SourceError):
         raise
@@ -341,12 +363,17 @@ def open_hub_dataset(name: str, config: str | None, split: str, what: str | None
 
 def open_dataset(source: Source):
     """The source as a `datasets.Dataset` (memory-mapped) or `IterableDataset` (streamed)."""
-    import datasets
-
     if source.fmt == "memory":
         return source.dataset
     if source.fmt == "hub":
         return open_hub_dataset(source.location, source.config, source.split, f"--hf {source.name}")
+    if source.needs_network:
+        if hub_offline():
+            raise HubUnavailableError(f"{source.location}: {hub_offline()} is set, and hf:// files are read from "
+                                      f"the network; {DOWNLOAD_HINT}")
+        check_hub_reachable(source.location)
+    import datasets
+
     if source.fmt == "disk":
         loaded = datasets.load_from_disk(source.location)
         if isinstance(loaded, datasets.DatasetDict):
@@ -355,11 +382,6 @@ def open_dataset(source: Source):
                                   f"choose one with --hf-split")
             loaded = loaded[source.split]
         return loaded
-    if source.needs_network:
-        if hub_offline():
-            raise HubUnavailableError(f"{source.location}: {hub_offline()} is set, and hf:// files are read from "
-                                      f"the network; {DOWNLOAD_HINT}")
-        check_hub_reachable(source.location)
     try:
         return datasets.load_dataset(source.fmt, data_files=source.location, split="train", streaming=True)
     except Exception as error:  # a broken file gets one line, not a traceback
