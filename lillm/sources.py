@@ -420,3 +420,113 @@ def dataset_texts(dataset, column: str, source: Source) -> Iterator[str]:
             text = text.strip()
             if text:
                 yield text
+
+
+# ---- instruction data: rows of any table as conversations ----------------------------------------
+@dataclass(frozen=True)
+class ColumnMap:
+    """Which columns of a table make a conversation (the format lillm/sft.py reads).
+
+    Either `messages` (a column holding [{"role": ..., "content": ...}, ...]) or `prompt` and
+    `response`, with an optional `instruction` put before the prompt. `lang` names a column to filter
+    on (`keep_langs`) and to copy into the row's "lang".
+    """
+    prompt: str | None = None
+    response: str | None = None
+    instruction: str | None = None
+    messages: str | None = None
+    lang: str | None = None
+    keep_langs: tuple[str, ...] = ()
+
+
+# Layouts recognised when no column is named: chat rows, InkubaLM's instruct data, Aya, Alpaca.
+KNOWN_LAYOUTS = (ColumnMap(messages="messages"), ColumnMap("inputs", "targets", "instruction"),
+                 ColumnMap("inputs", "targets"), ColumnMap("input", "output", "instruction"),
+                 ColumnMap("prompt", "response"))
+
+
+def choose_columns(have: list[str], given: ColumnMap, source: Source) -> ColumnMap:
+    """The given mapping, checked against the columns, or the first known layout the table fits."""
+    named = [c for c in (given.prompt, given.response, given.instruction, given.messages, given.lang) if c]
+    flags = "--prompt-column/--response-column (and --instruction-column), or --messages-column"
+    if given.messages or given.prompt or given.response:
+        if not given.messages and not (given.prompt and given.response):
+            raise SourceError(f"{source.where()}: give both --prompt-column and --response-column "
+                              f"(its columns are {have})")
+        chosen = given
+    else:
+        fits = [layout for layout in KNOWN_LAYOUTS
+                if all(c in have for c in (layout.prompt, layout.response, layout.instruction, layout.messages) if c)]
+        if not fits:
+            raise CorpusFormatError(f"{source.where()} has columns {have}, none of the known layouts "
+                                    f"(messages; instruction+inputs+targets; inputs+targets; prompt+response); "
+                                    f"name them with {flags}")
+        chosen = ColumnMap(fits[0].prompt, fits[0].response, fits[0].instruction, fits[0].messages,
+                           given.lang, given.keep_langs)
+    for column in named + [c for c in (chosen.prompt, chosen.response, chosen.instruction, chosen.messages) if c]:
+        if column not in have:
+            raise CorpusFormatError(f"{source.where()} has no column {column!r}; its columns are {have}; "
+                                    f"pass {flags} naming them")
+    if chosen.keep_langs and not chosen.lang:
+        raise SourceError("--keep-langs needs --lang-column NAME: the column that holds each row's language")
+    return chosen
+
+
+def record_to_conversation(record: dict, columns: ColumnMap, where: str) -> dict:
+    """One table row as {"messages": [...], "task", "lang", "source"} (not yet checked)."""
+    if columns.messages:
+        messages = record[columns.messages]
+        if isinstance(messages, str):
+            import json
+
+            messages = json.loads(messages)
+    else:
+        prompt = str(record.get(columns.prompt) or "").strip()
+        instruction = str(record.get(columns.instruction) or "").strip() if columns.instruction else ""
+        user = f"{instruction}\n\n{prompt}" if instruction and prompt else (instruction or prompt)
+        messages = [{"role": "user", "content": user},
+                    {"role": "assistant", "content": str(record.get(columns.response) or "").strip()}]
+    row = {"messages": messages, "task": str(record.get("task") or "custom"), "source": where,
+           "lang": str(record.get(columns.lang) or "") if columns.lang else str(record.get("lang") or "")}
+    return row
+
+
+def conversations(source: Source, columns: ColumnMap = ColumnMap(), limit: int | None = None
+                  ) -> Iterator[tuple[dict | None, str | None]]:
+    """(row, None) for each usable conversation of a table, (None, problem) for each unusable one.
+
+    Rows whose language is not in columns.keep_langs are skipped silently (a filter, not a problem).
+    """
+    from .sft import row_problem   # lillm.sft imports torch: only when instruction data is read
+
+    dataset = open_dataset(source)
+    columns = choose_columns(column_names(dataset), columns, source)
+    keep = {lang.lower() for lang in columns.keep_langs}
+    taken = 0
+    for number, record in enumerate(dataset):
+        if keep and str(record.get(columns.lang) or "").lower() not in keep:
+            continue
+        where = f"{source.name}:{number}"
+        try:
+            row = record_to_conversation(record, columns, where)
+            problem = row_problem(row)
+        except (ValueError, TypeError) as error:
+            row, problem = None, f"cannot read the messages ({error})"
+        if problem is not None:
+            yield None, f"{where}: {problem}"
+            continue
+        yield row, None
+        taken += 1
+        if limit is not None and taken >= limit:
+            return
+
+
+def budgeted(documents, max_docs: int | None = None, max_bytes: int | None = None) -> Iterator[str]:
+    """The first documents of a stream, stopping before max_docs documents or max_bytes UTF-8 bytes are passed."""
+    taken = size = 0
+    for text in documents:
+        length = len(text.encode("utf-8"))
+        if (max_docs is not None and taken >= max_docs) or (max_bytes is not None and size + length > max_bytes):
+            return
+        taken, size = taken + 1, size + length
+        yield text
