@@ -365,6 +365,8 @@ def open_dataset(source: Source):
     """The source as a `datasets.Dataset` (memory-mapped) or `IterableDataset` (streamed)."""
     if source.fmt == "memory":
         return source.dataset
+    if not source.reads_with_datasets:
+        raise SourceError(f"{source.location}: a .{source.fmt} file is not read through datasets")
     if source.fmt == "hub":
         return open_hub_dataset(source.location, source.config, source.split, f"--hf {source.name}")
     if source.needs_network:
@@ -499,6 +501,10 @@ def conversations(source: Source, columns: ColumnMap = ColumnMap(), limit: int |
     """
     from .sft import row_problem   # lillm.sft imports torch: only when instruction data is read
 
+    if not source.reads_with_datasets:
+        raise SourceError(f"{source.location}: unknown file type for instruction data {source.path.suffix!r}; give "
+                          f".jsonl or .csv (columns instruction, input, target), .parquet, .arrow, a save_to_disk "
+                          f"folder or --hf")
     dataset = open_dataset(source)
     columns = choose_columns(column_names(dataset), columns, source)
     keep = {lang.lower() for lang in columns.keep_langs}
