@@ -27,7 +27,8 @@ from pathlib import Path
 
 from lillm.checkpoint import write_text_atomic
 from lillm.corpora import CORPORA, FORMATS, HUB_CORPORA, LANGS, data_dir, documents_for, read_documents
-from lillm.errors import exit_on_user_error
+from lillm.cli import need, run_main
+from lillm.errors import InputFileError, OutputFolderError
 from lillm.sources import TEXT_FORMATS, budgeted, file_source, hub_source, registered_source
 from lillm.tokenizer import Tokenizer, fertility_report, load_lenient, train_bpe
 
@@ -57,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf-split", default="train", help="split of the --hf datasets")
     p.add_argument("--max-bytes", type=int, default=None,
                    help="streamed sources (--hf, hub corpora, data files): at most this many UTF-8 bytes each")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
     streams_only = (args.hf or args.corpora or args.files) and not args.langs
     if args.langs is None:
@@ -132,9 +134,35 @@ def print_table(lang: str, rows: dict[str, dict], vocab: dict[str, int]) -> None
         print(f"  {name:<{width}} {vocab[name]:>7,} {r['tokens_per_word']:>12.3f} {r['bytes_per_token']:>12.3f}")
 
 
-@exit_on_user_error
+def check_args(args: argparse.Namespace) -> None:
+    """Numbers, input files and the output path, checked before any text is read."""
+    need(args.vocab_size >= 300, "--vocab-size", args.vocab_size, "must be at least 300",
+         "a byte-level BPE needs 256 byte tokens and the special tokens before any merge")
+    need(args.min_frequency >= 1, "--min-frequency", args.min_frequency, "must be at least 1")
+    need(args.max_docs >= 0, "--max-docs", args.max_docs, "must be 0 (all) or more")
+    need(args.holdout_every >= 2, "--holdout-every", args.holdout_every, "must be at least 2",
+         "every Nth document is held out, so 1 would leave nothing to train on")
+    need(args.max_bytes is None or args.max_bytes > 0, "--max-bytes", args.max_bytes, "must be positive")
+    for path in map(Path, args.files):
+        if str(path).startswith("hf:/"):
+            continue   # a remote file pattern, streamed
+        if path.is_dir() and not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
+            raise InputFileError(f"--files {path} is a folder, not a text file or a save_to_disk folder; "
+                                 f"list the files in it instead")
+        if not path.exists():
+            raise InputFileError(f"--files {path} does not exist; check the path")
+    out = Path(args.out)
+    if out.is_dir():
+        raise OutputFolderError(f"--out {out} is a folder; give the path of the tokenizer.json file to write, "
+                                f"e.g. {out / 'tokenizer.json'}")
+    if out.exists() and not args.overwrite:
+        raise OutputFolderError(f"--out {out} already exists; pass --overwrite to replace it (token bins and "
+                                "checkpoints made with it will no longer match it), or choose another --out")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_args(args)
     started = time.time()
     streamed = streamed_sources(args)
     local = bool(args.langs or any(name in CORPORA for name in args.corpora or []) or
@@ -179,4 +207,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -202,6 +202,8 @@ def quick_tokenizer(work: Path, data_dir=None, vocab_size: int = 8192) -> Path:
 
 def row(size_gb, fmt, workers, ours, theirs) -> dict:
     def rates(r):
+        if r is None:   # the anchor was left out of this run
+            return float("nan"), float("nan"), float("nan")
         return r["bytes"] / 1e6 / r["seconds"], r["tokens"] / r["seconds"], r["peak_rss"] / 2**20
     (mb, tps, rss), (amb, atps, arss) = rates(ours), rates(theirs)
     return {"size_gb": size_gb, "format": fmt, "workers": workers, "lillm_mb_s": mb, "anchor_mb_s": amb,
@@ -229,6 +231,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--formats", nargs="+", default=["parquet", "jsonl"], choices=["parquet", "jsonl"])
     parser.add_argument("--plan", nargs="+", metavar="SIZE:FORMAT:WORKERS",
                         help="measure only these cases (e.g. 1:parquet:2), instead of every combination")
+    parser.add_argument("--pipelines", nargs="+", default=["lillm", "anchor"], choices=["lillm", "anchor"],
+                        help="leave the (slow) anchor out of extra memory points")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: an 8192-id BPE trained on the seed text)")
     parser.add_argument("--data-dir", help="data directory holding the seed corpora")
     parser.add_argument("--shard-mb", type=float, default=SHARD_BYTES / 2**20, help="text per corpus shard")
@@ -257,7 +261,7 @@ def main(argv=None) -> list[dict]:
         shards = max(1, round(float(size) * 1e9 / shard_bytes))
         files = corpus[fmt][:shards]
         ours = measure("lillm", files, tokenizer, work, int(workers))
-        theirs = measure("anchor", files, tokenizer, work, int(workers))
+        theirs = measure("anchor", files, tokenizer, work, int(workers)) if "anchor" in args.pipelines else None
         rows.append(row(float(size), fmt, int(workers), ours, theirs))
         print(table(rows[-1:]).splitlines()[-1], f"load {os.getloadavg()[0]:.1f}", flush=True)
         if args.json:

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from lillm.bins import META_NAME, prepare, summary
-from lillm.errors import exit_on_user_error
+from lillm.cli import run_main
+from lillm.folders import SHARD, claim_output, discard
 from lillm.sources import DEFAULT_KINDS, resolve_sources
 
 __all__ = ["prepare", "resolve_sources", "main"]
@@ -53,22 +54,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--val-fraction", type=float, default=0.005, help="share of documents held out")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an existing token-bin folder (replaces only its bins and meta.json)")
     args = parser.parse_args(argv)
     if not (args.langs or args.corpora or args.files or args.hf):
         args.langs = ["swa", "hau"]
     return args
 
 
-@exit_on_user_error
+def discard_stale_bins(out: Path, meta: dict) -> None:
+    """An earlier run's bins that meta.json no longer lists (a val.bin, single files or shards) go."""
+    listed = {info["file"] for info in meta["splits"].values() if "file" in info}
+    listed |= {shard["file"] for info in meta["splits"].values() for shard in info.get("shards", [])}
+    for path in out.iterdir():
+        if (path.name in ("train.bin", "val.bin") or SHARD.fullmatch(path.name)) and path.name not in listed:
+            discard(path)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    claim_output(args.out, "bins", overwrite=args.overwrite)  # a folder of other files is refused by name
     start = time.perf_counter()
     meta = prepare(args.tokenizer, args.out, args.langs, args.corpora, args.files, args.text_column, args.data_dir,
                    args.val_fraction, args.workers, args.seed, kinds=args.kinds, hf=args.hf, hf_split=args.hf_split,
                    max_docs=args.max_docs, max_tokens=args.max_tokens, mix=args.mix, shard_tokens=args.shard_tokens)
     print(summary(meta, time.perf_counter() - start))
-    print(f"wrote the bins and {Path(args.out) / META_NAME}")
+    discard_stale_bins(Path(args.out), meta)
+    print(f"wrote the bins listed in {Path(args.out) / META_NAME}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

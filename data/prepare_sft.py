@@ -47,7 +47,9 @@ from typing import Iterator
 
 from lillm.checkpoint import write_text_atomic
 from lillm.corpora import CORPORA, data_dir as resolve_data_dir
-from lillm.errors import LillmError, exit_on_user_error
+from lillm.cli import run_main
+from lillm.errors import LillmError
+from lillm.folders import check_output, claim_output
 from lillm.sft import row_problem
 from lillm.sources import ColumnMap, conversations, file_source, hub_source
 
@@ -380,12 +382,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--lang-column", help="column with each row's language (copied into 'lang')")
     parser.add_argument("--keep-langs", nargs="+", help="keep only rows whose --lang-column is one of these")
     parser.add_argument("--max-rows", type=int, default=None, help="at most N conversations per table")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an existing SFT data folder (replaces only its .jsonl files and stats.json)")
     args = parser.parse_args(argv)
-    return build(args, parser)
-
-
-@exit_on_user_error
-def build(args, parser) -> dict:
+    check_output(args.out, "sft-data", overwrite=args.overwrite)  # refused before any reading, by name
 
     tasks = [] if args.tasks == ["none"] else args.tasks
     unknown = sorted(set(tasks) - set(TASKS))
@@ -417,8 +417,7 @@ def build(args, parser) -> dict:
     if not any(splits.values()):
         raise SFTSourceError("no rows: choose --tasks, or give --files or --hf")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output(args.out, "sft-data", overwrite=args.overwrite)  # a folder of other files is refused
     for split, rows in splits.items():
         write_text_atomic(out / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     stats = {"tasks": tasks, "langs": args.langs, "alpaca": args.alpaca, "limit": args.limit, "seed": args.seed,
@@ -435,4 +434,4 @@ def build(args, parser) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -43,7 +43,7 @@ import torch
 
 # The format is the writer's (lillm/bins.py, which imports no torch, so preparing data starts fast).
 from .bins import META_NAME, UINT16_VOCAB_LIMIT, token_dtype  # noqa: F401 - re-exported
-from .errors import BinFormatError, MissingMetaError
+from .errors import BinFormatError, FlagError, InputFileError, MissingMetaError
 
 MAX_ID_CHUNK = 1 << 24            # tokens per slice when scanning a bin for its largest id
 
@@ -125,7 +125,7 @@ def check_bins(bin_dir, tokenizer=None, vocab_size: int | None = None) -> dict:
         for name, tokens in shards:
             path = directory / name
             if not path.is_file():
-                raise FileNotFoundError(f"{path} ({split} split listed in meta.json) not found; {redo}")
+                raise InputFileError(f"{path} ({split} split listed in meta.json) not found; {redo}")
             size, expected = path.stat().st_size, tokens * dtype.itemsize
             if size != expected:
                 raise BinFormatError(
@@ -206,11 +206,11 @@ def open_stream(path, dtype=None) -> TokenStream:
                 paths = [path.parent / name for name in names]
                 for shard in paths:
                     if not shard.is_file():
-                        raise FileNotFoundError(f"token bin {shard} ({split} split in {meta_path}) not found; "
+                        raise InputFileError(f"token bin {shard} ({split} split in {meta_path}) not found; "
                                                 f"{_redo_hint(path.parent)}")
                 return TokenStream(paths, np.dtype(dtype or meta["dtype"]).newbyteorder("<"))
     if not path.is_file():
-        raise FileNotFoundError(f"token bin {path} not found; {_redo_hint(path.parent)}")
+        raise InputFileError(f"token bin {path} not found; {_redo_hint(path.parent)}")
     if dtype is None:
         dtype = load_meta(path)["dtype"]
     return TokenStream([path], np.dtype(dtype).newbyteorder("<"))
@@ -242,7 +242,7 @@ class BinLoader:
         self.dtype = self.stream.dtype
         self.num_tokens = self.stream.num_tokens
         if self.num_tokens < seq_len + 1:
-            raise ValueError(f"{self.path} holds {self.num_tokens} tokens, fewer than seq_len + 1 = "
+            raise BinFormatError(f"{self.path} holds {self.num_tokens} tokens, fewer than seq_len + 1 = "
                              f"{seq_len + 1}; use a shorter seq_len or more data")
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -283,10 +283,10 @@ class BinLoader:
         if strict:
             for key in ("global_batch_size", "seq_len", "num_tokens"):
                 if state[key] != getattr(self, key):
-                    raise ValueError(
-                        f"loader state has {key}={state[key]} but this loader has "
+                    raise FlagError(
+                        f"--resume: the run's loader state has {key}={state[key]} but this loader has "
                         f"{getattr(self, key)} ({self.path}): the stream would not continue; "
-                        f"keep batch_size * world_size and seq_len, or pass strict=False")
+                        f"keep the run's batch size, processes and --seq-len when resuming (or start a new run)")
         self.generator.set_state(state["generator_state"].to(torch.uint8).cpu())
         self.step = int(state["step"])
 
@@ -327,7 +327,8 @@ def iter_eval_batches(path, seq_len: int, batch_size: int, max_batches: int | No
     tokens = open_stream(path, dtype)
     num_windows = (len(tokens) - 1) // seq_len
     if num_windows == 0:
-        raise ValueError(f"{path} holds {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        raise BinFormatError(f"{path} holds {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                             "use a shorter seq_len or more data")
     num_batches = -(-num_windows // batch_size)
     if max_batches is not None:
         num_batches = min(num_batches, max_batches)

@@ -26,14 +26,6 @@ class MissingMetaError(LillmError, FileNotFoundError):
     """A token bin folder without meta.json: its tokenizer, dtype and sizes are unknown."""
 
 
-class SourceError(LillmError):
-    """A corpus source (a file, a folder, a Hugging Face dataset, a --mix weight) that cannot be read as given."""
-
-
-class HubUnavailableError(SourceError, ConnectionError):
-    """A Hugging Face hub dataset that cannot be reached: offline, gated without a token, or not found."""
-
-
 class SFTDataError(LillmError):
     """A conversation file, or a row in it, that cannot be trained on."""
 
@@ -86,16 +78,35 @@ class TrainingDiverged(LillmError, RuntimeError):
     """Too many non-finite steps in a row: the run stopped at its last good checkpoint."""
 
 
-def exit_on_user_error(main):
-    """Wrap a script's main(): a LillmError becomes one line on stderr and exit status 2, no traceback."""
-    import functools
-    import sys
+# ---- flags, files and output folders -------------------------------------------------------------
+class FlagError(LillmError):
+    """A command-line value that cannot work (a zero batch, a negative step count, an unknown device)."""
 
-    @functools.wraps(main)
-    def run(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except LillmError as error:
-            print(f"error: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
-    return run
+
+class InputFileError(LillmError, FileNotFoundError):
+    """A path the user gave that is missing, or a folder where a file is expected (or the reverse)."""
+
+
+class InputEncodingError(LillmError):
+    """A text file that is not UTF-8 where lillm needs it whole (e.g. a JSON file)."""
+
+
+class OutputFolderError(LillmError):
+    """An output folder lillm may not write: it holds a user's files, or a run that was not meant to be replaced."""
+
+
+class RunLockedError(OutputFolderError):
+    """A run folder another process is writing (its lock file names the holder)."""
+
+
+class TokenizerMismatchError(LillmError):
+    """A tokenizer that is not the one the model or the token bins were made with."""
+
+
+# ---- corpus sources --------------------------------------------------------------------------------
+class SourceError(LillmError):
+    """A corpus source (a file, a folder, a Hugging Face dataset, a --mix weight) that cannot be read as given."""
+
+
+class HubUnavailableError(SourceError, ConnectionError):
+    """A Hugging Face hub dataset that cannot be reached: offline, gated without a token, or not found."""

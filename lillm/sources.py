@@ -502,7 +502,7 @@ def conversations(source: Source, columns: ColumnMap = ColumnMap(), limit: int |
     from .sft import row_problem   # lillm.sft imports torch: only when instruction data is read
 
     if not source.reads_with_datasets:
-        raise SourceError(f"{source.location}: unknown file type for instruction data {source.path.suffix!r}; give "
+        raise SourceError(f"{source.location}: unknown file type {source.path.suffix!r} for instruction data; give "
                           f".jsonl or .csv (columns instruction, input, target), .parquet, .arrow, a save_to_disk "
                           f"folder or --hf")
     dataset = open_dataset(source)

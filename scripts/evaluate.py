@@ -27,6 +27,8 @@ from lillm.evaluate import (CHALLENGE_SUBSETS, challenge_average, evaluate_subse
                             zindi_score)
 from lillm.sft import assistant_loss, build_examples, read_conversations
 from lillm.tokenizer import Tokenizer
+from lillm.cli import check_device, need, run_main
+from lillm.errors import SFTDataError
 
 
 def evenly_spaced(rows: list, limit: int) -> list:
@@ -95,6 +97,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="folder for eval_<split>.json/.md (default: the checkpoint)")
     args = parser.parse_args(argv)
+    need(args.limit >= 0, "--limit", args.limit, "must be 0 (all) or more")
+    need(args.max_new_tokens >= 1, "--max-new-tokens", args.max_new_tokens, "must be at least 1")
+    need(args.batch_size >= 1, "--batch-size", args.batch_size, "must be at least 1")
+    check_device(args.device)
 
     folder = ckpt.resolve_checkpoint(args.checkpoint)
     model = ckpt.load_model(folder, device=args.device).eval()
@@ -107,7 +113,8 @@ def main(argv=None) -> dict:
     train_groups = group_rows(train_rows, None)
     groups = group_rows(rows, args.limit or None)
     if not groups:
-        raise ValueError(f"{data / (args.split + '.jsonl')} has no rows for tasks {args.tasks or 'all'}")
+        raise SFTDataError(f"{data / (args.split + '.jsonl')} has no rows for tasks {args.tasks or 'all'}; "
+                           "check --tasks and --split")
 
     start, results = time.perf_counter(), {"checkpoint": str(folder), "split": args.split, "limit": args.limit,
                                            "subsets": {}}
@@ -137,4 +144,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -8,6 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from lillm.cli import run_main
 import torch
 
 from data import prepare_pretrain
@@ -266,13 +268,13 @@ def test_missing_column_in_a_hub_dataset_lists_its_columns(tokenizer_path, files
 
 def test_cli_prints_one_line_and_exits_2_on_bad_input(tokenizer_path, files, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        prepare_pretrain.main(["--tokenizer", str(tokenizer_path), "--out", str(tmp_path / "o"),
+        run_main(prepare_pretrain.main, ["--tokenizer", str(tokenizer_path), "--out", str(tmp_path / "o"),
                                "--hf", "lelapa/Inkuba-Mono:swa", "--workers", "1"])
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --hf lelapa/Inkuba-Mono:swa") and "\n" not in err
     with pytest.raises(SystemExit) as info:
-        prepare_pretrain.main(["--tokenizer", str(tokenizer_path), "--out", str(tmp_path / "o"),
+        run_main(prepare_pretrain.main, ["--tokenizer", str(tokenizer_path), "--out", str(tmp_path / "o"),
                                "--files", str(files / "swa.parquet"), "--text-column", "body"])
     assert info.value.code == 2 and "its columns are ['id', 'text']" in capsys.readouterr().err
 

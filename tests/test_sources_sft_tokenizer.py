@@ -6,6 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from lillm.cli import run_main
+
 import train_tokenizer
 from data import prepare_sft
 from lillm.errors import CorpusFormatError
@@ -70,11 +72,11 @@ def test_missing_columns_list_the_columns_that_exist(inkuba_style, tmp_path, cap
                                                 r"'targets', 'task', 'langs'\]"):
         list(conversations(file_source(inkuba_style), ColumnMap("question", "targets")))
     with pytest.raises(SystemExit) as info:
-        prepare_sft.main(["--tasks", "none", "--files", str(inkuba_style), "--prompt-column", "question",
+        run_main(prepare_sft.main, ["--tasks", "none", "--files", str(inkuba_style), "--prompt-column", "question",
                           "--response-column", "answer", "--out", str(tmp_path / "o")])
     assert info.value.code == 2 and "its columns are" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
-        prepare_sft.main(["--tasks", "none", "--hf", "lelapa/Inkuba-instruct:swahili", "--out", str(tmp_path / "o")])
+        run_main(prepare_sft.main, ["--tasks", "none", "--hf", "lelapa/Inkuba-instruct:swahili", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "HF_DATASETS_OFFLINE" in err and "--files" in err
 
@@ -102,5 +104,5 @@ def test_train_tokenizer_streams_parquet_and_jsonl_under_a_byte_budget(tmp_path)
 
 def test_train_tokenizer_offline_hub_name_is_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        train_tokenizer.main(["--hf", "lelapa/Inkuba-Mono:swa", "--out", str(tmp_path / "t.json")])
+        run_main(train_tokenizer.main, ["--hf", "lelapa/Inkuba-Mono:swa", "--out", str(tmp_path / "t.json")])
     assert info.value.code == 2 and "lelapa/Inkuba-Mono" in capsys.readouterr().err
