@@ -274,7 +274,7 @@ def test_cli_prints_one_line_and_exits_2_on_bad_input(tokenizer_path, files, tmp
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --hf lelapa/Inkuba-Mono:swa") and "\n" not in err
     with pytest.raises(SystemExit) as info:
-        run_main(prepare_pretrain.main, ["--tokenizer", str(tokenizer_path), "--out", str(tmp_path / "o"),
+        run_main(prepare_pretrain.main, ["--tokenizer", str(tokenizer_path), "--out", str(tmp_path / "o2"),
                                "--files", str(files / "swa.parquet"), "--text-column", "body"])
     assert info.value.code == 2 and "its columns are ['id', 'text']" in capsys.readouterr().err
 
