@@ -56,7 +56,7 @@ if [ "$TINY" = 1 ]; then
   : "${STEPS:=4}" "${SEQ:=64}" "${BATCH_TOKENS:=512}" "${MICRO:=8}" "${LR:=2e-3}" "${WARMUP:=1}"
   : "${SFT_LIMIT:=12}" "${SFT_MT_STEPS:=2}" "${SFT_ALL_STEPS:=2}" "${SFT_BATCH:=4}" "${SFT_MICRO:=4}" "${SFT_LR:=1e-3}" "${SFT_WARMUP:=1}"
   : "${EVAL_LIMIT:=3}" "${MAX_NEW:=8}" "${EXTRA:=}"
-  : "${SHRINK:=--d-model 32 --d-ff 88 --layers 1}" "${HEAL_STEPS:=2}" "${HEAL_DOCS:=40}" "${HEAL_BATCH:=4}"
+  : "${SHRINK:=--d-model 32 --d-ff 88 --layers 1}" "${HEAL_STEPS:=2}" "${HEAL_DOCS:=40}" "${HEAL_BATCH:=8}"
 elif [ "$DEVICE" = cuda ]; then
   : "${PRESET:=lillm-39m}" "${TEACHER:=lillm-300m}" "${VOCAB:=8192}" "${TOK_DOCS:=0}" "${CORPORA:=}"
   : "${STEPS:=2000}" "${SEQ:=512}" "${BATCH_TOKENS:=131072}" "${MICRO:=32}" "${LR:=2e-3}" "${WARMUP:=100}"
