@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import INKUBA_PARAMS
+from .errors import SubmissionError
 from .generate import generate
 from .sft import role_token_ids, shorten_prompt
 from .tokenizer import Tokenizer
@@ -301,10 +302,6 @@ _ID_PREFIX = {("sentiment", "swa"): "sent_swahili", ("sentiment", "hau"): "sent_
               ("nli", "swa"): "xnli_swa", ("nli", "hau"): "xnli_hau",
               ("translation", "swa"): "mt_eng-swa", ("translation", "hau"): "mt_eng-hau"}
 SIZE_ID = "model_size"
-
-
-class SubmissionError(ValueError):
-    """A submission file the challenge's scorer could not read (the message names the row)."""
 
 
 def macro_f1(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int = 3) -> float:

@@ -33,20 +33,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, fsync_tree, replace_folder, load_weights, unique_state_dict
+from .checkpoint import fsync_tree, load_weights, replace_folder, unique_state_dict
 from .config import ModelConfig
+from .errors import CheckpointError, HFError, HFFileNotFoundError
 from .model import Transformer
 
 MLP_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.(.+)")
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
-
-
-class HFError(CheckpointError):
-    """A Hugging Face folder lillm cannot import or export, with the reason and the fix."""
-
-
-class HFFileNotFoundError(HFError, FileNotFoundError):
-    """A file the folder needs (config.json, a weight shard) is missing."""
 
 
 # ---- config.json --------------------------------------------------------------------

@@ -15,12 +15,11 @@ import json
 from pathlib import Path
 
 from .checkpoint import write_text_atomic
+from .errors import OutputConflict
+
+__all__ = ["MANIFEST", "OutputConflict", "check_writable", "write_outputs"]
 
 MANIFEST = ".lillm-written.json"
-
-
-class OutputConflict(ValueError):
-    """An output path holds a file lillm did not write (or one changed since); nothing was written."""
 
 
 def _digest(data: bytes) -> str:

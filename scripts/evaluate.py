@@ -31,20 +31,17 @@ import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as `python scripts/evaluate.py` without installing
-    sys.path.insert(0, str(REPO_ROOT))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from lillm import checkpoint as ckpt  # noqa: E402
-from lillm.evaluate import (CHALLENGE_SUBSETS, SubmissionError, challenge_average, challenge_from_records,  # noqa: E402
-                            evaluate_subset, prediction_records, score_submission, submission_csv,
-                            submission_rows, subset_score, zindi_score)
-from lillm.outputs import OutputConflict, check_writable, write_outputs  # noqa: E402
-from lillm.sft import assistant_loss, build_examples, read_conversations  # noqa: E402
-from lillm.tokenizer import Tokenizer  # noqa: E402
+from lillm import checkpoint as ckpt
+from lillm.errors import LillmError
+from lillm.evaluate import (CHALLENGE_SUBSETS, challenge_average, challenge_from_records, evaluate_subset,
+                            prediction_records, score_submission, submission_csv, submission_rows, subset_score,
+                            zindi_score)
+from lillm.outputs import check_writable, write_outputs
+from lillm.sft import assistant_loss, build_examples, read_conversations
+from lillm.tokenizer import Tokenizer
 
 
 def evenly_spaced(rows: list, limit: int) -> list:
@@ -223,7 +220,7 @@ def cli(argv=None) -> None:
     """main() for a shell: bad input is one line on stderr and exit status 2, no traceback."""
     try:
         main(argv)
-    except (OutputConflict, SubmissionError, FileNotFoundError) as error:
+    except (LillmError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 

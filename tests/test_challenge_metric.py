@@ -16,7 +16,8 @@ from lillm.evaluate import (
     submission_rows,
     zindi_score,
 )
-from lillm.outputs import OutputConflict, write_outputs
+from lillm.errors import OutputConflict
+from lillm.outputs import write_outputs
 
 
 # ---- F1 ----------------------------------------------------------------------------------------------
