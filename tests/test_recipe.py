@@ -59,6 +59,7 @@ def data_dir() -> Path:
         pytest.skip("real data directory absent (set LILLM_DATA_DIR)")
 
 
+@pytest.mark.slow  # about 40 s on a quiet 2-core CPU: every stage starts Python and torch
 def test_tiny_scratch_road_runs_end_to_end_and_its_submission_scores_back(tmp_path):
     out = tmp_path / "run"
     recipe("--road", "scratch", "--out", str(out), "--tiny", "--device", "cpu", "--data-dir", str(data_dir()))
