@@ -60,7 +60,7 @@ if [ "$TINY" = 1 ]; then
   : "${SHRINK:=--d-model 32 --d-ff 88 --layers 1}" "${HEAL_STEPS:=2}" "${HEAL_DOCS:=40}" "${HEAL_BATCH:=8}"
 elif [ "$DEVICE" = cuda ]; then
   : "${PRESET:=lillm-39m}" "${TEACHER:=lillm-300m}" "${VOCAB:=8192}" "${TOK_DOCS:=0}" "${CORPORA:=}"
-  : "${STEPS:=2000}" "${SEQ:=512}" "${BATCH_TOKENS:=131072}" "${MICRO:=32}" "${LR:=2e-3}" "${WARMUP:=100}"
+  : "${STEPS:=600}" "${SEQ:=512}" "${BATCH_TOKENS:=131072}" "${MICRO:=32}" "${LR:=2e-3}" "${WARMUP:=100}"
   : "${SFT_LIMIT:=}" "${SFT_MT_STEPS:=300}" "${SFT_ALL_STEPS:=600}" "${SFT_BATCH:=64}" "${SFT_MICRO:=32}" "${SFT_LR:=3e-4}" "${SFT_WARMUP:=30}"
   : "${EVAL_LIMIT:=0}" "${MAX_NEW:=128}" "${EXTRA:=--compile}"
   : "${SHRINK:=--d-model 512 --d-ff 1408 --layers 12}" "${HEAL_STEPS:=500}" "${HEAL_DOCS:=}" "${HEAL_BATCH:=64}"
