@@ -20,7 +20,8 @@ The pieces and the papers behind them:
 
 Parameter names follow the Hugging Face Llama state dict (model.embed_tokens,
 model.layers.N.self_attn.q_proj, ...), so import and export are a matter of copying.
-InkubaLM's one MLP shared by all layers is the same module placed in every block.
+InkubaLM's one MLP shared by all layers is the same module placed in every block. With
+cfg.n_experts > 0 the MLP is a sparse mixture of experts (lillm/moe.py), under Mixtral's name.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .moe import SparseMoE
 
 
 class RMSNorm(nn.Module):
@@ -166,11 +168,15 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = mlp if mlp is not None else MLP(cfg)
+        if cfg.n_experts:  # Mixtral's module name, so the state dict is a Mixtral checkpoint as it is
+            self.block_sparse_moe = SparseMoE(cfg)
+        else:
+            self.mlp = mlp if mlp is not None else MLP(cfg)
 
     def forward(self, x, cos, sin, mask=None, cache_pos=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        feed_forward = self.block_sparse_moe if "block_sparse_moe" in self._modules else self.mlp
+        return x + feed_forward(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
@@ -212,7 +218,7 @@ class Transformer(nn.Module):
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                is_residual_out = name.endswith("o_proj") or name.endswith("down_proj")
+                is_residual_out = name.endswith(("o_proj", "down_proj", ".w2"))  # w2: an expert's down
                 nn.init.normal_(module.weight, 0.0, residual_std if is_residual_out else std)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)

@@ -27,7 +27,6 @@ import csv
 import io
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -35,13 +34,14 @@ import torch
 from tqdm import tqdm
 
 from lillm import checkpoint as ckpt
-from lillm.errors import LillmError
 from lillm.evaluate import (CHALLENGE_SUBSETS, challenge_average, challenge_from_records, evaluate_subset,
                             prediction_records, score_submission, submission_csv, submission_rows, subset_score,
                             zindi_score)
 from lillm.outputs import check_writable, write_outputs
 from lillm.sft import assistant_loss, build_examples, read_conversations
 from lillm.tokenizer import Tokenizer
+from lillm.cli import check_device, need, run_main
+from lillm.errors import InputFileError, SFTDataError
 
 
 def evenly_spaced(rows: list, limit: int) -> list:
@@ -158,11 +158,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="folder for eval_<split>.json/.md (default: the checkpoint)")
     args = parser.parse_args(argv)
+    need(args.limit >= 0, "--limit", args.limit, "must be 0 (all) or more")
+    need(args.max_new_tokens >= 1, "--max-new-tokens", args.max_new_tokens, "must be at least 1")
+    need(args.batch_size >= 1, "--batch-size", args.batch_size, "must be at least 1")
     if args.score_submission:
         path = Path(args.score_submission)
+        if not path.is_file():
+            raise InputFileError(f"--score-submission {path}: no such file; give the submission CSV")
         scores = score_submission(path.read_text(encoding="utf-8"), str(path))
         print(challenge_table({f"{path.name}": scores}))
         return scores
+    check_device(args.device)
 
     folder = ckpt.resolve_checkpoint(args.checkpoint)
     out, split = Path(args.out) if args.out else folder, args.split
@@ -178,7 +184,8 @@ def main(argv=None) -> dict:
     train_groups = group_rows(train_rows, None)
     groups = group_rows(rows, args.limit or None)
     if not groups:
-        raise ValueError(f"{data / (args.split + '.jsonl')} has no rows for tasks {args.tasks or 'all'}")
+        raise SFTDataError(f"{data / (args.split + '.jsonl')} has no rows for tasks {args.tasks or 'all'}; "
+                           "check --tasks and --split")
 
     start, results = time.perf_counter(), {"checkpoint": str(folder), "split": args.split, "limit": args.limit,
                                            "subsets": {}}
@@ -216,14 +223,5 @@ def main(argv=None) -> dict:
     return results
 
 
-def cli(argv=None) -> None:
-    """main() for a shell: bad input is one line on stderr and exit status 2, no traceback."""
-    try:
-        main(argv)
-    except (LillmError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 if __name__ == "__main__":
-    cli()
+    run_main(main)

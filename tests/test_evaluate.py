@@ -157,6 +157,6 @@ def test_evaluate_script_writes_table_and_json(tmp_path, tokenizer):
                  "--out", str(tmp_path / "eval")])
     (tmp_path / "eval" / "predictions_test.csv").write_text("mine\n")
     with pytest.raises(SystemExit) as exit_info:
-        script.cli(["--checkpoint", str(tmp_path / "model"), "--data", str(data), "--limit", "2",
+        script.run_main(script.main, ["--checkpoint", str(tmp_path / "model"), "--data", str(data), "--limit", "2",
                     "--out", str(tmp_path / "eval")])
     assert exit_info.value.code == 2 and (tmp_path / "eval" / "predictions_test.csv").read_text() == "mine\n"

@@ -3,7 +3,7 @@
 - no import cycles inside lillm/ (imports inside functions count too);
 - the library never imports a driver (a stage script, scripts/, data/, bench/), and no driver
   imports another driver (library code belongs in lillm/, where every driver can reach it);
-- no sys.path manipulation anywhere, and no private name imported from another module.
+- no code that edits the module search path, and no private name imported from another module.
 """
 from __future__ import annotations
 
