@@ -30,6 +30,10 @@ class SFTDataError(LillmError):
     """A conversation file, or a row in it, that cannot be trained on."""
 
 
+class DPODataError(LillmError):
+    """A preference-pair file, or a row in it, that cannot be trained on."""
+
+
 # ---- tokenizers ----------------------------------------------------------------------------------
 class TokenizerFileError(LillmError):
     """A tokenizer.json that cannot be read or parsed."""
