@@ -5,6 +5,7 @@
     python inference.py CKPT --chat                                                    # SFT models
     python inference.py CKPT --chat --compile                                          # CUDA-graph decoding
     echo "Habari" | python inference.py CKPT                                           # prompts from stdin
+    python inference.py CKPT --serve --port 8000      # OpenAI-compatible server + chat page (lillm.serve)
 
 One prompt streams to the terminal as it is generated; a batch prints each result at the end.
 """
@@ -122,6 +123,17 @@ def chat(model, tokenizer: Tokenizer, args) -> None:
         messages.append({"role": "assistant", "content": tokenizer.decode(new[0])})
 
 
+def serve(model, tokenizer: Tokenizer, args) -> None:
+    from lillm.serve import ChatServer, Defaults
+    defaults = Defaults(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                        top_p=args.top_p)
+    server = ChatServer(model, tokenizer, model_name=args.checkpoint.rstrip("/"), host=args.host, port=args.port,
+                        defaults=defaults, max_batch=args.max_batch)
+    print(f"serving {args.checkpoint} at {server.url} (chat page: {server.url}/ , API: {server.url}/v1); "
+          "Ctrl-C stops", file=sys.stderr, flush=True)
+    server.serve_forever()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint folder (config.json, model.safetensors, tokenizer.json), or a run folder (its latest step)")
@@ -138,9 +150,21 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="decode with fixed shapes through torch.compile (CUDA graphs on a GPU): the first "
                              "reply compiles for a minute, later ones are several times faster (lillm.generate)")
+    parser.add_argument("--serve", action="store_true",
+                        help="serve the model over HTTP: OpenAI-compatible /v1/chat/completions and /v1/completions, "
+                             "and a chat page at / (lillm.serve); the flags above set the default sampling values")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on with --serve (127.0.0.1: this machine only; the server has no "
+                             "authentication, so think before 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=8000, help="port for --serve (0: any free port)")
+    parser.add_argument("--max-batch", type=int, default=8, help="--serve: greedy requests decoded together at most")
     args = parser.parse_args(argv)
+    if args.serve and (args.chat or args.prompt or args.compile):
+        raise FlagError("--serve runs a server: drop --chat, --prompt and --compile")
     check_sampling(args)
     model, tokenizer = load(args.checkpoint, args.device, args.adapter)
+    if args.serve:
+        return serve(model, tokenizer, args)
     if args.chat:
         return chat(model, tokenizer, args)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]

@@ -30,6 +30,10 @@ class SFTDataError(LillmError):
     """A conversation file, or a row in it, that cannot be trained on."""
 
 
+class DPODataError(LillmError):
+    """A preference-pair file, or a row in it, that cannot be trained on."""
+
+
 # ---- tokenizers ----------------------------------------------------------------------------------
 class TokenizerFileError(LillmError):
     """A tokenizer.json that cannot be read or parsed."""
@@ -110,3 +114,12 @@ class SourceError(LillmError):
 
 class HubUnavailableError(SourceError, ConnectionError):
     """A Hugging Face hub dataset that cannot be reached: offline, gated without a token, or not found."""
+
+
+# ---- evaluation and outputs ----------------------------------------------------------------------
+class SubmissionError(LillmError):
+    """A challenge submission file (ID, Response, Targets) that cannot be scored; the message names the row."""
+
+
+class OutputConflict(OutputFolderError):
+    """An output path holds a file lillm did not write (or one changed since); nothing was written."""

@@ -3,7 +3,8 @@
 The loop knows nothing of what it trains on. It takes
 - a batch source: `next_step()` returns this rank's micro batches for one optimizer
   step (a list of dicts of tensors), with `state_dict()` / `load_state_dict()`;
-- a loss function: `loss_fn(model, batch) -> (summed loss, number of target tokens)`.
+- a loss function: `loss_fn(model, batch) -> (summed loss, number of target tokens)`; a batch
+  whose loss is not a sum over tokens (DPO: over preference pairs) carries that count as `loss_count`.
 
 Returning a *sum* and a count is what makes gradient accumulation and data parallelism
 exact: the step's loss is sum / (tokens in the whole global batch), so one process
@@ -250,6 +251,14 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def count_targets(batch: dict) -> torch.Tensor:
+    """What a micro batch's summed loss is divided by: its labels != -100, unless the batch says
+    otherwise in `loss_count` (DPO's loss is a sum over preference pairs, not over tokens)."""
+    if "loss_count" in batch:
+        return batch["loss_count"].sum()
+    return (batch["labels"] != -100).sum()
+
+
 def _wrap(model: torch.nn.Module, env: Dist, cfg: TrainConfig) -> torch.nn.Module:
     """DDP keeps a full replica per process; FSDP (Zhao et al., 2023) shards each block's
     parameters and optimizer state across processes, for models that do not fit one device."""
@@ -367,7 +376,7 @@ def _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, i
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [_to_device(b, env.device) for b in source.next_step()]
-        targets = all_reduce_sum(sum((b["labels"] != -100).sum() for b in micro).float(), env)
+        targets = all_reduce_sum(sum(count_targets(b) for b in micro).float(), env)
         step_tokens = sum(b["input_ids"].numel() for b in micro) * env.world
         loss_total = torch.zeros((), device=env.device)
         for i, batch in enumerate(micro):
