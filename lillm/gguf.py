@@ -33,10 +33,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
-
-import gguf
 
 from . import checkpoint as ckpt
 from .model import Transformer
