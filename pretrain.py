@@ -10,71 +10,21 @@ Batches come from lillm.data.BinLoader, the loop is lillm.train.train (shared wi
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lillm import checkpoint as ckpt
 from lillm.cli import (accumulation_steps, add_peft_args, add_training_args, apply_peft_from_args, finish,
                        print_summary, train_config_from_args)
 from lillm.config import PRESETS, get_preset
-from lillm.data import BinLoader, check_bins, iter_eval_batches, load_meta
+from lillm.data import BinLoader, StepBatches, check_bins, load_meta
 from lillm.model import Transformer
 from lillm.peft import describe
 from lillm.tokenizer import Tokenizer
 from lillm.vocab import train_only_new_rows
-from lillm.train import causal_lm_loss, setup_distributed, train
-
-
-class StepBatches:
-    """One optimizer step = one draw of the global batch, cut into `accum` micro batches.
-
-    The loader draws (micro * accum) windows for this rank out of a global draw of
-    (micro * accum * world), so the windows of a step do not depend on how they are split.
-    """
-
-    def __init__(self, loader: BinLoader, accum: int):
-        self.loader, self.accum = loader, accum
-
-    def next_step(self) -> list[dict]:
-        x, y = self.loader.next_batch()
-        return [{"input_ids": xs, "labels": ys} for xs, ys in zip(x.chunk(self.accum), y.chunk(self.accum))]
-
-    def state_dict(self) -> dict:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-
-
-def bin_evaluator(val_bin: Path, seq_len: int, batch_size: int, max_batches: int, bytes_per_token: float, device):
-    """Mean next-token loss over fixed val windows, and bits per byte (comparable across tokenizers)."""
-
-    def evaluate(model) -> dict:
-        total, count = 0.0, 0
-        for x, y in iter_eval_batches(val_bin, seq_len, batch_size, max_batches, device=device):
-            loss, n = causal_lm_loss(model, {"input_ids": x, "labels": y})
-            total, count = total + loss.item(), count + int(n)
-        val_loss = total / count
-        return {"val_loss": round(val_loss, 5), "val_bpb": round(val_loss / math.log(2) / bytes_per_token, 5)}
-
-    return evaluate
-
-
-def unigram_bits_per_byte(data: Path, meta: dict, chunk: int = 1 << 24) -> float:
-    """The baseline a model must beat: predict every val token from train-set token frequencies
-    (add-one smoothed), ignoring all context. Bits per byte, like val_bpb."""
-    dtype = np.dtype(meta["dtype"])
-    counts = np.ones(meta["vocab_size"], dtype=np.float64)
-    train = np.memmap(data / "train.bin", dtype=dtype, mode="r")
-    for start in range(0, len(train), chunk):
-        counts += np.bincount(train[start:start + chunk], minlength=meta["vocab_size"])
-    log_probs = np.log(counts / counts.sum())
-    val = np.memmap(data / "val.bin", dtype=dtype, mode="r")
-    nats = -sum(log_probs[val[start:start + chunk]].sum() for start in range(0, len(val), chunk)) / len(val)
-    return float(nats / math.log(2) / meta["splits"]["val"]["bytes_per_token"])
+from lillm.perplexity import bin_evaluator, unigram_bits_per_byte
+from lillm.train import setup_distributed, train
 
 
 def build_model(args, vocab_size: int) -> tuple[Transformer, str]:
@@ -136,7 +86,9 @@ def main(argv=None):
                                  global_batch_tokens=args.global_batch_tokens)
     cfg.flops_per_token = model.config.flops_per_token(seq_len)
     if env.is_main:
-        print(f"model: {origin}, {model.num_params():,} parameters; {env.world} process(es), "
+        active = model.config.active_params() if model.config.n_experts else None  # a mixture of experts
+        print(f"model: {origin}, {model.num_params():,} parameters{f' ({active:,} active)' if active else ''}; "
+              f"{env.world} process(es), "
               f"micro batch {args.micro_batch} x {accum} accumulation x {env.world} = "
               f"{args.global_batch_tokens:,} tokens per step on {env.device}")
     metrics = train(model, StepBatches(loader, accum), cfg, env, evaluate=evaluate, tokenizer_path=tokenizer_path,

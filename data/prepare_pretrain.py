@@ -26,7 +26,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -36,17 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as `python data/prepare_pretrain.py` without installing
-    sys.path.insert(0, str(REPO_ROOT))
 
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+from tqdm import tqdm
 
-from lillm.corpora import data_dir as resolve_data_dir, read_documents, select_corpora  # noqa: E402
-from lillm.data import (META_NAME, encode_chunk_in_worker, encode_documents, init_encode_worker,  # noqa: E402
+from lillm.corpora import data_dir as resolve_data_dir, read_documents, select_corpora
+from lillm.data import (META_NAME, encode_chunk_in_worker, encode_documents, init_encode_worker,
                         token_dtype)
-from lillm.tokenizer import Tokenizer  # noqa: E402
+from lillm.tokenizer import Tokenizer
 
 FORMAT_BY_SUFFIX = {".txt": "txt", ".tsv": "tsv", ".csv": "csv", ".conll": "conll"}
 CHUNK_BYTES = 1 << 20   # text per task sent to a worker: big enough to hide pickling, small for memory
@@ -96,11 +92,11 @@ def resolve_sources(langs=(), corpora=None, files=None, text_column=None, data_d
         for corpus in select_corpora(langs, ("train",), corpora or None, kinds):
             path = root / corpus.relpath
             if not corpora and not path.is_file():  # a language-wide selection skips absent files
-                warnings.warn(f"skipping corpus {corpus.name}: {path} not found")
+                warnings.warn(f"skipping corpus {corpus.name}: {path} not found", stacklevel=2)
                 continue
             if corpus.split != "train":
                 warnings.warn(f"corpus {corpus.name} is a {corpus.split} split: pretraining on it leaks "
-                              f"evaluation data into the model")
+                              f"evaluation data into the model", stacklevel=2)
             sources.append(Source(corpus.name, path, corpus.fmt, corpus.text_column))
     sources += [file_source(path, text_column) for path in files]
     for source in sources:

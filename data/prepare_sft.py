@@ -31,17 +31,13 @@ import argparse
 import csv
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Iterator
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as `python data/prepare_sft.py` without installing
-    sys.path.insert(0, str(REPO_ROOT))
 
-from lillm.checkpoint import write_text_atomic  # noqa: E402
-from lillm.corpora import CORPORA, data_dir as resolve_data_dir  # noqa: E402
-from lillm.sft import row_problem  # noqa: E402
+from lillm.checkpoint import write_text_atomic
+from lillm.corpora import CORPORA, data_dir as resolve_data_dir
+from lillm.sft import row_problem
 
 TASKS = ("translation", "sentiment", "nli", "news")
 LANGS = ("swa", "hau")

@@ -26,16 +26,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import peft
 from .config import ModelConfig
+from .errors import CheckpointError
 from .model import Transformer
 
 WEIGHTS = "model.safetensors"
 TRAIN_STATE = "train_state.pt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be used, with the reason and the fix in the message."""
+PEFT_RECORD = "peft.json"  # only beside adapted weights: the lillm.peft method whose tensors they hold
 
 
 # ---- state dicts with shared tensors ---------------------------------------------
@@ -141,8 +138,9 @@ def save_checkpoint(folder: str | Path, model: Transformer, tokenizer_path: str 
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE)
     (tmp / "lillm.json").write_text(json.dumps(info or {}, indent=2, default=str) + "\n")
-    if peft.peft_record(model) is not None:
-        (tmp / peft.PEFT_RECORD).write_text(json.dumps(peft.peft_record(model), indent=2) + "\n")
+    peft_config = getattr(model, "peft_config", None)  # set by lillm.peft.apply_peft
+    if peft_config is not None:
+        (tmp / PEFT_RECORD).write_text(json.dumps(peft_config.to_dict(), indent=2) + "\n")
     fsync_tree(tmp)
     replace_folder(tmp, folder)
     return folder
@@ -187,8 +185,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu",
     model = model.to_empty(device="cpu")
     if config.tie_embeddings:  # to_empty allocates fresh storage: tie again
         model.lm_head.weight = model.model.embed_tokens.weight
-    if (folder / peft.PEFT_RECORD).is_file():  # LoRA/QLoRA/prefix/adapter tensors are in the weights too
-        peft.rebuild_peft(model, json.loads((folder / peft.PEFT_RECORD).read_text()))
+    if (folder / PEFT_RECORD).is_file():  # LoRA/QLoRA/prefix/adapter tensors are in the weights too
+        from .peft import rebuild_peft  # only checkpoints with adapters need LoRA and NF4
+        rebuild_peft(model, json.loads((folder / PEFT_RECORD).read_text()))
     load_weights(model, read_weights(folder / WEIGHTS), source=str(folder / WEIGHTS))
     return model.to(device=device, dtype=dtype)
 

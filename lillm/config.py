@@ -9,7 +9,9 @@ the Buzuzu-Mavi score rewards small models, so the count is part of the objectiv
 The dataclass maps one-to-one onto Hugging Face's Llama `config.json`
 (`to_hf_dict` / `from_hf_dict`), so a lillm checkpoint folder is readable by
 transformers as it is. The one extension is `shared_mlp` (InkubaLM-0.4B uses a
-single MLP for all of its layers), stored as `lillm_shared_mlp`.
+single MLP for all of its layers), stored as `lillm_shared_mlp`. With `n_experts > 0` the MLP
+of every layer is a mixture of experts (lillm/moe.py) and the config is Mixtral's
+(`MixtralForCausalLM`); `d_ff` is then each expert's inner size.
 """
 from __future__ import annotations
 
@@ -34,6 +36,10 @@ class ModelConfig:
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int | None = None
+    n_experts: int = 0            # > 0: a mixture of this many SwiGLU experts in every layer (Mixtral)
+    experts_per_token: int = 2    # k: experts each token is routed to
+    router_aux_coef: float = 0.01  # weight of the load-balancing loss (Switch Transformer's alpha)
+    router_z_coef: float = 0.0    # weight of the router z-loss (ST-MoE uses 0.001)
 
     def __post_init__(self):
         problems = []
@@ -49,6 +55,12 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_experts < 0:
+            problems.append(f"n_experts must be >= 0 (0 = a dense MLP), got {self.n_experts}")
+        if self.n_experts and not 1 <= self.experts_per_token <= self.n_experts:
+            problems.append(f"experts_per_token={self.experts_per_token} must be between 1 and n_experts={self.n_experts}")
+        if self.n_experts and self.shared_mlp:
+            problems.append("shared_mlp and n_experts > 0 cannot be combined: one MLP shared by every layer is dense")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
@@ -58,7 +70,7 @@ class ModelConfig:
         d, hd = self.d_model, self.head_dim
         embed = self.vocab_size * d
         attention = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2  # q, o and k, v
-        mlp = 3 * d * self.d_ff
+        mlp = 3 * d * self.d_ff * max(1, self.n_experts)
         norms = 2 * d * self.n_layers + d
         counts = {
             "embed_tokens": embed,
@@ -67,11 +79,18 @@ class ModelConfig:
             "mlp": mlp * (1 if self.shared_mlp else self.n_layers),
             "norms": norms,
         }
+        if self.n_experts:
+            counts["router"] = d * self.n_experts * self.n_layers
         counts["total"] = sum(counts.values())
         return counts
 
     def num_params(self) -> int:
         return self.param_counts()["total"]
+
+    def active_params(self) -> int:
+        """Parameters used for one token: all of them, less the experts a token is not routed to."""
+        idle_experts = max(0, self.n_experts - self.experts_per_token)
+        return self.num_params() - idle_experts * 3 * self.d_model * self.d_ff * self.n_layers
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
         """Matmul FLOPs per token (Kaplan et al. 2020, "Scaling Laws"; PaLM appendix B).
@@ -82,11 +101,13 @@ class ModelConfig:
         per layer: they depend on the number of *query* heads, GQA only shrinks k/v
         projections. We count the full T x T product, as nanoGPT and PaLM do (the
         causal mask halves useful work, but kernels rarely skip it). Backward is twice
-        the forward, so training is 3x.
+        the forward, so training is 3x. A mixture of experts counts the router and the k experts a
+        token runs (active FLOPs, which is what MFU should measure), not all E.
         """
         T = seq_len or self.max_seq_len
         d, hd = self.d_model, self.head_dim
-        per_layer_weights = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2 + 3 * d * self.d_ff
+        mlp = 3 * d * self.d_ff * (self.experts_per_token if self.n_experts else 1) + d * self.n_experts
+        per_layer_weights = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2 + mlp
         matmul_weights = per_layer_weights * self.n_layers + self.vocab_size * d  # lm_head
         attention = 2 * 2 * T * self.n_heads * hd * self.n_layers
         forward = 2 * matmul_weights + attention
@@ -119,6 +140,18 @@ class ModelConfig:
         }
         if self.shared_mlp:
             out["lillm_shared_mlp"] = True
+        if self.n_experts:  # transformers' Mixtral: the same fields, plus the mixture's
+            del out["mlp_bias"]
+            out.update({
+                "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                "num_local_experts": self.n_experts, "num_experts_per_tok": self.experts_per_token,
+                "router_aux_loss_coef": self.router_aux_coef, "output_router_logits": False,
+                "router_jitter_noise": 0.0, "sliding_window": None, "attention_dropout": 0.0,
+                # transformers 5 reads rope_theta from here (its Mixtral default is 1e6, not 1e4)
+                "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            })
+            if self.router_z_coef:
+                out["lillm_router_z_coef"] = self.router_z_coef
         return out
 
     @classmethod
@@ -142,6 +175,10 @@ class ModelConfig:
                 head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
                 init_std=float(hf.get("initializer_range", 0.02)),
             )
+            if hf.get("num_local_experts"):  # Mixtral
+                kwargs.update(n_experts=hf["num_local_experts"], experts_per_token=hf.get("num_experts_per_tok", 2),
+                              router_aux_coef=float(hf.get("router_aux_loss_coef", 0.01)),
+                              router_z_coef=float(hf.get("lillm_router_z_coef", 0.0)))
         except KeyError as e:
             raise ValueError(f"config.json is missing the key {e.args[0]!r}, which every Llama config has") from None
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -177,6 +214,17 @@ PRESETS: dict[str, ModelConfig] = {
     # The lilLM recipe (about 39M parameters with tied embeddings).
     "lillm-39m": ModelConfig(vocab_size=8192, d_model=512, n_layers=12, n_heads=16, n_kv_heads=8, d_ff=1408, max_seq_len=512),
     "lillm-300m": ModelConfig(vocab_size=8192, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=8, d_ff=2816, max_seq_len=512),
+    # Mixtures of experts (lillm/moe.py), each with the active size of the dense preset above it:
+    # k=2 of E experts of half tiny's / lillm-39m's d_ff run per token.
+    # moe-tiny: 684,864 parameters, 617,280 active per token (tiny: 616,768, plus the router's 512).
+    "moe-tiny": ModelConfig(vocab_size=8192, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=88, max_seq_len=128,
+                            n_experts=4, experts_per_token=2),
+    # small-moe: the CPU benchmark's mixture (README), 8 experts of half small's d_ff, top 2.
+    "small-moe": ModelConfig(vocab_size=8192, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=256,
+                             max_seq_len=256, n_experts=8, experts_per_token=2),
+    # lillm-39m-moe: 117,502,464 parameters, 39,645,696 active per token (lillm-39m: 39,596,544).
+    "lillm-39m-moe": ModelConfig(vocab_size=8192, d_model=512, n_layers=12, n_heads=16, n_kv_heads=8, d_ff=704,
+                                 max_seq_len=512, n_experts=8, experts_per_token=2),
     # lelapa/InkubaLM-0.4B: 421,939,200 parameters because one MLP serves all 8 layers.
     "inkuba-0.4b": ModelConfig(
         vocab_size=61788, d_model=2048, n_layers=8, n_heads=32, n_kv_heads=32, d_ff=5632, max_seq_len=2048,

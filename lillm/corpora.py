@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .errors import CorpusFormatError
+
 ENV_VAR = "LILLM_DATA_DIR"
 DATA_DIR_HINT = f"pass --data-dir DIR (data_dir=...) or set the environment variable {ENV_VAR}"
 FORMATS = ("txt", "csv", "tsv", "conll", "masakhanews")
@@ -141,10 +143,6 @@ def _read_txt(path: Path) -> Iterator[str]:
             line = line.strip()
             if line:
                 yield line
-
-
-class CorpusFormatError(ValueError):
-    """A corpus file does not look like its declared format."""
 
 
 def _check_columns(path: Path, header: list[str] | None, needed: list[str], fmt: str) -> None:
@@ -266,7 +264,7 @@ def documents_for(langs: Iterable[str], splits: Iterable[str] = ("train",), name
     if names is None:
         missing = [c.name for c in chosen if not (root / c.relpath).is_file()]
         if missing:
-            warnings.warn(f"skipping corpora missing from {root}: {missing} (see docs/DATA.md)")
+            warnings.warn(f"skipping corpora missing from {root}: {missing} (see docs/DATA.md)", stacklevel=2)
         chosen = [c for c in chosen if c.name not in missing]
         if not chosen:
             raise FileNotFoundError(f"no corpus for langs={list(langs)} splits={list(splits)} in {root}; "

@@ -39,17 +39,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .errors import BinFormatError, MissingMetaError
+
 META_NAME = "meta.json"
 UINT16_VOCAB_LIMIT = 1 << 16      # uint16 holds ids 0..65535
 MAX_ID_CHUNK = 1 << 24            # tokens per slice when scanning a bin for its largest id
-
-
-class BinFormatError(ValueError):
-    """A token bin that does not agree with its meta.json, the tokenizer or the model."""
-
-
-class MissingMetaError(FileNotFoundError):
-    """A token bin folder without meta.json: its tokenizer, dtype and sizes are unknown."""
 
 
 # ---- the format ---------------------------------------------------------------------------------
@@ -280,6 +274,27 @@ class BinLoader:
                         f"keep batch_size * world_size and seq_len, or pass strict=False")
         self.generator.set_state(state["generator_state"].to(torch.uint8).cpu())
         self.step = int(state["step"])
+
+
+class StepBatches:
+    """One optimizer step = one draw of the global batch, cut into `accum` micro batches.
+
+    The loader draws (micro * accum) windows for this rank out of a global draw of
+    (micro * accum * world), so the windows of a step do not depend on how they are split.
+    """
+
+    def __init__(self, loader: BinLoader, accum: int):
+        self.loader, self.accum = loader, accum
+
+    def next_step(self) -> list[dict]:
+        x, y = self.loader.next_batch()
+        return [{"input_ids": xs, "labels": ys} for xs, ys in zip(x.chunk(self.accum), y.chunk(self.accum))]
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
 
 
 def iter_eval_batches(path, seq_len: int, batch_size: int, max_batches: int | None = None,

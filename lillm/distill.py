@@ -34,9 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class DistillationError(ValueError):
-    """Settings or models that cannot be distilled, with the reason and the fix."""
+from .errors import DistillationError
 
 
 def kl_divergence_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -1,5 +1,9 @@
 """Hugging Face interop: import any Llama folder (InkubaLM-0.4B included), export back.
 
+Mixtral folders (a mixture of experts, lillm/moe.py) go through the same code: lillm names its
+modules as Mixtral's checkpoints do (block_sparse_moe.gate, block_sparse_moe.experts.N.w1/w2/w3,
+which transformers 5 still writes, fusing the experts into 3-d tensors only in memory).
+
 A Llama checkpoint on the Hub is a folder: config.json, weights (model.safetensors,
 sharded safetensors with an index, or the older pytorch_model.bin) and a tokenizer.
 lillm's parameter names and rotary layout are Hugging Face's, so importing is
@@ -33,28 +37,22 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, fsync_tree, replace_folder, load_weights, unique_state_dict
+from .checkpoint import fsync_tree, load_weights, replace_folder, unique_state_dict
 from .config import ModelConfig
+from .errors import CheckpointError, HFError, HFFileNotFoundError
 from .model import Transformer
 
 MLP_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.(.+)")
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
-class HFError(CheckpointError):
-    """A Hugging Face folder lillm cannot import or export, with the reason and the fix."""
-
-
-class HFFileNotFoundError(HFError, FileNotFoundError):
-    """A file the folder needs (config.json, a weight shard) is missing."""
-
-
 # ---- config.json --------------------------------------------------------------------
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     """ModelConfig from a Llama config.json, refusing every field lillm does not implement."""
     problems = []
-    if hf.get("model_type") != "llama":
-        problems.append(f"model_type is {hf.get('model_type')!r}; lillm imports Llama models (model_type 'llama') only")
+    if hf.get("model_type") not in ("llama", "mixtral"):
+        problems.append(f"model_type is {hf.get('model_type')!r}; lillm imports Llama and Mixtral models "
+                        "(model_type 'llama' or 'mixtral') only")
     rope = dict(hf.get("rope_parameters") or {})  # transformers >= 5 keeps rope_theta in here
     if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
         problems.append(f"rope_scaling={hf.get('rope_scaling') or rope!r}: lillm implements plain RoPE only, "

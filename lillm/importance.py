@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .errors import PruneError
 from .model import Transformer
-from .prune import PruneError
 
 
 def choose(importance: torch.Tensor, keep: int) -> torch.Tensor:
@@ -66,7 +66,7 @@ def _calibrate(model: Transformer, batches: Iterable[dict], state: dict, show_pr
     for batch in tqdm(batches, desc=desc, disable=not show_progress, leave=False):
         state["mask"] = _mask(batch, device)
         tokens += state["mask"].sum().item()
-        get = lambda key: batch[key].to(device) if batch.get(key) is not None else None  # noqa: E731
+        get = lambda key, batch=batch: batch[key].to(device) if batch.get(key) is not None else None
         model(get("input_ids"), position_ids=get("position_ids"), attention_mask=get("attention_mask"),
               segment_ids=get("segment_ids"))
     if tokens == 0:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 
+from .moe import add_auxiliary_loss
+
 
 class LinearCrossEntropy(torch.autograd.Function):
     """sum(cross_entropy(hidden @ weight.T, labels)), ignoring labels of -100, `chunk` rows at a time.
@@ -89,4 +91,6 @@ def causal_lm_loss(model, batch: dict, chunk: int | None = None) -> tuple[torch.
                                         chunk or default_chunk(out.device))
     else:
         loss = F.cross_entropy(out.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
-    return loss, (labels != -100).sum()
+    n_targets = (labels != -100).sum()
+    # A mixture of experts adds its load-balancing loss to the gradient (lillm/moe.py explains the scaling).
+    return add_auxiliary_loss(base, loss, n_targets), n_targets

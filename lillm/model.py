@@ -20,7 +20,8 @@ The pieces and the papers behind them:
 
 Parameter names follow the Hugging Face Llama state dict (model.embed_tokens,
 model.layers.N.self_attn.q_proj, ...), so import and export are a matter of copying.
-InkubaLM's one MLP shared by all layers is the same module placed in every block.
+InkubaLM's one MLP shared by all layers is the same module placed in every block. With
+cfg.n_experts > 0 the MLP is a sparse mixture of experts (lillm/moe.py), under Mixtral's name.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .moe import SparseMoE
 
 
 class RMSNorm(nn.Module):
@@ -50,12 +52,14 @@ class RotaryEmbedding:
     """Precomputed cos/sin tables, looked up by (per-row) position ids.
 
     Deliberately not buffers: `model.to(torch.bfloat16)` would round the angles, and
-    rotary needs fp32 tables to stay exact at long positions. Rebuilt lazily per device.
+    rotary needs fp32 tables to stay exact at long positions. The model keeps them on its
+    device and long enough (`ensure`), so a lookup never reads anything back to the host
+    (which a CUDA graph could not do).
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float, device=None):
         self.head_dim, self.theta, self.length = head_dim, theta, max_seq_len
-        self.cos_table = self.sin_table = None
+        self._build(max_seq_len, device)
 
     def _build(self, length: int, device):
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim))
@@ -66,23 +70,14 @@ class RotaryEmbedding:
         self.cos_table, self.sin_table = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
         self.length = length
 
-    def _ensure(self, length: int, device) -> None:
-        if self.cos_table is None or self.cos_table.device != device or length > self.length:
+    def ensure(self, length: int, device) -> None:
+        """Tables on `device` covering positions 0..length-1 (and at least what they covered)."""
+        if self.cos_table.device != torch.device(device) or length > self.length:
             self._build(max(length, self.length), device)
 
     def __call__(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._ensure(int(position_ids.max()) + 1 if position_ids.numel() else 0, position_ids.device)
+        """(B or 1, T) positions -> cos, sin of shape (B or 1, T, head_dim)."""
         return self.cos_table[position_ids], self.sin_table[position_ids]
-
-    def lookup(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """As calling, without reading the largest position back to the host (which a CUDA graph
-        cannot do): the tables must already cover it (Transformer.setup_cache builds them)."""
-        return self.cos_table[position_ids], self.sin_table[position_ids]
-
-    def span(self, start: int, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions start..end-1 for every row: (1, T, hd) views of the tables, no gather, no host sync."""
-        self._ensure(end, device)
-        return self.cos_table[None, start:end], self.sin_table[None, start:end]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -106,11 +101,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
     def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(pos, torch.Tensor):
-            # Fixed shapes for CUDA graphs: write through an index tensor, return the whole cache
-            # (the caller's mask hides what is not written yet). No bounds check: it would need
-            # the position on the host; StaticDecoder checks lengths before it starts.
+            # Fixed shapes for CUDA graphs (lillm.generate.StaticDecoder): write through an index
+            # tensor, return the whole cache (the mask hides what is not written yet). No bounds
+            # check: it would need the position on the host; StaticDecoder checks lengths first.
             where = pos + torch.arange(k.shape[2], device=k.device)
             self.k.index_copy_(2, where, k)
             self.v.index_copy_(2, where, v)
@@ -141,9 +140,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache_pos is not None:
-            if self.cache is None:
-                raise RuntimeError("cache_pos given but no KV cache: call model.setup_cache(batch_size, max_len) first")
+        if cache_pos is not None:  # Transformer.forward has checked that the cache exists
             k, v = self.cache.update(cache_pos, k, v)
         if self.kv_prefix is not None:
             k, v, mask = self.kv_prefix(k, v, mask)
@@ -171,11 +168,15 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = mlp if mlp is not None else MLP(cfg)
+        if cfg.n_experts:  # Mixtral's module name, so the state dict is a Mixtral checkpoint as it is
+            self.block_sparse_moe = SparseMoE(cfg)
+        else:
+            self.mlp = mlp if mlp is not None else MLP(cfg)
 
     def forward(self, x, cos, sin, mask=None, cache_pos=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        feed_forward = self.block_sparse_moe if "block_sparse_moe" in self._modules else self.mlp
+        return x + feed_forward(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
@@ -195,18 +196,17 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rotary._ensure(cfg.max_seq_len, self.lm_head.weight.device)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, self.lm_head.weight.device)
 
     def _apply(self, fn, *args, **kwargs):
         # The rotary tables are not buffers (a dtype cast must not round them), so .to()/.cuda()
         # does not move them: rebuild them on the weights' device now. Built lazily inside a
         # compiled forward instead, they would change what the compiler saw and cost a second compile.
         super()._apply(fn, *args, **kwargs)
-        self.rotary._ensure(self.rotary.length, self.model.embed_tokens.weight.device)
+        self.rotary.ensure(self.rotary.length, self.model.embed_tokens.weight.device)
         return self
 
     # ---- construction ------------------------------------------------------
@@ -218,7 +218,7 @@ class Transformer(nn.Module):
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                is_residual_out = name.endswith("o_proj") or name.endswith("down_proj")
+                is_residual_out = name.endswith(("o_proj", "down_proj", ".w2"))  # w2: an expert's down
                 nn.init.normal_(module.weight, 0.0, residual_std if is_residual_out else std)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, 0.0, std)
@@ -231,7 +231,7 @@ class Transformer(nn.Module):
     # ---- KV cache ------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int, device=None, dtype=None):
         ref = self.model.embed_tokens.weight  # always float (lillm.quant may make the head int8)
-        self.rotary._ensure(max_len, device or ref.device)  # for steps that look positions up blindly
+        self.rotary.ensure(max_len, device or ref.device)  # fixed-shape steps look positions up blindly
         for block in self.model.layers:
             block.self_attn.cache = KVCache(batch_size, self.config.n_kv_heads, max_len, self.config.head_dim,
                                             device or ref.device, dtype or ref.dtype)
@@ -265,62 +265,45 @@ class Transformer(nn.Module):
         """
         B, T = input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:2]
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if isinstance(cache_pos, torch.Tensor):
-            cos, sin, mask = self._static_step_inputs(T, cache_pos, position_ids, attention_mask)
+        if cache_pos is None:
+            n_keys, start = T, 0
         else:
-            start = cache_pos or 0
-            if position_ids is None:  # every row at positions start..start+T-1
-                cos, sin = self.rotary.span(start, start + T, x.device)
-            else:
-                cos, sin = self.rotary(position_ids)
-            mask = self._attention_mask(B, T, start, attention_mask, segment_ids, cache_pos is not None, x.device)
+            cache = self.model.layers[0].self_attn.cache
+            if cache is None:
+                raise RuntimeError("cache_pos given but no KV cache: call model.setup_cache(batch_size, max_len) first")
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed documents) are for training; not supported with a KV cache")
+            fixed_shapes = isinstance(cache_pos, torch.Tensor)
+            n_keys, start = (cache.max_len if fixed_shapes else cache_pos + T), cache_pos
+        if not isinstance(start, torch.Tensor):  # positions known on the host: make sure the tables reach them
+            self.rotary.ensure(start + T, x.device)
+        query_pos = start + torch.arange(T, device=x.device)
+        cos, sin = self.rotary(query_pos[None] if position_ids is None else position_ids)
+        if isinstance(start, int) and start == 0 and attention_mask is None and segment_ids is None:
+            mask = None  # queries 0..T-1 over keys 0..T-1: SDPA's causal kernel, no mask tensor
+        else:
+            mask = attention_mask_for(query_pos, n_keys, attention_mask, segment_ids)
         for block in self.model.layers:
             x = block(x, cos, sin, mask, cache_pos)
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
 
-    def _static_step_inputs(self, T, cache_pos, position_ids, attention_mask):
-        """Rotary tables and mask for T tokens written at the tensor cache_pos, over the whole cache."""
-        cache = self.model.layers[0].self_attn.cache
-        if cache is None:
-            raise RuntimeError("cache_pos given but no KV cache: call model.setup_cache(batch_size, max_len) first")
-        query_pos = cache_pos + torch.arange(T, device=cache_pos.device)
-        if position_ids is None:
-            position_ids = query_pos[None]
-        cos, sin = self.rotary.lookup(position_ids)
-        key_pos = torch.arange(cache.k.shape[2], device=cache_pos.device)
-        mask = key_pos <= query_pos[:, None]  # (T, keys): the past, and nothing not yet written
-        if attention_mask is not None:  # (B, keys): padding of left-padded prompts
-            mask = mask & attention_mask.bool()[:, None, :]
-        return cos, sin, mask[:, None] if mask.dim() == 3 else mask
 
-    def _attention_mask(self, B, T, start, attention_mask, segment_ids, cached, device):
-        """None means plain causal (the fast path); otherwise a boolean mask broadcast to (B, 1, T, keys)."""
-        if attention_mask is None and segment_ids is None and start == 0:
-            return None  # queries 0..T-1 over keys 0..T-1, with or without a cache
-        if cached and self.model.layers[0].self_attn.cache is None:
-            raise RuntimeError("cache_pos given but no KV cache: call model.setup_cache(batch_size, max_len) first")
-        n_keys = start + T  # the keys written so far (start is 0 without a cache)
-        key_pos = torch.arange(n_keys, device=device)
-        valid = None
-        if attention_mask is not None:
-            valid = attention_mask.bool()
-            if valid.shape[1] < n_keys:  # the new tokens' own keys: real tokens
-                valid = F.pad(valid, (0, n_keys - valid.shape[1]), value=True)
-            valid = valid[:, None, :n_keys]
-        if T == 1 and segment_ids is None:
-            # One new token: every key written so far is in its past, so only padding is masked.
-            if valid is None:
-                return torch.ones(1, 1, 1, n_keys, dtype=torch.bool, device=device)
-            return (valid | (key_pos == start))[:, None]
-        query_pos = torch.arange(start, start + T, device=device)[:, None]
-        mask = (key_pos <= query_pos)[None].expand(B, T, n_keys)
-        if valid is not None:
-            mask = mask & valid
-        if segment_ids is not None:
-            if cached:
-                raise ValueError("segment_ids (packed documents) are for training; not supported with a KV cache")
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        # A padding query would attend to nothing (softmax of all -inf = NaN): let it see itself.
-        mask = mask | (key_pos == query_pos)[None]
-        return mask[:, None]
+def attention_mask_for(query_pos: torch.Tensor, n_keys: int, attention_mask: torch.Tensor | None = None,
+                       segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """One boolean mask (B or 1, 1, T, keys) built from positions, as gpt-fast does: query i (at
+    position query_pos[i]) sees key j when j <= query_pos[i] (causal, and never a cache slot not yet
+    written), the key is not padding (attention_mask: (B, keys) with 1 for real tokens; missing
+    trailing keys count as real) and, for packed documents, both are in the same segment."""
+    key_pos = torch.arange(n_keys, device=query_pos.device)
+    mask = key_pos <= query_pos[:, None]  # (T, keys)
+    if attention_mask is not None:
+        valid = attention_mask.bool()
+        if valid.shape[1] < n_keys:  # the new tokens' own keys: real tokens
+            valid = F.pad(valid, (0, n_keys - valid.shape[1]), value=True)
+        mask = mask & valid[:, None, :n_keys]  # (B, T, keys)
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    # A padding query would attend to nothing (softmax of all -inf = NaN): let it see itself.
+    mask = mask | (key_pos == query_pos[:, None])
+    return mask[:, None] if mask.dim() == 3 else mask[None, None]

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .errors import PeftError
 from .nf4 import NF4Linear
 
 METHODS = ("full", "lora", "qlora", "prefix", "adapters")
@@ -49,11 +50,6 @@ PROJECTIONS = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": 
 ADAPTER_SITES = ("o", "down")  # Houlsby: after the attention output and after the feed-forward output
 PEFT_MARKERS = ("lora_A", "lora_B", "kv_prefix.", "adapter_down.", "adapter_up.")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-PEFT_RECORD = "peft.json"  # in a full checkpoint folder: the method whose tensors model.safetensors holds
-
-
-class PeftError(ValueError):
-    """A PEFT option, adapter folder or model that does not fit, with the fix in the message."""
 
 
 @dataclass

@@ -55,16 +55,14 @@ from typing import Sequence
 import torch
 
 from .config import ModelConfig
+from .errors import PruneError
+from .importance import choose, choose_heads, weight_importance
 from .model import Transformer
-
-
-class PruneError(ValueError):
-    """Index sets or shapes that cannot make a consistent model, with the reason and the fix."""
 
 
 # ----------------------------------------------------------------------------- building models
 
-def _assemble(cfg: ModelConfig, tensors: dict[str, torch.Tensor], like: Transformer) -> Transformer:
+def assemble(cfg: ModelConfig, tensors: dict[str, torch.Tensor], like: Transformer) -> Transformer:
     """A Transformer of `cfg` holding `tensors` (no initialisation: built on meta, then assigned)."""
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -74,7 +72,7 @@ def _assemble(cfg: ModelConfig, tensors: dict[str, torch.Tensor], like: Transfor
     return model.train(like.training)
 
 
-def _map_parameters(model: Transformer, fn) -> dict[str, torch.Tensor]:
+def map_parameters(model: Transformer, fn) -> dict[str, torch.Tensor]:
     """{name: fn(name, tensor)} over every parameter name; a shared tensor (tied head, shared
     MLP) is transformed once, under its first name, and that result is used for all its names."""
     done: dict[int, torch.Tensor] = {}
@@ -230,7 +228,7 @@ def prune_width(model: Transformer, hidden_keep=None, ffn_keep=None, heads_keep=
 
     new_cfg = cfg.replace(d_model=len(hidden), d_ff=len(ffn[0]), n_heads=len(heads[0]), n_kv_heads=len(kv[0]),
                           head_dim=len(qk), norm_eps=cfg.norm_eps * (cfg.d_model / len(hidden) if rescale_norms else 1))
-    return _assemble(new_cfg, _map_parameters(model, prune), model)
+    return assemble(new_cfg, map_parameters(model, prune), model)
 
 
 # ----------------------------------------------------------------------------- depth and tying
@@ -242,14 +240,14 @@ def drop_layers(model: Transformer, keep: Sequence[int]) -> Transformer:
     _index_set(keep, model.config.n_layers, "layers to keep")
     new_index = {old: new for new, old in enumerate(keep)}
     tensors = {}
-    for name, tensor in _map_parameters(model, lambda name, t: t.clone()).items():
+    for name, tensor in map_parameters(model, lambda name, t: t.clone()).items():
         parts = name.split(".")
         if parts[:2] == ["model", "layers"]:
             if int(parts[2]) not in new_index:
                 continue
             parts[2] = str(new_index[int(parts[2])])
         tensors[".".join(parts)] = tensor
-    return _assemble(model.config.replace(n_layers=len(keep)), tensors, model)
+    return assemble(model.config.replace(n_layers=len(keep)), tensors, model)
 
 
 def first_n(n: int) -> list[int]:
@@ -267,9 +265,9 @@ def tie_embeddings(model: Transformer, source: str = "mean") -> Transformer:
     if source not in choices:
         raise PruneError(f"source={source!r}: choose 'input', 'output' or 'mean'")
     tied = choices[source]()
-    tensors = _map_parameters(model, lambda name, t: tied if name in ("model.embed_tokens.weight", "lm_head.weight")
+    tensors = map_parameters(model, lambda name, t: tied if name in ("model.embed_tokens.weight", "lm_head.weight")
                               else t.clone())
-    return _assemble(model.config.replace(tie_embeddings=True), tensors, model)
+    return assemble(model.config.replace(tie_embeddings=True), tensors, model)
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -294,7 +292,6 @@ def prune_to_shape(model: Transformer, target: ModelConfig, importance: dict | N
     """Width (by importance; default weight magnitudes), then depth (`layers`, from the original
     model's numbering), then tying, to reach `target`'s shape. The vocabulary must already match
     (shrink it with lillm.vocab first). Head dims are cut with head_dim_channels(how=head_dims)."""
-    from .importance import choose, choose_heads, weight_importance  # importance builds on this module
     cfg = model.config
     if target.vocab_size != cfg.vocab_size or target.shared_mlp != cfg.shared_mlp:
         raise PruneError(f"target vocab_size/shared_mlp {target.vocab_size}/{target.shared_mlp} differ from the "
@@ -351,5 +348,5 @@ def buzuzu_random_prune(model: Transformer, target: ModelConfig, seed: int = 0) 
             random_subset(w.shape[0], shapes[name][0])
         return _take(w, rows, random_subset(w.shape[1], shapes[name][1]) if w.dim() == 2 else None)
 
-    tensors = {n: t for n, t in _map_parameters(model, prune).items() if n in shapes}
-    return _assemble(shape_cfg, tensors, model)
+    tensors = {n: t for n, t in map_parameters(model, prune).items() if n in shapes}
+    return assemble(shape_cfg, tensors, model)

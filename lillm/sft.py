@@ -38,15 +38,12 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from .errors import SFTDataError
 from .tokenizer import ROLES, Tokenizer
 
 IGNORE_INDEX = -100
 TOO_LONG_CHOICES = ("drop", "truncate")
 BATCHING_CHOICES = ("pad", "pack")
-
-
-class SFTDataError(ValueError):
-    """A conversation file, or a row in it, that cannot be trained on."""
 
 
 # ---- reading ------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import tokenizers
 
-from .hf import HFError
+from .errors import HFError
 
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
 

@@ -28,17 +28,11 @@ from typing import Iterable, Mapping, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .errors import TokenizerFileError, ChatTemplateError
+
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 ROLES = ("system", "user", "assistant")
 N_BYTES = 256
-
-
-class TokenizerFileError(ValueError):
-    """A tokenizer.json that cannot be read or parsed."""
-
-
-class ChatTemplateError(ValueError):
-    """Messages that do not fit the chat template, or a tokenizer without role tokens."""
 
 
 class Tokenizer:
@@ -227,7 +221,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
 
 # ----------------------------------------------------------------------------- lenient loading
 
-def _merge_parts(merge) -> tuple[str, str]:
+def merge_parts(merge) -> tuple[str, str]:
     # tokenizer.json stores merges as "a b" (older files) or ["a", "b"] (newer files).
     if isinstance(merge, str):
         left, _, right = merge.partition(" ")
@@ -272,7 +266,7 @@ def load_lenient(path: str | os.PathLike) -> tuple[Tokenizer, str]:
         raise TokenizerFileError(f"{path} does not load and is not a BPE tokenizer.json with merges, so dropping "
                                  f"merges cannot repair it")
     vocab = model["vocab"]
-    merges = [_merge_parts(m) for m in model["merges"]]
+    merges = [merge_parts(m) for m in model["merges"]]
     kept = [(a, b) for a, b in merges if a in vocab and b in vocab and a + b in vocab]
     model["merges"] = [[a, b] for a, b in kept]
     try:

@@ -36,8 +36,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from .errors import TrainingDiverged
 from .loss import causal_lm_loss  # the default loss_fn; SFT and distillation pass their own
 from .model import Transformer
+from .moe import router_metrics
 
 
 @dataclass
@@ -63,6 +65,15 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)  # stage-specific settings, recorded in checkpoints
 
 
+@dataclass
+class Progress:
+    """Where a run is: saved in every checkpoint, restored on --resume."""
+    step: int = 0
+    tokens: int = 0
+    bad_in_row: int = 0     # non-finite steps in a row (the run stops at cfg.max_bad_steps)
+    bad_total: int = 0
+
+
 class BatchSource(Protocol):
     def next_step(self) -> list[dict[str, torch.Tensor]]: ...
     def state_dict(self) -> dict: ...
@@ -70,10 +81,6 @@ class BatchSource(Protocol):
 
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
-
-
-class TrainingDiverged(RuntimeError):
-    pass
 
 
 # ---- the pieces ---------------------------------------------------------------------
@@ -281,7 +288,7 @@ def train(model: Transformer, source: BatchSource, cfg: TrainConfig, env: Dist |
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
     model.to(env.device)
-    counters = {"step": 0, "tokens": 0, "bad_in_row": 0, "bad_total": 0}
+    progress = Progress()
     if resume:  # weights go in before sharding; optimizer state once the optimizer exists
         latest, state = _load_latest(out, model)
     wrapped = _wrap(model, env, cfg)
@@ -290,24 +297,24 @@ def train(model: Transformer, source: BatchSource, cfg: TrainConfig, env: Dist |
         _load_optimizer(model, optimizer, state["optimizer"])
         source.load_state_dict(state["source"])
         set_rng_state(state["rng"])
-        counters = {k: state[k] for k in counters}
+        progress = Progress(**{k: state[k] for k in asdict(progress)})
         if env.is_main:
-            print(f"resumed from {latest} at step {counters['step']}")
+            print(f"resumed from {latest} at step {progress.step}")
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
     autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     peak = device_peak_flops(env.device)
     log = RunLog(out, env.is_main)
     if resume:
-        log.truncate_after(counters["step"])
+        log.truncate_after(progress.step)
     info = dict(info or {}, train_config=asdict(cfg))
 
     def save(tag_step: int):
         model_state, optimizer_state = _full_states(model, optimizer, cfg)
         if env.is_main:
-            state = {**counters, "optimizer": optimizer_state, "source": source.state_dict(),
+            state = {**asdict(progress), "optimizer": optimizer_state, "source": source.state_dict(),
                      "rng": rng_state(), "config": asdict(cfg)}
             ckpt.save_checkpoint(out / f"step_{tag_step:06d}", model, tokenizer_path, state,
-                                 dict(info, step=tag_step, tokens=counters["tokens"]), state_dict=model_state)
+                                 dict(info, step=tag_step, tokens=progress.tokens), state_dict=model_state)
             ckpt.prune_checkpoints(out, cfg.keep_last)
         if env.world > 1:
             dist.barrier()
@@ -318,19 +325,19 @@ def train(model: Transformer, source: BatchSource, cfg: TrainConfig, env: Dist |
             with torch.no_grad(), autocast:
                 metrics = evaluate(model)
             if env.is_main:
-                log.write({"step": counters["step"], "tokens": counters["tokens"], **metrics})
+                log.write({"step": progress.step, "tokens": progress.tokens, **metrics})
                 log.plot()
         if env.world > 1:
             dist.barrier()
         return metrics
 
-    bar = tqdm(total=cfg.max_steps, initial=counters["step"], disable=not env.is_main, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=progress.step, disable=not env.is_main, dynamic_ncols=True)
     if env.is_main and peak is None:
         bar.write(f"MFU is not defined on {env.device} (no known peak FLOP/s); printing tokens/s only")
     metrics: dict = {}
-    while counters["step"] < cfg.max_steps:
+    while progress.step < cfg.max_steps:
         t0 = time.perf_counter()
-        lr = lr_at(counters["step"], cfg)
+        lr = lr_at(progress.step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [_to_device(b, env.device) for b in source.next_step()]
@@ -352,46 +359,47 @@ def train(model: Transformer, source: BatchSource, cfg: TrainConfig, env: Dist |
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
-        counters["step"] += 1
-        counters["tokens"] += step_tokens
+        progress.step += 1
+        progress.tokens += step_tokens
         if not (torch.isfinite(step_loss) and torch.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
-            counters["bad_in_row"] += 1
-            counters["bad_total"] += 1
-            log.write({"step": counters["step"], "tokens": counters["tokens"], "skipped": "non-finite loss or gradient",
-                       "bad_in_row": counters["bad_in_row"]})
-            bar.write(f"step {counters['step']}: non-finite loss/gradient, step skipped "
-                      f"({counters['bad_in_row']} in a row, {counters['bad_total']} in all)")
-            if counters["bad_in_row"] >= cfg.max_bad_steps:
+            progress.bad_in_row += 1
+            progress.bad_total += 1
+            log.write({"step": progress.step, "tokens": progress.tokens, "skipped": "non-finite loss or gradient",
+                       "bad_in_row": progress.bad_in_row})
+            bar.write(f"step {progress.step}: non-finite loss/gradient, step skipped "
+                      f"({progress.bad_in_row} in a row, {progress.bad_total} in all)")
+            if progress.bad_in_row >= cfg.max_bad_steps:
                 bar.close()
                 last_good = ckpt.list_checkpoints(out)
                 raise TrainingDiverged(
-                    f"{counters['bad_in_row']} non-finite steps in a row at step {counters['step']}: stopping. "
+                    f"{progress.bad_in_row} non-finite steps in a row at step {progress.step}: stopping. "
                     f"Last good checkpoint: {last_good[-1] if last_good else 'none'}. Lower the learning rate "
                     "or check the data, then --resume.")
             bar.update(1)
             continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        counters["bad_in_row"] = 0
+        progress.bad_in_row = 0
         dt = time.perf_counter() - t0
         tokens_per_s = step_tokens / dt
-        record = {"step": counters["step"], "tokens": counters["tokens"], "loss": round(step_loss.item(), 5),
+        record = {"step": progress.step, "tokens": progress.tokens, "loss": round(step_loss.item(), 5),
                   "lr": lr, "grad_norm": round(grad_norm.item(), 4), "tokens_per_s": round(tokens_per_s, 1)}
         if peak is not None and cfg.flops_per_token:
             record["mfu"] = round(cfg.flops_per_token * tokens_per_s / (peak * env.world), 4)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                         **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))
-        if counters["step"] % cfg.log_every == 0 or counters["step"] == 1:
+        if progress.step % cfg.log_every == 0 or progress.step == 1:
+            record.update(router_metrics(model))  # a mixture of experts' auxiliary losses; {} when dense
             log.write(record)
         metrics = record
-        done = counters["step"] == cfg.max_steps
-        if cfg.eval_every and (counters["step"] % cfg.eval_every == 0 or done):
+        done = progress.step == cfg.max_steps
+        if cfg.eval_every and (progress.step % cfg.eval_every == 0 or done):
             metrics = {**record, **run_eval()}
             if env.is_main and "val_loss" in metrics:
                 bar.write(json.dumps({k: metrics[k] for k in metrics if k.startswith("val") or k == "step"}))
-        if (cfg.save_every and counters["step"] % cfg.save_every == 0) or done:
-            save(counters["step"])
+        if (cfg.save_every and progress.step % cfg.save_every == 0) or done:
+            save(progress.step)
     bar.close()
     return metrics

@@ -44,14 +44,11 @@ import torch
 import torch.nn as nn
 from tokenizers import models, pre_tokenizers, trainers
 
+from .errors import VocabExpansionError
 from .model import Transformer
-from .tokenizer import Tokenizer, _merge_parts, fertility_report
+from .tokenizer import Tokenizer, fertility_report, merge_parts
 
 FILLER = "<|unused_{}|>"
-
-
-class VocabExpansionError(ValueError):
-    """A base tokenizer or model that cannot be expanded, with the reason and the fix."""
 
 
 # ----------------------------------------------------------------------------- expansion: tokenizer
@@ -97,13 +94,13 @@ def _train_new_language_bpe(base: Tokenizer, texts: list[str], vocab_size: int, 
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(texts, trainer=trainer)
     model = json.loads(backend.to_str())["model"]
-    return [_merge_parts(m) for m in model["merges"]], len(model["vocab"])
+    return [merge_parts(m) for m in model["merges"]], len(model["vocab"])
 
 
 def _select_merges(base_data: dict, candidates: list[tuple[str, str]], n_new: int) -> list[tuple[str, str]]:
     vocab = base_data["model"]["vocab"]
     known = set(vocab) | {t["content"] for t in base_data.get("added_tokens", [])}
-    ranks = {_merge_parts(m): r for r, m in enumerate(base_data["model"]["merges"])}
+    ranks = {merge_parts(m): r for r, m in enumerate(base_data["model"]["merges"])}
     kept = []
     for a, b in candidates:
         if len(kept) == n_new:

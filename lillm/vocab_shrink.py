@@ -50,14 +50,11 @@ import torch
 import torch.nn as nn
 from tokenizers import pre_tokenizers
 
+from .errors import VocabShrinkError
 from .model import Transformer
-from .prune import _assemble, _map_parameters
+from .prune import assemble, map_parameters
 
 BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
-
-
-class VocabShrinkError(ValueError):
-    """A tokenizer, target size or model that cannot be shrunk, with the reason and the fix."""
 
 
 def _backend(tokenizer) -> tokenizers.Tokenizer:
@@ -317,11 +314,11 @@ def shrink_model_vocab(model: Transformer, kept_old_ids) -> Transformer:
         raise VocabShrinkError(f"kept_old_ids must be distinct ids in [0, {cfg.vocab_size}) (the model's vocabulary); "
                                "pass VocabShrink.kept_old_ids")
     new_id = {old: new for new, old in enumerate(ids.tolist())}
-    tensors = _map_parameters(model, lambda name, t: t.index_select(0, ids.to(t.device))
+    tensors = map_parameters(model, lambda name, t: t.index_select(0, ids.to(t.device))
                               if name in ("model.embed_tokens.weight", "lm_head.weight") else t.clone())
     remap = {key: None if old is None else new_id.get(old) for key, old in
              (("bos_id", cfg.bos_id), ("eos_id", cfg.eos_id), ("pad_id", cfg.pad_id))}
-    return _assemble(cfg.replace(vocab_size=len(ids), **remap), tensors, model)
+    return assemble(cfg.replace(vocab_size=len(ids), **remap), tensors, model)
 
 
 class OldIdTeacher(nn.Module):

@@ -15,22 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as `python scripts/evaluate.py` without installing
-    sys.path.insert(0, str(REPO_ROOT))
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import torch
+from tqdm import tqdm
 
-from lillm import checkpoint as ckpt  # noqa: E402
-from lillm.evaluate import (CHALLENGE_SUBSETS, challenge_average, evaluate_subset, subset_score,  # noqa: E402
+from lillm import checkpoint as ckpt
+from lillm.evaluate import (CHALLENGE_SUBSETS, challenge_average, evaluate_subset, subset_score,
                             zindi_score)
-from lillm.sft import assistant_loss, build_examples, read_conversations  # noqa: E402
-from lillm.tokenizer import Tokenizer  # noqa: E402
+from lillm.sft import assistant_loss, build_examples, read_conversations
+from lillm.tokenizer import Tokenizer
 
 
 def evenly_spaced(rows: list, limit: int) -> list:

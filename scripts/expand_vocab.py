@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as `python scripts/expand_vocab.py` without installing
-    sys.path.insert(0, str(REPO_ROOT))
 
-from lillm import checkpoint as ckpt  # noqa: E402
-from lillm.corpora import documents_for  # noqa: E402
-from lillm.tokenizer import Tokenizer  # noqa: E402
-from lillm.vocab import expand_vocabulary, fertility_change  # noqa: E402
+from lillm import checkpoint as ckpt
+from lillm.corpora import documents_for
+from lillm.tokenizer import Tokenizer
+from lillm.vocab import expand_vocabulary, fertility_change
 
 
 def split_documents(langs: list[str], kinds: list[str], data_dir, holdout_every: int) -> tuple[list[str], list[str]]:

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as `python scripts/export_hf.py` without installing
-    sys.path.insert(0, str(REPO_ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from lillm import checkpoint as ckpt  # noqa: E402
-from lillm.hf import export_llama  # noqa: E402
+from lillm import checkpoint as ckpt
+from lillm.hf import export_llama
 
 DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

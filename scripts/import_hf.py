@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as `python scripts/import_hf.py` without installing
-    sys.path.insert(0, str(REPO_ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from lillm import checkpoint as ckpt  # noqa: E402
-from lillm.hf import import_llama  # noqa: E402
-from lillm.spm import load_tokenizer, save_tokenizer  # noqa: E402
+from lillm import checkpoint as ckpt
+from lillm.hf import import_llama
+from lillm.spm import load_tokenizer, save_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -21,25 +21,22 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as `python scripts/prune_experiment.py` without installing
-    sys.path.insert(0, str(REPO_ROOT))
 
-from lillm import checkpoint as ckpt  # noqa: E402
-from lillm.config import get_preset  # noqa: E402
-from lillm.data import BinLoader, load_meta  # noqa: E402
-from lillm.distill import distillation_loss  # noqa: E402
-from lillm.importance import activation_importance, block_influence, random_importance, top_layers  # noqa: E402
-from lillm.model import Transformer  # noqa: E402
-from lillm.prune import buzuzu_random_prune, first_n, prune_to_shape  # noqa: E402
-from lillm.train import Dist, TrainConfig, causal_lm_loss, train  # noqa: E402
-from pretrain import StepBatches, bin_evaluator  # noqa: E402
+from lillm import checkpoint as ckpt
+from lillm.config import get_preset
+from lillm.data import BinLoader, StepBatches, load_meta
+from lillm.distill import distillation_loss
+from lillm.importance import activation_importance, block_influence, random_importance, top_layers
+from lillm.model import Transformer
+from lillm.prune import buzuzu_random_prune, first_n, prune_to_shape
+from lillm.loss import causal_lm_loss
+from lillm.perplexity import bin_evaluator
+from lillm.train import Dist, TrainConfig, train
 
 ARMS = ("buzuzu", "random", "importance", "scratch")
 

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
 echo "== 1/5 install"
-$PY -m pip install -q -r requirements.txt
+$PY -m pip install -q -e .
 
 if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   PRESET=${PRESET:-lillm-39m}; STEPS=${STEPS:-3000}; SEQ=${SEQ:-512}; BATCH_TOKENS=${BATCH_TOKENS:-131072}

@@ -20,34 +20,29 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
-import sys
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
-import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as `python scripts/shrink.py` without installing
-    sys.path.insert(0, str(REPO_ROOT))
 
-from lillm import checkpoint as ckpt  # noqa: E402
-from lillm.cli import accumulation_steps, add_training_args, train_config_from_args  # noqa: E402
-from lillm.config import INKUBA_PARAMS  # noqa: E402
-from lillm.corpora import documents_for  # noqa: E402
-from lillm.data import BinLoader, token_dtype  # noqa: E402
-from lillm.distill import distillation_loss  # noqa: E402
-from lillm.hf import import_llama  # noqa: E402
-from lillm.importance import (activation_importance, block_influence, random_importance, top_layers,  # noqa: E402
+from lillm import checkpoint as ckpt
+from lillm.cli import accumulation_steps, add_training_args, train_config_from_args
+from lillm.config import INKUBA_PARAMS
+from lillm.corpora import documents_for
+from lillm.data import BinLoader, StepBatches, token_dtype
+from lillm.distill import distillation_loss
+from lillm.hf import import_llama
+from lillm.importance import (activation_importance, block_influence, random_importance, top_layers,
                               weight_importance)
-from lillm.prune import drop_layers, first_n, prune_to_shape, tie_embeddings  # noqa: E402
-from lillm.spm import load_tokenizer, save_tokenizer  # noqa: E402
-from lillm.tokenizer import Tokenizer, fertility_report  # noqa: E402
-from lillm.train import causal_lm_loss, setup_distributed, train  # noqa: E402
-from lillm.vocab_shrink import OldIdTeacher, shrink_model_vocab, shrink_tokenizer, token_counts  # noqa: E402
-from pretrain import StepBatches  # noqa: E402
+from lillm.prune import drop_layers, first_n, prune_to_shape, tie_embeddings
+from lillm.spm import load_tokenizer, save_tokenizer
+from lillm.tokenizer import Tokenizer, fertility_report
+from lillm.loss import causal_lm_loss
+from lillm.perplexity import evaluate_windows, token_windows
+from lillm.train import setup_distributed, train
+from lillm.vocab_shrink import OldIdTeacher, shrink_model_vocab, shrink_tokenizer, token_counts
 
 KINDS = ("mono", "news", "sentiment", "mt")  # not 'ner': MasakhaNER sentences repeat Lacuna text
 
@@ -128,31 +123,6 @@ def eval_documents(tokenizer: Tokenizer, dev_text: dict[str, list[str]], max_tok
     return chosen
 
 
-def windows(tokens: np.ndarray, seq_len: int, batch: int, n_batches: int | None = None) -> list[dict]:
-    """Consecutive non-overlapping windows (x, y one further), batch by batch."""
-    n = (len(tokens) - 1) // seq_len
-    rows = [tokens[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]
-    out = []
-    for start in range(0, n, batch):
-        w = torch.from_numpy(np.stack(rows[start:start + batch]))
-        out.append({"input_ids": w[:, :-1], "labels": w[:, 1:]})
-    return out[:n_batches]
-
-
-@torch.no_grad()
-def dev_loss(model, batches: list[dict], bytes_per_token: float, device) -> dict:
-    """Mean next-token loss (nats) and bits per byte, comparable across tokenizers."""
-    was_training = model.training
-    model.eval()
-    total = count = 0.0
-    for b in batches:
-        loss, n = causal_lm_loss(model, {k: v.to(device) for k, v in b.items()})
-        total, count = total + loss.item(), count + n.item()
-    model.train(was_training)
-    loss = total / count
-    return {"val_loss": round(loss, 5), "val_bpb": round(loss / math.log(2) / bytes_per_token, 5)}
-
-
 # ---- steps -----------------------------------------------------------------------------------------
 def target_shape(cfg, args):
     changes = {k: v for k, v in (("d_model", args.d_model), ("d_ff", args.d_ff)) if v is not None}
@@ -227,7 +197,7 @@ class Shrinker:
 
     def measure(self, step: str) -> None:
         tokens, bytes_per_token = encode_stream(self.tokenizer, self.eval_docs)
-        result = dev_loss(self.model, windows(tokens, self.args.seq_len, self.args.micro_batch), bytes_per_token,
+        result = evaluate_windows(self.model, token_windows(tokens, self.args.seq_len, self.args.micro_batch), bytes_per_token,
                           self.env.device)
         self.report["steps"].append({"step": step, "config": self.model.config.to_dict(),
                                      "params": param_row(self.model), **result})
@@ -249,7 +219,7 @@ class Shrinker:
     def prune(self) -> None:
         """Width, then depth, then tying; importance and block influence from the model entering the step."""
         args, cfg = self.args, self.model.config
-        calib = windows(self.train_tokens, args.seq_len, args.micro_batch, args.calib_batches)
+        calib = token_windows(self.train_tokens, args.seq_len, args.micro_batch, args.calib_batches)
         layers = None
         if args.layers and args.layers != cfg.n_layers:
             layers = (top_layers(block_influence(self.model, calib), args.layers) if args.layer_choice == "influence"

@@ -1,27 +1,23 @@
-"""Tests for scripts/bench.py: the benchmark runs end to end on tiny sizes and refuses unfair comparisons.
+"""Tests for the bench package: the benchmark runs end to end on tiny sizes and refuses unfair comparisons.
 
 No timing is asserted (the machine is shared); only that every measurement is made, reported and
 recorded, and that the decode comparison stops when the two libraries disagree.
 """
-import importlib.util
 import json
+import runpy
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from bench import __main__ as cli
+from bench import decode as bench_decode
+from bench import harness, mfu
+from bench import train as bench_train
 from lillm.tokenizer import train_bpe
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
-spec = importlib.util.spec_from_file_location("bench", SCRIPT)
-bench = importlib.util.module_from_spec(spec)
-sys.modules["bench"] = bench
-spec.loader.exec_module(bench)  # also puts scripts/ on sys.path for the bench_* modules
-
-import bench_decode  # noqa: E402
-import bench_train  # noqa: E402
 
 SWAHILI = ["Habari za asubuhi rafiki yangu", "Watoto wanacheza mpira uwanjani", "Mvua inanyesha sana leo",
            "Tunakwenda sokoni kununua matunda", "Mwalimu anafundisha darasani", "Kahawa ya Kenya ni tamu"]
@@ -43,7 +39,7 @@ def text_and_tokenizer(tmp_path_factory):
 def test_tiny_run_measures_every_comparison_and_writes_the_record(tmp_path, text_and_tokenizer, capsys):
     corpus, tokenizer = text_and_tokenizer
     out = tmp_path / "bench.json"
-    record = bench.main(TINY_RUN + ["--no-memory", "--tokenizer", str(tokenizer), "--data-files", str(corpus),
+    record = cli.main(TINY_RUN + ["--no-memory", "--tokenizer", str(tokenizer), "--data-files", str(corpus),
                                     "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(record))
     for key in ("date", "device", "torch", "transformers", "threads", "command"):
@@ -66,11 +62,11 @@ def test_tiny_run_measures_every_comparison_and_writes_the_record(tmp_path, text
 
 def test_greedy_check_accepts_the_same_weights_and_fires_on_different_ones():
     cfg = bench_decode.decode_config("tiny")
-    ours, theirs = bench_train.build_pair(cfg, "cpu", seed=0)
+    ours, theirs = harness.build_pair(cfg, "cpu", seed=0)
     prompts = bench_decode.random_prompts(cfg.vocab_size, batch=2, length=5)
     bench_decode.assert_same_greedy(ours.eval(), theirs.eval(), prompts, new_tokens=4)
     torch.manual_seed(123)
-    stranger = bench_train.hf_model_like(cfg).eval()  # same shapes, other random weights
+    stranger = harness.hf_model_like(cfg).eval()  # same shapes, other random weights
     with pytest.raises(bench_decode.GreedyMismatchError, match="prompt 0, new token 0: lillm chose"):
         bench_decode.assert_same_greedy(ours, stranger, prompts, new_tokens=4)
 
@@ -102,13 +98,13 @@ def test_step_memory_is_measured_in_a_fresh_process_and_is_positive():
         pytest.skip("the CPU memory measurement reads Linux's /proc/self/status")
     used = bench_train.step_memory_in_subprocess("lillm", "tiny", batch=2, seq_len=16, threads=1)
     # At least the gradients and both AdamW moments of the fp32 weights (3 copies), minus rounding to pages.
-    weights = bench_train.bench_config("tiny").num_params() * 4
+    weights = harness.bench_config("tiny").num_params() * 4
     assert used > 2 * weights
 
 
 def test_help_lists_presets_devices_and_comparisons(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        bench.parse_args(["--help"])
+        cli.parse_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for option in ("--presets", "--device", "--what", "--steps", "--batch", "--seq-len", "--threads", "--json"):
@@ -117,11 +113,11 @@ def test_help_lists_presets_devices_and_comparisons(capsys):
 
 def test_bad_settings_are_refused_with_the_option_named(capsys):
     with pytest.raises(SystemExit):
-        bench.parse_args(["--steps", "0"])
+        cli.parse_args(["--steps", "0"])
     assert "--steps must be at least 1" in capsys.readouterr().err
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
-            bench.parse_args(["--device", "cuda"])
+            cli.parse_args(["--device", "cuda"])
         assert "torch sees no CUDA device" in capsys.readouterr().err
 
 
@@ -129,21 +125,43 @@ def test_a_missing_data_file_fails_before_any_model_is_benchmarked(tmp_path, mon
     def must_not_run(*args, **kwargs):
         raise AssertionError("model benchmarks ran before the data sources were checked")
 
-    monkeypatch.setattr(bench, "run_comparisons", must_not_run)
+    monkeypatch.setattr(harness, "run_comparisons", must_not_run)
     missing = tmp_path / "absent.txt"
     with pytest.raises(FileNotFoundError, match="absent.txt not found"):
-        bench.main(["--presets", "tiny", "--data-files", str(missing), "--json", str(tmp_path / "b.json")])
+        cli.main(["--presets", "tiny", "--data-files", str(missing), "--json", str(tmp_path / "b.json")])
 
 
 def test_mfu_script_runs_every_variant_on_the_cpu(monkeypatch, tmp_path):
-    """scripts/bench_mfu.py is for GPUs; on the CPU it must still run each variant's step (compiling
+    """bench.mfu is for GPUs; on the CPU it must still run each variant's step (compiling
     is replaced by the identity here: real compilation takes minutes on this machine)."""
-    import bench_mfu
-
     monkeypatch.setattr(torch, "compile", lambda fn, **_: fn)
     out = tmp_path / "mfu.json"
-    rows = bench_mfu.main(["--preset", "tiny", "--device", "cpu", "--batch", "2", "--seq-len", "16",
+    rows = mfu.main(["--preset", "tiny", "--device", "cpu", "--batch", "2", "--seq-len", "16",
                            "--steps", "1", "--warmup", "1", "--json", str(out)])
-    assert [row["variant"] for row in rows] == list(bench_mfu.VARIANTS)
+    assert [row["variant"] for row in rows] == list(mfu.VARIANTS)
     assert all(row["tokens_per_s"] > 0 and row["mfu"] is None for row in rows)  # no MFU without a GPU peak
     assert json.loads(out.read_text()) == rows
+
+
+@pytest.mark.parametrize("module", ["bench", "bench.train", "bench.decode", "bench.data", "bench.mfu",
+                                    "bench.import_hf", "bench.peft"])
+def test_every_benchmark_runs_as_a_module_and_explains_itself(module, monkeypatch, capsys):
+    """`python -m module --help`, run the way -m runs it (runpy) in this process: a fresh interpreter
+    per module would spend a minute importing torch (test_step_memory... runs a real `python -m`)."""
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as exit_info:
+        warnings.simplefilter("ignore", RuntimeWarning)  # "found in sys.modules": this test imported it
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert exit_info.value.code == 0
+    assert f"python -m {module}" in capsys.readouterr().out  # the usage line of its docstring
+
+
+def test_the_memory_reader_sees_an_allocation_and_the_stopwatch_its_time():
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("the CPU memory reader reads Linux's /proc/self/status")
+    before = harness.reset_peak_memory()
+    with harness.Stopwatch() as watch:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    after = harness.read_memory()
+    assert after.peak - before.now >= 60 * 2**20 and after.lifetime_peak >= before.now
+    assert 0 < watch.seconds < 60 and block.sum() > 0

@@ -9,7 +9,8 @@ from lillm.config import get_preset
 from lillm.distill import DistillationError, distillation_loss, kl_divergence_sum
 from lillm.model import Transformer
 from lillm.prune import prune_width
-from lillm.train import TrainConfig, causal_lm_loss, train
+from lillm.loss import causal_lm_loss
+from lillm.train import TrainConfig, train
 
 VOCAB = 53
 

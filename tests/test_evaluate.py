@@ -1,6 +1,4 @@
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +11,6 @@ from lillm.evaluate import (bleu, challenge_average, chrf, classify_by_likelihoo
 from lillm.model import Transformer
 from lillm.tokenizer import train_bpe
 
-REPO = Path(__file__).resolve().parents[1]
 HYPOTHESES = ["Watoto wanacheza mpira uwanjani kila jioni.", "Gwamnati ta ƙaddamar da sabon shiri.",
               "", "Mvua kubwa imenyesha jijini Dar es Salaam, 12,000 watu.", "abc"]
 REFERENCES = ["Watoto wanacheza mpira uwanjani jioni.", "Gwamnatin jihar ta ƙaddamar da sabon shirin noma.",
@@ -135,9 +132,8 @@ def test_evaluate_script_writes_table_and_json(tmp_path, tokenizer):
     rows = [sentiment_row(t, l) for t, l in (("a", "Chanya"), ("b", "Hasi"), ("c", "Wastani"))]
     for split in ("train", "test"):
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = importlib.util.spec_from_file_location("evaluate_script", REPO / "scripts" / "evaluate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from scripts import evaluate as script
+
     results = script.main(["--checkpoint", str(tmp_path / "model"), "--data", str(data), "--limit", "2",
                            "--out", str(tmp_path / "eval")])
     assert results["subsets"]["sentiment/swa"]["n"] == 2

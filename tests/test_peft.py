@@ -235,7 +235,7 @@ def test_prefix_is_initialised_from_the_base_models_own_keys_and_values():
     ids = torch.tensor([3, 1, 4, 1, 5])
     model = apply_peft(base_model(), "prefix", prefix_length=5, prefix_init_ids=ids)
     expected = prefix_from_tokens(base_model(), ids)
-    for block, (keys, values) in zip(model.model.layers, expected):
+    for block, (keys, _values) in zip(model.model.layers, expected):
         assert isinstance(block.self_attn.kv_prefix, KVPrefix)
         assert torch.equal(block.self_attn.kv_prefix.keys, keys) and block.self_attn.kv_prefix.keys.shape == (2, 5, 16)
     assert not torch.allclose(model(tokens()), base_model()(tokens()))  # every query attends to the prefix

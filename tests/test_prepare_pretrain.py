@@ -1,10 +1,7 @@
 """Tests for data/prepare_pretrain.py: token bins round-trip, are deterministic, and fail clearly."""
-import importlib.util
 import json
-import sys
 import unicodedata
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +9,8 @@ import pytest
 from lillm.data import BinLoader, check_bins
 from lillm.tokenizer import Tokenizer, train_bpe
 
-SCRIPT = Path(__file__).resolve().parent.parent / "data" / "prepare_pretrain.py"
-spec = importlib.util.spec_from_file_location("prepare_pretrain", SCRIPT)
-prepare_pretrain = importlib.util.module_from_spec(spec)
-sys.modules["prepare_pretrain"] = prepare_pretrain   # dataclasses look their module up by name
-spec.loader.exec_module(prepare_pretrain)
+from data import prepare_pretrain
+
 prepare = prepare_pretrain.prepare
 
 SWAHILI = ["Habari za asubuhi rafiki yangu", "Watoto wanacheza mpira uwanjani", "Mvua inanyesha sana leo",

@@ -1,19 +1,13 @@
-import importlib.util
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from data import prepare_sft
 from lillm.corpora import data_dir
 from lillm.sft import read_conversations
 
-SCRIPT = Path(__file__).resolve().parent.parent / "data" / "prepare_sft.py"
-spec = importlib.util.spec_from_file_location("prepare_sft", SCRIPT)
-prepare_sft = importlib.util.module_from_spec(spec)
-sys.modules["prepare_sft"] = prepare_sft
-spec.loader.exec_module(prepare_sft)
 
 
 def real_data_dir():

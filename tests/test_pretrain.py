@@ -84,6 +84,23 @@ def test_two_process_run_equals_one_process_with_the_same_global_batch(bins, tmp
         assert torch.allclose(w1[name], w2[name], atol=1e-5), name
 
 
+def test_two_process_moe_run_equals_one_process_with_the_same_global_batch(bins, tmp_path):
+    """A mixture of experts: the load-balancing loss is per micro batch, weighted by its targets
+    (lillm/moe.py), so 2 processes x 2 micro batches equal 1 process x 4, as for the dense model."""
+    common = ["--preset", "moe-tiny", "--max-steps", "5", "--global-batch-tokens", str(8 * 32), "--save-every", "5",
+              "--micro-batch", "2"]
+    run_pretrain(bins, tmp_path / "one", *common)
+    run_pretrain(bins, tmp_path / "two", *common, nproc=2)
+    logs = [[json.loads(l) for l in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("one", "two")]
+    assert all("moe_balance" in record for record in logs[0] if "loss" in record)
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-5, abs=1e-5)
+    w1 = load_file(tmp_path / "one/step_000005/model.safetensors")
+    w2 = load_file(tmp_path / "two/step_000005/model.safetensors")
+    assert any(".block_sparse_moe.experts.3.w2" in name for name in w1)
+    for name in w1:
+        assert torch.allclose(w1[name], w2[name], atol=1e-5), name
+
+
 def test_sigkill_then_resume_equals_an_uninterrupted_run(bins, tmp_path):
     common = ["--max-steps", "20", "--save-every", "10", "--global-batch-tokens", str(64 * 32), "--micro-batch", "16"]
     run_pretrain(bins, tmp_path / "straight", *common)

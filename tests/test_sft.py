@@ -1,6 +1,4 @@
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +10,8 @@ from lillm.model import Transformer
 from lillm.sft import (IGNORE_INDEX, SFTBatches, SFTDataError, SFTExample, add_neftune, build_examples,
                        pack_rows, packed_batch, pad_batch, read_conversations, shorten_prompt, tokenize_conversation)
 from lillm.tokenizer import train_bpe
-from lillm.train import causal_lm_loss
+from lillm.loss import causal_lm_loss
 
-REPO = Path(__file__).resolve().parents[1]
 TEXTS = [
     "Habari za asubuhi, rafiki yangu? Nzuri sana, asante.",
     "Watoto wanacheza mpira uwanjani pamoja na walimu wao.",
@@ -266,7 +263,6 @@ def test_neftune_adds_bounded_noise_only_when_training_with_gradients():
 
 # ---- sft_train.py end to end -------------------------------------------------------------------------------
 def test_sft_train_runs_end_to_end_in_two_stages(tmp_path, tokenizer):
-    sys.path.insert(0, str(REPO))
     import sft_train
 
     tokenizer.save(tmp_path / "tokenizer.json")

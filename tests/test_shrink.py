@@ -2,20 +2,17 @@
 and a lillm checkpoint with a byte-level BPE, shrunk to a requested shape with a report."""
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import shrink  # noqa: E402
-
-from lillm import checkpoint as ckpt  # noqa: E402
-from lillm.config import get_preset  # noqa: E402
-from lillm.model import Transformer  # noqa: E402
-from lillm.tokenizer import train_bpe  # noqa: E402
+from lillm import checkpoint as ckpt
+from lillm.config import get_preset
+from lillm.model import Transformer
+from lillm.tokenizer import train_bpe
+from scripts import shrink
 
 pytestmark = pytest.mark.filterwarnings("ignore:skipping corpora missing")  # the tiny data dir has two files
 

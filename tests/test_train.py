@@ -7,7 +7,8 @@ import torch
 from lillm import checkpoint as ckpt
 from lillm.config import get_preset
 from lillm.model import Transformer
-from lillm.train import TrainConfig, TrainingDiverged, causal_lm_loss, lr_at, make_optimizer, train
+from lillm.loss import causal_lm_loss
+from lillm.train import TrainConfig, TrainingDiverged, lr_at, make_optimizer, train
 
 
 class RandomTokens:

@@ -1,5 +1,7 @@
 """Decoding and prefill benchmarks: lillm's generate against transformers' generate.
 
+    python -m bench.decode --presets tiny --what decode     # python -m bench --what decode prefill
+
 Decoding is measured the way a user meets it: the public `generate` of each library, greedy, a
 batch of same-length random prompts, a fixed number of new tokens and no end-of-sequence stop
 (lillm: eos_id=None; transformers: eos_token_id=None), so both produce exactly the same number of
@@ -33,18 +35,32 @@ one argmax.
 """
 from __future__ import annotations
 
+import sys
+from functools import partial
+
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_train import bench_config, build_pair, comparison_row, median, time_alternating
+from bench import harness
 from lillm.generate import StaticDecoder, generate
-
 
 DECODE_INIT_STD = 0.2
 
 
+def add_arguments(parser) -> None:
+    decode = parser.add_argument_group("decoding and prefill")
+    decode.add_argument("--repeats", type=int, default=3, help="timed repetitions per side")
+    decode.add_argument("--decode-batches", type=int, nargs="+", default=[1, 8])
+    decode.add_argument("--prompt-len", type=int, default=32)
+    decode.add_argument("--new-tokens", type=int, default=256)
+    decode.add_argument("--prefill-len", type=int, default=512)
+    decode.add_argument("--prefill-batches", type=int, nargs="+", default=[1, 8])
+    decode.add_argument("--hf-compiled-decode", action="store_true",
+                        help="also time transformers' static-cache generate (compiled by transformers on GPUs)")
+
+
 def decode_config(preset: str, min_len: int = 0):
-    return bench_config(preset, min_len, init_std=DECODE_INIT_STD)
+    return harness.bench_config(preset, min_len, init_std=DECODE_INIT_STD)
 
 
 class GreedyMismatchError(AssertionError):
@@ -138,12 +154,12 @@ def bench_decode(preset: str, device, dtype: torch.dtype, batches: list[int], pr
     eager generate; with hf_compiled also against transformers' static cache, which its generate
     compiles by itself on a GPU."""
     cfg = decode_config(preset, prompt_len + new_tokens)
-    ours, theirs = build_pair(cfg, device)
+    ours, theirs = harness.build_pair(cfg, device)
     ours.eval(), theirs.eval()
     on_gpu = torch.device(device).type != "cpu"
     # The check runs on the CPU in fp32, where both libraries agree on every token; on an H100 the
     # fp32 models sometimes diverged after 43 tokens (see the module docstring). Same seed, same weights.
-    checked = tuple(model.eval() for model in build_pair(cfg, "cpu")) if on_gpu else (ours, theirs)
+    checked = tuple(model.eval() for model in harness.build_pair(cfg, "cpu")) if on_gpu else (ours, theirs)
     rows = []
     for batch in batches:
         prompts = random_prompts(cfg.vocab_size, batch, prompt_len)
@@ -156,25 +172,27 @@ def bench_decode(preset: str, device, dtype: torch.dtype, batches: list[int], pr
             extra["fp32_equal_tokens_on_device"] = equal_prefix(ours.float(), theirs.float(), prompts, new_tokens)
         ours.to(dtype), theirs.to(dtype)
         decoder = StaticDecoder(ours) if compile_model else None
-        calls = {"lillm": lambda: lillm_generate(ours, prompts, new_tokens, decoder),
-                 "transformers": lambda: hf_generate(theirs, prompts, new_tokens)}
+        calls = {"lillm": partial(lillm_generate, ours, prompts, new_tokens, decoder),
+                 "transformers": partial(hf_generate, theirs, prompts, new_tokens)}
         if hf_compiled:
-            calls["transformers static"] = lambda: hf_generate(theirs, prompts, new_tokens, static_cache=True)
+            calls["transformers static"] = partial(hf_generate, theirs, prompts, new_tokens, static_cache=True)
         # On the CPU the greedy check already ran both timed models once: one warm-up less. Compiled
         # decoding needs one call to compile and record its graphs.
         warmup_calls = max(1 if compile_model else 0, warmup - (0 if on_gpu else 1))
         with torch.no_grad():
-            seconds = time_alternating(calls, repeats, warmup_calls, device)
+            seconds = harness.time_alternating(calls, repeats, warmup_calls, device)
         ours.clear_cache()
         tokens = batch * new_tokens
-        ours_tps = tokens / median(seconds["lillm"])
+        ours_tps = tokens / harness.median(seconds["lillm"])
         how = ", lillm compiled" if compile_model else ""
-        rows.append(comparison_row(preset, f"decode B={batch} prompt={prompt_len} new={new_tokens}{how}", "tokens/s",
-                                   ours_tps, tokens / median(seconds["transformers"]), greedy_tokens_equal=True,
-                                   greedy_rounding_ties=ties, **extra))
+        metric = f"decode B={batch} prompt={prompt_len} new={new_tokens}{how}"
+        rows.append(harness.comparison_row(preset, metric, "tokens/s", ours_tps,
+                                           tokens / harness.median(seconds["transformers"]),
+                                           greedy_tokens_equal=True, greedy_rounding_ties=ties, **extra))
         if hf_compiled:
-            rows.append(comparison_row(preset, f"decode B={batch}{how} vs transformers static cache, compiled",
-                                       "tokens/s", ours_tps, tokens / median(seconds["transformers static"])))
+            metric = f"decode B={batch}{how} vs transformers static cache, compiled"
+            rows.append(harness.comparison_row(preset, metric, "tokens/s", ours_tps,
+                                               tokens / harness.median(seconds["transformers static"])))
     return rows
 
 
@@ -182,16 +200,41 @@ def bench_prefill(preset: str, device, dtype: torch.dtype, batches: list[int], p
                   warmup: int) -> list[dict]:
     """The prompt pass as each generate runs it: generate one token after a prompt_len prompt."""
     cfg = decode_config(preset, prompt_len + 1)
-    ours, theirs = build_pair(cfg, device)
+    ours, theirs = harness.build_pair(cfg, device)
     ours.eval().to(dtype), theirs.eval().to(dtype)
     rows = []
     for batch in batches:
         prompts = random_prompts(cfg.vocab_size, batch, prompt_len)
-        calls = {"lillm": lambda: lillm_generate(ours, prompts, 1),
-                 "transformers": lambda: hf_generate(theirs, prompts, 1)}
+        calls = {"lillm": partial(lillm_generate, ours, prompts, 1),
+                 "transformers": partial(hf_generate, theirs, prompts, 1)}
         with torch.no_grad():
-            seconds = time_alternating(calls, repeats, warmup, device)
+            seconds = harness.time_alternating(calls, repeats, warmup, device)
         tokens = batch * prompt_len
-        rows.append(comparison_row(preset, f"prefill B={batch} prompt={prompt_len}", "tokens/s",
-                                   tokens / median(seconds["lillm"]), tokens / median(seconds["transformers"])))
+        rows.append(harness.comparison_row(preset, f"prefill B={batch} prompt={prompt_len}", "tokens/s",
+                                           tokens / harness.median(seconds["lillm"]),
+                                           tokens / harness.median(seconds["transformers"])))
     return rows
+
+
+def compare_decode(preset: str, args, dtype: torch.dtype) -> list[dict]:
+    return bench_decode(preset, args.device, dtype, args.decode_batches, args.prompt_len, args.new_tokens,
+                        args.repeats, args.warmup, args.compile, args.hf_compiled_decode)
+
+
+def compare_prefill(preset: str, args, dtype: torch.dtype) -> list[dict]:
+    return bench_prefill(preset, args.device, dtype, args.prefill_batches, args.prefill_len, args.repeats,
+                         args.warmup)
+
+
+COMPARISONS = {"decode": compare_decode, "prefill": compare_prefill}
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = harness.argument_parser(__doc__, what=tuple(COMPARISONS))
+    add_arguments(parser)
+    return harness.run(harness.parse_args(parser, argv), argv, COMPARISONS)
+
+
+if __name__ == "__main__":
+    main()

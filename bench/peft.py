@@ -1,10 +1,11 @@
 """Benchmark full fine-tuning, LoRA, QLoRA, prefix tuning and adapters on one language-modelling task.
 
-    python scripts/bench_peft.py --base /tmp/peft_base --data /tmp/lead_data --steps 40
+    python -m bench.peft --base /tmp/peft_base --data /tmp/lead_data --steps 40
 
 Each method starts from the same base checkpoint, sees the same batches for the same number
 of steps through lillm.train.train, and is scored by the mean next-token loss on the same dev
-windows. Each method runs in its own process so that memory figures do not mix:
+windows. Each method runs in its own process (bench.harness.run_child) so that memory figures
+do not mix (bench.harness.read_memory):
 - peak RSS: the process's resident-set high-water mark (VmHWM, reset through
   /proc/self/clear_refs just before training) minus its RSS at that moment, i.e. what
   training added (gradients, AdamW moments, activations, allocator slack);
@@ -19,28 +20,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as `python scripts/bench_peft.py` without installing
-    sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from lillm import checkpoint as ckpt  # noqa: E402
-from lillm.corpora import documents_for  # noqa: E402
-from lillm.data import BinLoader, iter_eval_batches, load_meta  # noqa: E402
-from lillm.nf4 import NF4Linear, dequantize_nf4, error_bound, quantize_nf4  # noqa: E402
-from lillm.peft import METHODS, apply_peft, describe  # noqa: E402
-from lillm.tokenizer import Tokenizer  # noqa: E402
-from lillm.train import TrainConfig, causal_lm_loss, train  # noqa: E402
-from lillm.vocab import expand_tokenizer, fertility_change, learn_new_merges  # noqa: E402
+from bench import harness
+from lillm import checkpoint as ckpt
+from lillm.corpora import documents_for
+from lillm.data import BinLoader, iter_eval_batches, load_meta
+from lillm.loss import causal_lm_loss
+from lillm.nf4 import NF4Linear, dequantize_nf4, error_bound, quantize_nf4
+from lillm.peft import METHODS, apply_peft, describe
+from lillm.tokenizer import Tokenizer
+from lillm.train import TrainConfig, train
+from lillm.vocab import expand_tokenizer, fertility_change, learn_new_merges
 
 DEFAULT_LR = {"full": 3e-4, "lora": 2e-3, "qlora": 2e-3, "prefix": 5e-3, "adapters": 1e-3}
 MIB = 2 ** 20
@@ -72,16 +68,6 @@ def dev_loss(model, val_bin: Path, seq_len: int, batch: int, max_batches: int) -
     return total / count
 
 
-def memory_kib() -> dict[str, int]:
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS", "VmHWM")):
-                key, value = line.split(":")
-                fields[key] = int(value.split()[0])
-    return fields
-
-
 def state_bytes(model) -> dict[str, int]:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
@@ -107,30 +93,23 @@ def run_method(args, method: str) -> dict:
         cfg = TrainConfig(out_dir=out, max_steps=args.steps, lr=lr, warmup_steps=max(1, args.steps // 10),
                           weight_decay=0.0, eval_every=0, save_every=0, keep_last=1, log_every=1, precision="fp32",
                           seed=args.seed)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        rss_start = memory_kib()["VmRSS"]
-        started = time.perf_counter()
-        train(model, Windows(loader), cfg, info={"stage": "bench_peft", "peft": describe(model)})
-        wall = time.perf_counter() - started
-        peak = memory_kib()["VmHWM"]
+        rss_start = harness.reset_peak_memory().now  # VmHWM lowered to the current RSS
+        with harness.Stopwatch() as watch:
+            train(model, Windows(loader), cfg, info={"stage": "bench_peft", "peft": describe(model)})
+        peak = harness.read_memory().peak
         records = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
     step_seconds = [args.seq_len * args.micro_batch / r["tokens_per_s"] for r in records
                     if "tokens_per_s" in r and r["step"] > 1]
     counts = describe(model)
     return {"method": method, "lr": lr, "trainable_params": counts["trainable_params"],
-            "trainable_percent": counts["trainable_percent"], "peak_rss_added_mib": (peak - rss_start) / 1024,
-            "peak_rss_mib": peak / 1024, **{f"{k}_mib": v / MIB for k, v in state_bytes(model).items()},
-            "steps_per_s": 1 / statistics.median(step_seconds), "wall_s": wall,
+            "trainable_percent": counts["trainable_percent"], "peak_rss_added_mib": (peak - rss_start) / MIB,
+            "peak_rss_mib": peak / MIB, **{f"{k}_mib": v / MIB for k, v in state_bytes(model).items()},
+            "steps_per_s": 1 / harness.median(step_seconds), "wall_s": watch.seconds,
             "dev_loss_start": start_loss, "dev_loss_end": dev_loss(model, *eval_args)}
 
 
 def run_in_subprocess(args, method: str) -> dict:
-    command = [sys.executable, __file__, "--one", method] + args.passthrough
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{method} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return harness.run_child("bench.peft", "--one", method, *args.passthrough)
 
 
 # ----------------------------------------------------------------------------- QLoRA and vocabulary reports

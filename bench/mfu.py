@@ -1,9 +1,9 @@
 """Where does a GPU training step lose MFU? lillm alone, one preset, several ways to run the step.
 
-    python scripts/bench_mfu.py --preset lillm-300m --batch 32                    # every variant
-    python scripts/bench_mfu.py --variants model fused-compiled --attention cudnn flash --profile
+    python -m bench.mfu --preset lillm-300m --batch 32                    # every variant
+    python -m bench.mfu --variants model fused-compiled --attention cudnn flash --profile
 
-scripts/bench.py compares lillm with transformers the way lillm.train runs (the model compiled,
+python -m bench compares lillm with transformers the way lillm.train runs (the model compiled,
 the fused head + loss of lillm/loss.py outside the compiled graph). This script times variants
 of that step, to see what the compiler and the attention kernel are worth:
 - model:          torch.compile(model); the fused loss runs eagerly (what lillm.train does)
@@ -12,26 +12,25 @@ of that step, to see what the compiler and the attention kernel are worth:
 - eager:          nothing compiled
 each with SDPA's cuDNN or flash attention kernel (--attention; CUDA only). MFU is model FLOPs
 (lillm.config.flops_per_token) per second over the device's bf16 peak (lillm.train); --profile
-prints torch.profiler's top kernels of the first variant. Each variant compiles from scratch
-(torch._dynamo.reset), so its first steps take a minute on a GPU; they are not timed.
+prints torch.profiler's top kernels of the first variant. A step's time is the median over
+--steps of bench.harness's stopwatch (the host clock, waiting for the GPU at both ends). Each
+variant compiles from scratch (torch._dynamo.reset), so its first steps take a minute on a GPU;
+they are not timed.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from lillm.config import get_preset  # noqa: E402
-from lillm.loss import causal_lm_loss  # noqa: E402
-from lillm.model import Transformer  # noqa: E402
-from lillm.train import TrainConfig, device_peak_flops, make_optimizer  # noqa: E402
+from bench import harness
+from lillm.config import get_preset
+from lillm.loss import causal_lm_loss
+from lillm.model import Transformer
+from lillm.train import TrainConfig, device_peak_flops, make_optimizer
 
 VARIANTS = ("model", "fused-compiled", "plain-compiled", "eager")
 
@@ -60,24 +59,6 @@ def loss_function(variant: str, model, batch: dict):
     return lambda: mean_loss(model, batch)
 
 
-def time_steps(step, steps: int, device: torch.device) -> float:
-    """Median seconds per step (device events on CUDA, the host clock elsewhere)."""
-    seconds = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            seconds.append(start.elapsed_time(end) / 1000)
-        else:
-            begin = time.perf_counter()
-            step()
-            seconds.append(time.perf_counter() - begin)
-    return sorted(seconds)[len(seconds) // 2]
-
-
 def run_variant(args, variant: str, attention: str, device: torch.device) -> dict:
     cfg = get_preset(args.preset).replace(max_seq_len=args.seq_len)
     torch.manual_seed(0)
@@ -98,22 +79,21 @@ def run_variant(args, variant: str, attention: str, device: torch.device) -> dic
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    begin = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
+    with harness.Stopwatch(device) as warmup:
+        for _ in range(args.warmup):
+            step()
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    warmup_s = time.perf_counter() - begin
-    seconds = time_steps(step, args.steps, device)
+        harness.reset_peak_memory(device)  # the peak of the timed steps, not of compiling
+    seconds = harness.median(harness.time_alternating({variant: step}, args.steps, 0, device)[variant])
     tokens_per_s = args.batch * args.seq_len / seconds
     peak = device_peak_flops(device)
-    row = dict(preset=args.preset, variant=variant, attention=attention if device.type == "cuda" else "default",
-               batch=args.batch, seq_len=args.seq_len, step_ms=round(seconds * 1000, 2),
-               tokens_per_s=round(tokens_per_s), warmup_s=round(warmup_s, 1),
-               mfu=None if peak is None else round(tokens_per_s * cfg.flops_per_token(args.seq_len) / peak, 4))
+    row = {"preset": args.preset, "variant": variant,
+           "attention": attention if device.type == "cuda" else "default", "batch": args.batch,
+           "seq_len": args.seq_len, "step_ms": round(seconds * 1000, 2), "tokens_per_s": round(tokens_per_s),
+           "warmup_s": round(warmup.seconds, 1),
+           "mfu": None if peak is None else round(tokens_per_s * cfg.flops_per_token(args.seq_len) / peak, 4)}
     if device.type == "cuda":
-        row["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        row["peak_memory_gb"] = round(harness.read_memory(device).peak / 1e9, 2)
     if args.profile:
         print_profile(step, device)
         args.profile = False  # the first variant only

@@ -1,13 +1,13 @@
 """Benchmark importing a full-size InkubaLM-0.4B folder: time and peak memory, fp32 and bf16.
 
-    python scripts/bench_import.py                      # ~6 GB of disk in the temp dir
-    python scripts/bench_import.py --dtypes bfloat16 --no-export
+    python -m bench.import_hf                      # ~6 GB of disk in the temp dir
+    python -m bench.import_hf --dtypes bfloat16 --no-export
 
 A first subprocess writes a randomly initialised inkuba-0.4b folder the way transformers saves
 InkubaLM (fp32 safetensors, the shared MLP stored once under layer 0's names, config.json without
 lillm's flag) and exports it with export_llama, to measure what unrolling the shared MLP costs on
 disk. Then lillm.hf.import_llama imports the folder in a fresh subprocess per dtype; each reports
-wall time and its peak resident memory (ru_maxrss, and VmHWM from /proc) against the size of the
+wall time and its peak resident memory (ru_maxrss, and VmHWM from /proc; bench.harness.read_memory) against the size of the
 model in that dtype (target: under 2.5x; memory right after `import torch` is shown too).
 Every measurement runs in a child because Linux hands a child its parent's peak RSS at fork, so
 this parent never loads torch.
@@ -16,23 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as `python scripts/bench_import.py` without installing
-    sys.path.insert(0, str(REPO_ROOT))
-
-
-def peak_memory() -> tuple[int, int]:
-    """(ru_maxrss, VmHWM) in bytes: the peak resident memory of this process."""
-    hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, hwm
+from bench import harness  # imports no torch: this parent process must stay small
 
 
 def child_write(folder: Path, export: bool) -> dict:
@@ -57,9 +46,9 @@ def child_write(folder: Path, export: bool) -> dict:
     result = {"params": model.num_params(), "stored": (folder / "model.safetensors").stat().st_size}
     if export:
         exported = folder.with_name("exported")
-        start = time.perf_counter()
-        export_llama(model, exported)
-        result.update(export_s=time.perf_counter() - start, unrolled=(exported / "model.safetensors").stat().st_size,
+        with harness.Stopwatch() as watch:
+            export_llama(model, exported)
+        result.update(export_s=watch.seconds, unrolled=(exported / "model.safetensors").stat().st_size,
                       unrolled_params=sum(t.numel() for n, t in model.state_dict().items()))
         shutil.rmtree(exported)
     return result
@@ -70,21 +59,20 @@ def child_import(folder: Path, dtype: str) -> dict:
 
     from lillm.hf import import_llama
 
-    baseline = peak_memory()[1]
-    start = time.perf_counter()
-    model = import_llama(folder, dtype=getattr(torch, dtype))
-    seconds = time.perf_counter() - start
-    maxrss, hwm = peak_memory()
+    baseline = harness.read_memory().peak
+    with harness.Stopwatch() as watch:
+        model = import_llama(folder, dtype=getattr(torch, dtype))
+    memory = harness.read_memory()
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    return dict(seconds=seconds, maxrss=maxrss, hwm=hwm, baseline=baseline, size=size, params=model.num_params(),
-                shared=model.config.shared_mlp)
+    return {"seconds": watch.seconds, "maxrss": memory.lifetime_peak, "hwm": memory.peak, "baseline": baseline,
+            "size": size, "params": model.num_params(), "shared": model.config.shared_mlp}
 
 
 def run_child(*args: str) -> dict:
-    result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"{' '.join(args)} failed:\n{result.stderr}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    try:
+        return harness.run_child("bench.import_hf", *args)
+    except RuntimeError as error:
+        sys.exit(str(error))
 
 
 def main() -> None:
@@ -103,10 +91,10 @@ def main() -> None:
     gib = 2**30
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         folder = Path(tmp) / "inkuba-random"
-        start = time.perf_counter()
-        written = run_child("--child", "write", str(folder), "no-export" if args.no_export else "export")
+        with harness.Stopwatch() as watch:
+            written = run_child("--child", "write", str(folder), "no-export" if args.no_export else "export")
         print(f"wrote {folder}: {written['params']:,} parameters, {written['stored'] / gib:.2f} GiB "
-              f"(float32, MLP stored once) in {time.perf_counter() - start:.0f} s")
+              f"(float32, MLP stored once) in {watch.seconds:.0f} s")
         if "unrolled" in written:
             extra = written["unrolled"] - written["stored"]
             print(f"export_llama (MLP unrolled into 8 layers, {written['unrolled_params']:,} parameters) in "

@@ -1,0 +1,78 @@
+"""lillm's own errors: bad input that a user can fix, as opposed to bugs.
+
+Every error a user can cause (a wrong flag, a file in the wrong format, a checkpoint that does not
+fit) is raised as a subclass of `LillmError`, with a message that names what is wrong, where (the
+file, line, key or flag) and the fix. The scripts print such an error as one line and exit with
+status 2; any other exception is a bug and keeps its traceback. This module imports nothing from
+lillm, so every module can raise these errors without bending the import graph.
+"""
+from __future__ import annotations
+
+
+class LillmError(ValueError):
+    """Bad input: the message says what is wrong, where, and how to fix it."""
+
+
+# ---- data ----------------------------------------------------------------------------------------
+class CorpusFormatError(LillmError):
+    """A corpus file does not look like its declared format."""
+
+
+class BinFormatError(LillmError):
+    """A token bin that does not agree with its meta.json, the tokenizer or the model."""
+
+
+class MissingMetaError(LillmError, FileNotFoundError):
+    """A token bin folder without meta.json: its tokenizer, dtype and sizes are unknown."""
+
+
+class SFTDataError(LillmError):
+    """A conversation file, or a row in it, that cannot be trained on."""
+
+
+# ---- tokenizers ----------------------------------------------------------------------------------
+class TokenizerFileError(LillmError):
+    """A tokenizer.json that cannot be read or parsed."""
+
+
+class ChatTemplateError(LillmError):
+    """Messages that do not fit the chat template, or a tokenizer without role tokens."""
+
+
+# ---- checkpoints and interop ---------------------------------------------------------------------
+class CheckpointError(LillmError):
+    """A checkpoint folder that cannot be used, with the reason and the fix in the message."""
+
+
+class HFError(CheckpointError):
+    """A Hugging Face folder lillm cannot import or export, with the reason and the fix."""
+
+
+class HFFileNotFoundError(HFError, FileNotFoundError):
+    """A file the folder needs (config.json, a weight shard) is missing."""
+
+
+# ---- changing models -----------------------------------------------------------------------------
+class PruneError(LillmError):
+    """Index sets or shapes that cannot make a consistent model, with the reason and the fix."""
+
+
+class VocabShrinkError(LillmError):
+    """A tokenizer, target size or model that cannot be shrunk, with the reason and the fix."""
+
+
+class VocabExpansionError(LillmError):
+    """A base tokenizer or model that cannot be expanded, with the reason and the fix."""
+
+
+class PeftError(LillmError):
+    """A PEFT option, adapter folder or model that does not fit, with the fix in the message."""
+
+
+class DistillationError(LillmError):
+    """Settings or models that cannot be distilled, with the reason and the fix."""
+
+
+# ---- training ------------------------------------------------------------------------------------
+class TrainingDiverged(LillmError, RuntimeError):
+    """Too many non-finite steps in a row: the run stopped at its last good checkpoint."""
