@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from .errors import LillmError
 from .model import Transformer
 from .spm import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, SentencePieceModel
 
@@ -69,7 +70,7 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|{{ message['role
 CHAT_ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(LillmError):
     """A checkpoint or option that cannot be exported to GGUF, with the reason and the fix."""
 
 

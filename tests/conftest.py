@@ -16,10 +16,6 @@ def buzuzu():
     return root, folder
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: minutes-long checks (e.g. llama.cpp builds); run with -m slow")
-
-
 def pytest_collection_modifyitems(config, items):
     """The default run skips tests marked slow; `-m slow` (or any -m naming slow) runs them."""
     if "slow" in (config.getoption("-m") or ""):
