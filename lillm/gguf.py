@@ -185,16 +185,26 @@ SPM_TYPES = {NORMAL: gguf.TokenType.NORMAL, UNKNOWN: gguf.TokenType.UNKNOWN, CON
              USER_DEFINED: gguf.TokenType.USER_DEFINED, BYTE: gguf.TokenType.BYTE}
 
 
-def sentencepiece_vocab(path: Path) -> GGUFVocab:
-    """A SentencePiece BPE model (tokenizer.model) as llama.cpp's llama tokenizer."""
+def sentencepiece_vocab(path: Path, tokenizer_json: Path | None = None) -> GGUFVocab:
+    """A SentencePiece BPE model (tokenizer.model) as llama.cpp's llama tokenizer.
+
+    Whether a space is put before the text: Hugging Face's Llama tokenizer.json does it with a
+    Prepend("▁") normalizer even when the model's own spec says add_dummy_prefix=false (InkubaLM's
+    does: transformers' legacy Llama tokenizer adds it), and the model was trained on what
+    transformers produced, so the tokenizer.json beside it decides when there is one."""
     try:
         sp = SentencePieceModel.read(path)
     except ValueError as e:
         raise GGUFExportError(str(e)) from None
     types = [int(SPM_TYPES[t]) for t in sp.types]
     specials = {p: i for i, (p, t) in enumerate(zip(sp.pieces, sp.types)) if t in (CONTROL, UNKNOWN)}
+    space_prefix = sp.add_dummy_prefix
+    if tokenizer_json is not None and tokenizer_json.is_file():
+        normalizer = json.loads(tokenizer_json.read_text(encoding="utf-8")).get("normalizer") or {}
+        steps = normalizer.get("normalizers", [normalizer])
+        space_prefix = any(step.get("type") == "Prepend" and step.get("prepend") == "\u2581" for step in steps)
     return GGUFVocab("llama", list(sp.pieces), types, scores=list(sp.scores),
-                     add_space_prefix=sp.add_dummy_prefix, specials=specials)
+                     add_space_prefix=space_prefix, specials=specials)
 
 
 def checkpoint_vocab(folder: Path, sentencepiece: Path | None = None) -> GGUFVocab:
@@ -204,7 +214,8 @@ def checkpoint_vocab(folder: Path, sentencepiece: Path | None = None) -> GGUFVoc
         if not Path(sentencepiece).is_file():
             raise GGUFExportError(f"--sentencepiece {sentencepiece} does not exist; pass the tokenizer.model of "
                                   "the model the checkpoint was imported from")
-        return sentencepiece_vocab(Path(sentencepiece))
+        beside = [folder / "tokenizer.json", Path(sentencepiece).parent / "tokenizer.json"]
+        return sentencepiece_vocab(Path(sentencepiece), next((p for p in beside if p.is_file()), None))
     path = folder / "tokenizer.json"
     if not path.exists():
         raise GGUFExportError(f"{path} is missing: a GGUF file carries its tokenizer; copy the tokenizer.json "

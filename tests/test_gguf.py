@@ -169,6 +169,8 @@ def test_sentencepiece_tokenizer_goes_in_as_llama_with_scores_and_types(folder, 
     assert np.allclose(field(reader, "tokenizer.ggml.scores"), sp.scores)
     types = field(reader, "tokenizer.ggml.token_type")
     assert types[0] == gguf.TokenType.UNKNOWN and types[1] == gguf.TokenType.CONTROL
+    # the model's spec says add_dummy_prefix=false, but its tokenizer.json (what transformers and
+    # lillm run) puts "▁" before the text: the file follows tokenizer.json
     assert types[3] == gguf.TokenType.BYTE and field(reader, "tokenizer.ggml.add_space_prefix") is True
     assert "tokenizer.chat_template" not in reader.fields  # no role tokens: no lillm chat template
 
