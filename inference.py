@@ -6,6 +6,7 @@
     python inference.py CKPT --chat --compile                                          # CUDA-graph decoding
     python inference.py CKPT --prompt "Habari" --quantize int8 --device cpu             # int8 weights (lillm/quant.py)
     echo "Habari" | python inference.py CKPT                                           # prompts from stdin
+    python inference.py CKPT --serve --port 8000      # OpenAI-compatible server + chat page (lillm.serve)
 
 One prompt streams to the terminal as it is generated; a batch prints each result at the end.
 """
@@ -17,6 +18,8 @@ import sys
 import torch
 
 from lillm import checkpoint as ckpt
+from lillm.cli import check_device, need, run_main
+from lillm.errors import CheckpointError, FlagError, TokenizerMismatchError
 from lillm.generate import generate
 from lillm.peft import load_peft
 from lillm.quant import quantize_int8
@@ -43,22 +46,49 @@ def load(folder: str, device: str, adapter: str | None = None):
     folder = ckpt.resolve_checkpoint(folder)
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.exists():
-        raise SystemExit(f"{tokenizer_file} is missing: a checkpoint for inference needs its tokenizer "
-                         "(copy the tokenizer.json it was trained with into the folder)")
+        raise CheckpointError(f"{tokenizer_file} is missing: a checkpoint for inference needs its tokenizer "
+                              "(copy the tokenizer.json it was trained with into the folder)")
+    tokenizer = Tokenizer.from_file(tokenizer_file)
     model = ckpt.load_model(folder, device=device).eval()
+    if tokenizer.vocab_size > model.config.vocab_size:  # fewer is fine: a vocabulary padded to a multiple
+        raise TokenizerMismatchError(
+            f"{tokenizer_file} has {tokenizer.vocab_size} ids but the model in {folder} has vocab_size "
+            f"{model.config.vocab_size}: it is not the tokenizer this model was trained with; put that one there")
     if adapter is not None:  # LoRA / QLoRA / prefix / adapter tensors saved apart by lillm.peft.save_peft
         model = load_peft(model, adapter).eval()
-    return model, Tokenizer.from_file(tokenizer_file)
+    return model, tokenizer
+
+
+def check_sampling(args) -> None:
+    """Sampling flags refused by name before the model is loaded (not clamped, not crashed on in torch)."""
+    need(args.max_new_tokens >= 1, "--max-new-tokens", args.max_new_tokens, "must be at least 1")
+    need(args.temperature >= 0, "--temperature", args.temperature, "must be 0 (greedy) or more")
+    need(args.top_k >= 0, "--top-k", args.top_k, "must be 0 (off) or more")
+    need(0 < args.top_p <= 1, "--top-p", args.top_p, "must be in (0, 1]", "1 turns it off")
+    check_device(args.device)
+
+
+def check_length(model, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+    """A prompt plus its reply must fit the positions the model was trained on."""
+    context = model.config.max_seq_len
+    longest = max(len(ids) for ids in prompt_ids)
+    if longest + max_new_tokens > context:
+        room = context - longest
+        fix = (f"lower --max-new-tokens to {room}" if room >= 1 else
+               f"shorten the prompt to fewer than {context} tokens")
+        raise FlagError(f"a prompt of {longest} tokens plus --max-new-tokens {max_new_tokens} is longer than the "
+                        f"model's context of {context} tokens; {fix}")
 
 
 def sampling_options(args, tokenizer: Tokenizer) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                 top_p=args.top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0, seed=args.seed,
                 compile=args.compile)
 
 
 def complete(model, tokenizer: Tokenizer, prompts: list[str], args) -> list[str]:
     ids = [tokenizer.encode(p, add_bos=True) for p in prompts]
+    check_length(model, ids, args.max_new_tokens)
     options = sampling_options(args, tokenizer)
     if len(prompts) == 1:
         sys.stdout.write(prompts[0])
@@ -84,10 +114,26 @@ def chat(model, tokenizer: Tokenizer, args) -> None:
             break
         messages.append({"role": "user", "content": user})
         ids, _ = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        try:
+            check_length(model, [ids], args.max_new_tokens)
+        except FlagError as error:
+            print(f"error: {error}; the conversation ends here")
+            break
         printer = StreamPrinter(tokenizer)
         new = generate(model, [ids], on_token=printer, **sampling_options(args, tokenizer))
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": tokenizer.decode(new[0])})
+
+
+def serve(model, tokenizer: Tokenizer, args) -> None:
+    from lillm.serve import ChatServer, Defaults
+    defaults = Defaults(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                        top_p=args.top_p)
+    server = ChatServer(model, tokenizer, model_name=args.checkpoint.rstrip("/"), host=args.host, port=args.port,
+                        defaults=defaults, max_batch=args.max_batch)
+    print(f"serving {args.checkpoint} at {server.url} (chat page: {server.url}/ , API: {server.url}/v1); "
+          "Ctrl-C stops", file=sys.stderr, flush=True)
+    server.serve_forever()
 
 
 def main(argv=None):
@@ -101,7 +147,7 @@ def main(argv=None):
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--adapter", default=None, help="a lillm.peft adapter folder to apply to the checkpoint")
     parser.add_argument("--compile", action="store_true",
                         help="decode with fixed shapes through torch.compile (CUDA graphs on a GPU): the first "
@@ -109,17 +155,30 @@ def main(argv=None):
     parser.add_argument("--quantize", choices=["none", "int8"], default="none",
                         help="int8: projection and head weights as int8 with a scale per output channel, about "
                              "2-3x faster CPU decoding (lillm/quant.py); fp32 stays the reference")
+    parser.add_argument("--serve", action="store_true",
+                        help="serve the model over HTTP: OpenAI-compatible /v1/chat/completions and /v1/completions, "
+                             "and a chat page at / (lillm.serve); the flags above set the default sampling values")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on with --serve (127.0.0.1: this machine only; the server has no "
+                             "authentication, so think before 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=8000, help="port for --serve (0: any free port)")
+    parser.add_argument("--max-batch", type=int, default=8, help="--serve: greedy requests decoded together at most")
     args = parser.parse_args(argv)
+    if args.serve and (args.chat or args.prompt or args.compile):
+        raise FlagError("--serve runs a server: drop --chat, --prompt and --compile")
+    check_sampling(args)
     model, tokenizer = load(args.checkpoint, args.device, args.adapter)
     if args.quantize == "int8":
         model = quantize_int8(model, inplace=True)
+    if args.serve:
+        return serve(model, tokenizer, args)
     if args.chat:
         return chat(model, tokenizer, args)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
-        raise SystemExit("no prompt: pass --prompt TEXT (repeatable), pipe lines on stdin, or use --chat")
+        raise FlagError("no prompt: pass --prompt TEXT (repeatable), pipe lines on stdin, or use --chat")
     return complete(model, tokenizer, prompts, args)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

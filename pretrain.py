@@ -10,14 +10,17 @@ Batches come from lillm.data.BinLoader, the loop is lillm.train.train (shared wi
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 
 from lillm import checkpoint as ckpt
-from lillm.cli import (accumulation_steps, add_peft_args, add_training_args, apply_peft_from_args, finish,
-                       print_summary, train_config_from_args)
+from lillm.cli import (accumulation_steps, add_peft_args, add_training_args, apply_peft_from_args,
+                       check_training_args, finish, need, print_summary, run_main, train_config_from_args)
 from lillm.config import PRESETS, get_preset
+from lillm.errors import BinFormatError, FlagError, TokenizerMismatchError
+from lillm.folders import check_run_folder
 from lillm.data import BinLoader, StepBatches, check_bins, load_meta
 from lillm.model import Transformer
 from lillm.peft import describe
@@ -31,14 +34,66 @@ def build_model(args, vocab_size: int) -> tuple[Transformer, str]:
     if args.init_from:
         model = ckpt.load_model(ckpt.resolve_checkpoint(args.init_from))
         if model.config.vocab_size != vocab_size:
-            raise ValueError(f"--init-from {args.init_from} has vocab_size {model.config.vocab_size} but the bins' "
-                             f"tokenizer has {vocab_size}; prepare the bins with that checkpoint's tokenizer.json")
+            raise TokenizerMismatchError(
+                f"--init-from {args.init_from} has vocab_size {model.config.vocab_size} but the bins' tokenizer has "
+                f"{vocab_size}; prepare the bins with that checkpoint's tokenizer.json")
+        if args.seq_len > model.config.max_seq_len:
+            raise FlagError(f"--seq-len {args.seq_len} is longer than --init-from {args.init_from}'s "
+                            f"max_position_embeddings {model.config.max_seq_len}; use --seq-len "
+                            f"{model.config.max_seq_len} or less")
         return model, f"checkpoint {args.init_from}"
     overrides = {"vocab_size": vocab_size}
     if args.seq_len > PRESETS[args.preset].max_seq_len:
         overrides["max_seq_len"] = args.seq_len
     torch.manual_seed(args.seed)
     return Transformer(get_preset(args.preset, **overrides)), f"preset {args.preset}"
+
+
+def check_args(args) -> None:
+    """Every flag checked before anything is read or trained."""
+    check_training_args(args)
+    need(args.seq_len >= 1, "--seq-len", args.seq_len, "must be at least 1")
+    need(args.global_batch_tokens >= 1, "--global-batch-tokens", args.global_batch_tokens, "must be at least 1")
+    need(args.eval_batches >= 1, "--eval-batches", args.eval_batches, "must be at least 1",
+         "use --eval-every 0 to train without evaluation")
+    if args.train_new_rows_from is not None:
+        need(args.train_new_rows_from >= 0, "--train-new-rows-from", args.train_new_rows_from, "must be 0 or more")
+    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+
+
+def check_splits(data: Path, meta: dict, tokenizer: Tokenizer, args) -> bool:
+    """The bins fit the tokenizer and the windows; returns whether there is a val split to evaluate on."""
+    if meta["vocab_size"] != tokenizer.vocab_size:
+        raise BinFormatError(f"{data / 'meta.json'} says vocab_size {meta['vocab_size']} but tokenizer "
+                             f"{tokenizer.source} has {tokenizer.vocab_size} ids; re-run data/prepare_pretrain.py "
+                             "with this tokenizer")
+    splits = meta["splits"]
+    if "train" not in splits:
+        raise BinFormatError(f"{data / 'meta.json'} lists no train split; re-run data/prepare_pretrain.py")
+    if "val" not in splits and args.eval_every > 0:
+        raise BinFormatError(f"{data} has no val split (prepared with --val-fraction 0), but --eval-every is "
+                             f"{args.eval_every}; pass --eval-every 0, or re-run data/prepare_pretrain.py with "
+                             "--val-fraction above 0")
+    for split in ("train", "val") if args.eval_every > 0 else ("train",):
+        tokens = splits[split]["tokens"]
+        if tokens < args.seq_len + 1:
+            raise BinFormatError(f"{data / splits[split]['file']} holds {tokens} tokens, fewer than one window of "
+                                 f"--seq-len {args.seq_len} + 1; use a smaller --seq-len or prepare more data")
+    return args.eval_every > 0
+
+
+def check_init_tokenizer(args, meta: dict) -> None:
+    """--init-from's tokenizer must be the bins' one (same hash), unless the change is asked for."""
+    folder = ckpt.resolve_checkpoint(args.init_from)
+    theirs = ckpt.tokenizer_sha256(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
+    if theirs is None or theirs == meta["tokenizer_sha256"]:
+        return
+    message = (f"--init-from {folder} was trained with tokenizer sha256 {theirs[:16]}..., but the bins in "
+               f"{args.data} were made with sha256 {meta['tokenizer_sha256'][:16]}... ({meta.get('tokenizer_path')})")
+    if not args.allow_tokenizer_change:
+        raise TokenizerMismatchError(f"{message}; prepare the bins with {folder / 'tokenizer.json'}, or pass "
+                                     "--allow-tokenizer-change if the change is deliberate")
+    print(f"warning: {message}; continuing because --allow-tokenizer-change was given", file=sys.stderr)
 
 
 def main(argv=None):
@@ -55,6 +110,8 @@ def main(argv=None):
     parser.add_argument("--curriculum", action="store_true",
                         help="read train.bin in order (sources in the order given to prepare_pretrain --corpora) "
                              "instead of random windows")
+    parser.add_argument("--allow-tokenizer-change", action="store_true",
+                        help="train --init-from's model on bins made with another tokenizer (normally refused)")
     parser.add_argument("--train-new-rows-from", type=int, default=None, metavar="ID",
                         help="continued pretraining after scripts/expand_vocab.py: train only embedding rows >= ID "
                              "(the base vocab size), everything else frozen; weight decay is set to 0")
@@ -62,6 +119,7 @@ def main(argv=None):
                       save_every=100)
     add_peft_args(parser)
     args = parser.parse_args(argv)
+    check_args(args)
 
     env = setup_distributed(args.device)
     data = Path(args.data)
@@ -69,6 +127,9 @@ def main(argv=None):
     tokenizer_path = args.tokenizer or meta["tokenizer_path"]
     tokenizer = Tokenizer.from_file(tokenizer_path)
     check_bins(data, tokenizer)
+    evaluating = check_splits(data, meta, tokenizer, args)
+    if args.init_from:
+        check_init_tokenizer(args, meta)
     model, origin = build_model(args, tokenizer.vocab_size)
     model = apply_peft_from_args(model, args)
     if args.train_new_rows_from is not None:
@@ -76,12 +137,15 @@ def main(argv=None):
         args.weight_decay = 0.0
     seq_len = args.seq_len
     if args.global_batch_tokens % seq_len:
-        raise ValueError(f"--global-batch-tokens {args.global_batch_tokens} must be a multiple of --seq-len {seq_len}")
+        raise FlagError(f"--global-batch-tokens {args.global_batch_tokens} must be a multiple of --seq-len {seq_len}; "
+                        f"use {max(1, args.global_batch_tokens // seq_len) * seq_len}")
     accum = accumulation_steps(args.global_batch_tokens // seq_len, args.micro_batch, env.world)
     loader = BinLoader(data / "train.bin", seq_len, args.micro_batch * accum, seed=args.seed,
                        rank=env.rank, world_size=env.world, device=env.device, sequential=args.curriculum)
     evaluate = bin_evaluator(data / "val.bin", seq_len, args.micro_batch, args.eval_batches,
-                             meta["splits"]["val"]["bytes_per_token"], env.device)
+                             meta["splits"]["val"]["bytes_per_token"], env.device) if evaluating else None
+    # the baseline is computed now, not after training, so a problem with it costs no training time
+    baseline = {"unigram_val_bpb": round(unigram_bits_per_byte(data, meta), 5)} if "val" in meta["splits"] else {}
     cfg = train_config_from_args(args, stage="pretrain", data=str(data), preset=args.preset, seq_len=seq_len,
                                  global_batch_tokens=args.global_batch_tokens)
     cfg.flops_per_token = model.config.flops_per_token(seq_len)
@@ -93,10 +157,10 @@ def main(argv=None):
               f"{args.global_batch_tokens:,} tokens per step on {env.device}")
     metrics = train(model, StepBatches(loader, accum), cfg, env, evaluate=evaluate, tokenizer_path=tokenizer_path,
                     resume=args.resume, info={"stage": "pretrain", "origin": origin, "peft": describe(model)})
-    print_summary(env, args.out, metrics, {"unigram_val_bpb": round(unigram_bits_per_byte(data, meta), 5)})
+    print_summary(env, args.out, metrics, baseline)
     finish(env)
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

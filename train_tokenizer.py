@@ -21,13 +21,15 @@ from pathlib import Path
 from lillm.checkpoint import write_text_atomic
 from lillm.corpora import CORPORA, FORMATS, LANGS, data_dir, documents_for, read_documents
 from lillm.tokenizer import Tokenizer, fertility_report, load_lenient, train_bpe
+from lillm.cli import need, run_main
+from lillm.errors import InputFileError, OutputFolderError
 
 # MasakhaNER ('ner') is left out by default: its sentences are the Lacuna sentences again,
 # re-tokenized with spaces around punctuation.
 DEFAULT_KINDS = ["mono", "news", "sentiment", "mt"]
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--langs", nargs="+", default=["swa", "hau"], choices=LANGS, help="languages to train on")
     p.add_argument("--vocab-size", type=int, default=8192, help="total ids, special tokens included")
@@ -43,7 +45,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--compare", nargs="+", default=[], metavar="TOKENIZER_JSON", help="tokenizers to compare with")
     p.add_argument("--max-docs", type=int, default=0, help="at most this many documents per language (0 = all)")
     p.add_argument("--holdout-every", type=int, default=50, help="hold out every Nth document of each language")
-    return p.parse_args()
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    return p.parse_args(argv)
 
 
 def collect_documents(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -90,8 +93,31 @@ def print_table(lang: str, rows: dict[str, dict], vocab: dict[str, int]) -> None
         print(f"  {name:<{width}} {vocab[name]:>7,} {r['tokens_per_word']:>12.3f} {r['bytes_per_token']:>12.3f}")
 
 
-def main() -> None:
-    args = parse_args()
+def check_args(args: argparse.Namespace) -> None:
+    """Numbers, input files and the output path, checked before any text is read."""
+    need(args.vocab_size >= 300, "--vocab-size", args.vocab_size, "must be at least 300",
+         "a byte-level BPE needs 256 byte tokens and the special tokens before any merge")
+    need(args.min_frequency >= 1, "--min-frequency", args.min_frequency, "must be at least 1")
+    need(args.max_docs >= 0, "--max-docs", args.max_docs, "must be 0 (all) or more")
+    need(args.holdout_every >= 2, "--holdout-every", args.holdout_every, "must be at least 2",
+         "every Nth document is held out, so 1 would leave nothing to train on")
+    for path in map(Path, args.files):
+        if path.is_dir():
+            raise InputFileError(f"--files {path} is a folder, not a text file; list the files in it instead")
+        if not path.is_file():
+            raise InputFileError(f"--files {path} does not exist; check the path")
+    out = Path(args.out)
+    if out.is_dir():
+        raise OutputFolderError(f"--out {out} is a folder; give the path of the tokenizer.json file to write, "
+                                f"e.g. {out / 'tokenizer.json'}")
+    if out.exists() and not args.overwrite:
+        raise OutputFolderError(f"--out {out} already exists; pass --overwrite to replace it (token bins and "
+                                "checkpoints made with it will no longer match it), or choose another --out")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    check_args(args)
     started = time.time()
     root = data_dir(args.data_dir)
     by_lang = {lang: spread_sample(docs, args.max_docs) for lang, docs in collect_documents(args).items()}
@@ -124,4 +150,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

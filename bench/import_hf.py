@@ -75,13 +75,13 @@ def run_child(*args: str) -> dict:
         sys.exit(str(error))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--tmp", type=Path, default=None, help="where to write the folders (default: system temp dir)")
     parser.add_argument("--no-export", action="store_true", help="skip measuring the unrolled export")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:  # a measurement subprocess: print one JSON line
         kind, folder, option = args.child
         out = child_write(Path(folder), option == "export") if kind == "write" else child_import(Path(folder), option)
@@ -110,4 +110,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from lillm.cli import run_main  # one line for bad input, status 2 (lillm/cli.py)
+
+    run_main(main)

@@ -140,4 +140,6 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from lillm.cli import run_main  # one line for bad input, status 2 (lillm/cli.py)
+
+    run_main(main)

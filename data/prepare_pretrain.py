@@ -39,9 +39,11 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from lillm.cli import run_main
 from lillm.corpora import data_dir as resolve_data_dir, read_documents, select_corpora
 from lillm.data import (META_NAME, encode_chunk_in_worker, encode_documents, init_encode_worker,
                         token_dtype)
+from lillm.folders import claim_output, discard
 from lillm.tokenizer import Tokenizer
 
 FORMAT_BY_SUFFIX = {".txt": "txt", ".tsv": "tsv", ".csv": "csv", ".conll": "conll"}
@@ -350,6 +352,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--val-fraction", type=float, default=0.005, help="share of documents held out")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an existing token-bin folder (replaces only its bins and meta.json)")
     args = parser.parse_args(argv)
     if not (args.langs or args.corpora or args.files):
         args.langs = ["swa", "hau"]
@@ -358,12 +362,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    claim_output(args.out, "bins", overwrite=args.overwrite)  # a folder of other files is refused by name
     start = time.perf_counter()
     meta = prepare(args.tokenizer, args.out, args.langs, args.corpora, args.files, args.text_column,
                    args.data_dir, args.val_fraction, args.workers, args.seed, kinds=args.kinds)
     print(summary(meta, time.perf_counter() - start))
-    print(f"wrote {Path(args.out) / 'train.bin'}, val.bin and {META_NAME}")
+    if "val" not in meta["splits"]:
+        discard(Path(args.out) / "val.bin")  # an older run's val.bin would no longer match meta.json
+    print(f"wrote {', '.join(str(Path(args.out) / info['file']) for info in meta['splits'].values())} "
+          f"and {META_NAME}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

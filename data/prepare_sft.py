@@ -36,6 +36,8 @@ from typing import Iterator
 
 
 from lillm.checkpoint import write_text_atomic
+from lillm.cli import run_main
+from lillm.folders import check_output, claim_output
 from lillm.corpora import CORPORA, data_dir as resolve_data_dir
 from lillm.sft import row_problem
 
@@ -340,7 +342,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-chars", type=int, default=2000, help="cut news articles to about this many characters")
     parser.add_argument("--seed", type=int, default=0, help="seed of the instruction choice")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed row of --files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an existing SFT data folder (replaces only its .jsonl files and stats.json)")
     args = parser.parse_args(argv)
+    check_output(args.out, "sft-data", overwrite=args.overwrite)  # refused before any reading, by name
 
     tasks = [] if args.tasks == ["none"] else args.tasks
     unknown = sorted(set(tasks) - set(TASKS))
@@ -363,8 +368,7 @@ def main(argv=None) -> dict:
     if not any(splits.values()):
         raise SFTSourceError("no rows: choose --tasks, or give --files")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output(args.out, "sft-data", overwrite=args.overwrite)  # a folder of other files is refused
     for split, rows in splits.items():
         write_text_atomic(out / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     stats = {"tasks": tasks, "langs": args.langs, "alpaca": args.alpaca, "limit": args.limit, "seed": args.seed,
@@ -381,4 +385,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

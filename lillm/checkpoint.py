@@ -5,29 +5,35 @@ A checkpoint is a folder:
     model.safetensors  the weights, each shared tensor stored once
     tokenizer.json     the tokenizer the model was trained with (when known)
     train_state.pt     optimizer, schedule, step, RNG and loader states (only to resume)
-    lillm.json         what produced it (stage, step, tokens, trained parameters, ...)
+    lillm.json         what produced it (stage, step, tokens, the tokenizer's sha256, ...)
+    lillm-folder.json  the marker that says this folder is lillm's own checkpoint (lillm/folders.py)
     peft.json          only for a model wrapped by lillm.peft: the method whose tensors sit beside the base weights
 
-Two rules make it safe. Writing: everything goes into `<name>.tmp` first and is
+Two rules make it safe. Writing: everything goes into a hidden `.<name>.tmp` first and is
 renamed into place only when complete (a rename is atomic on POSIX), so a kill at any
-instant leaves the previous checkpoint intact (the minimind pattern). Reading: weights
+instant leaves the previous checkpoint intact (the minimind pattern); an existing folder is
+replaced only under the rules of lillm/folders.py (lillm's own checkpoint holding only lillm's
+files, with overwrite asked for). Reading: weights
 come from safetensors (no code runs while loading) and train_state.pt is read with
 `torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
 
+import tokenizers
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
-from .errors import CheckpointError
+from .config import ModelConfig, unsupported_hf_fields
+from .errors import CheckpointError, InputFileError
+from .folders import check_replaceable, discard, hidden_tmp, mark, publish_folder
 from .model import Transformer
 
 WEIGHTS = "model.safetensors"
@@ -102,16 +108,11 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 # ---- atomic folders ---------------------------------------------------------------
-def replace_folder(tmp: Path, final: Path) -> None:
-    """Move a finished tmp folder into place; an existing `final` is swapped out, then removed."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
+def replace_folder(tmp: Path, final: Path, kind: str = "checkpoint", overwrite: bool = False) -> None:
+    """Move a finished tmp folder into place. An existing `final` is replaced only when it is lillm's
+    own `kind` folder, holding only lillm's files, and `overwrite` is set (lillm.folders.publish_folder)."""
+    mark(tmp, kind)
+    publish_folder(tmp, final, kind, overwrite)
 
 
 def fsync_tree(folder: Path) -> None:
@@ -122,52 +123,88 @@ def fsync_tree(folder: Path) -> None:
 
 def save_checkpoint(folder: str | Path, model: Transformer, tokenizer_path: str | Path | None = None,
                     train_state: dict | None = None, info: dict | None = None,
-                    state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+                    state_dict: dict[str, torch.Tensor] | None = None, overwrite: bool = False) -> Path:
+    """Write a checkpoint folder atomically (hidden tmp folder, then a rename). An existing folder is
+    replaced only if it is a lillm checkpoint holding only lillm's files and `overwrite` is set."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # a leftover from an interrupted save: never complete, safe to drop
-    tmp.mkdir(parents=True)
+    check_replaceable(folder, "checkpoint", overwrite=overwrite)  # before any work: refuse a user's folder
+    tmp = hidden_tmp(folder)
     config = model.config.to_hf_dict()
     weights = {k: v.detach().contiguous().cpu() for k, v in unique_state_dict(model, state_dict).items()}
     config["torch_dtype"] = str(next(iter(weights.values())).dtype).removeprefix("torch.")
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    info = dict(info or {})
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        info["tokenizer_sha256"] = tokenizer_sha256(tmp / "tokenizer.json")
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE)
-    (tmp / "lillm.json").write_text(json.dumps(info or {}, indent=2, default=str) + "\n")
+    (tmp / "lillm.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
     peft_config = getattr(model, "peft_config", None)  # set by lillm.peft.apply_peft
     if peft_config is not None:
         (tmp / PEFT_RECORD).write_text(json.dumps(peft_config.to_dict(), indent=2) + "\n")
+    mark(tmp, "checkpoint")
     fsync_tree(tmp)
-    replace_folder(tmp, folder)
+    replace_folder(tmp, folder, "checkpoint", overwrite)
     return folder
 
 
 # ---- reading ----------------------------------------------------------------------
 def _recover(folder: Path) -> Path:
-    """If a swap was interrupted between its two renames, the previous checkpoint is at .old."""
-    old = folder.with_name(folder.name + ".old")
-    if not folder.exists() and old.exists():
-        os.replace(old, folder)
+    """If a swap was interrupted between its two renames, the previous folder is at a hidden
+    `.<name>.replaced-<pid>` (or `<name>.old`, as older lillm versions named it): put it back."""
+    if not folder.exists() and folder.parent.is_dir():
+        for old in [*folder.parent.glob(f".{folder.name}.replaced-*"), folder.with_name(folder.name + ".old")]:
+            if (old / "config.json").is_file():
+                os.replace(old, folder)
+                break
     return folder
+
+
+def tokenizer_sha256(path: str | Path) -> str | None:
+    """The hash lillm.tokenizer.Tokenizer.sha256 gives this tokenizer.json (None if it does not load)."""
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(path))
+    except Exception:  # the Rust side raises a bare Exception; the loaders report it
+        return None
+    return hashlib.sha256(backend.to_str(pretty=False).encode("utf-8")).hexdigest()
+
+
+def need_folder(folder: Path, what: str = "checkpoint folder") -> None:
+    """A missing path and a file where a folder is expected are different mistakes: say which."""
+    if not folder.exists():
+        raise InputFileError(f"{folder} does not exist; pass the path of a {what}")
+    if not folder.is_dir():
+        raise InputFileError(f"{folder} is a file, not a {what}; pass the folder that holds config.json "
+                             "and model.safetensors")
 
 
 def read_config(folder: str | Path) -> ModelConfig:
     folder = _recover(Path(folder))
+    need_folder(folder)
     path = folder / "config.json"
-    if not path.exists():
+    if not path.is_file():
         raise CheckpointError(f"{folder} is not a checkpoint folder: {path.name} is missing "
                               "(a checkpoint holds config.json and model.safetensors)")
     try:
-        return ModelConfig.from_hf_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt, use an earlier one") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path} is not a JSON object; the checkpoint is corrupt, use an earlier one")
+    problems = unsupported_hf_fields(hf)
+    if problems:
+        raise CheckpointError(f"{path}: lillm cannot compute this model: " + "; ".join(problems))
+    try:
+        return ModelConfig.from_hf_dict(hf)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: {e}; fix config.json or use another checkpoint") from None
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a weights file; the checkpoint is damaged, use an earlier one")
     if not path.exists():
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, use an earlier one")
     try:
@@ -211,13 +248,21 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         return []
     for old in run_dir.glob("step_*.old"):
         _recover(old.with_name(old.name.removesuffix(".old")))
-    steps = [p for p in run_dir.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
+    for old in run_dir.glob(".step_*.replaced-*"):
+        _recover(old.with_name(old.name[1:].split(".replaced-")[0]))
+    steps = [p for p in run_dir.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name) and is_complete(p)]
     return sorted(steps, key=lambda p: int(p.name.split("_")[1]))
+
+
+def is_complete(folder: Path) -> bool:
+    """A checkpoint holds at least its config and weights (a folder missing either was never finished)."""
+    return (folder / "config.json").is_file() and (folder / WEIGHTS).is_file()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder as given, or the latest complete step_N inside a run folder."""
     folder = _recover(Path(path))
+    need_folder(folder, "checkpoint folder or run folder")
     if (folder / "config.json").is_file():
         return folder
     steps = list_checkpoints(folder)
@@ -229,4 +274,4 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     for stale in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(stale)
+        discard(stale)  # renamed to a hidden name first: never listed half-deleted

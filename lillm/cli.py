@@ -1,4 +1,9 @@
-"""What the stage scripts share: training flags, device choice and the closing summary.
+"""What the stage scripts share: the entry wrapper, training flags, their checks, device choice
+and the closing summary.
+
+`run_main(main)` is how every script starts: bad input (a `LillmError`) is printed as one line,
+`error: <what is wrong, where>; <the fix>`, with exit status 2 and no traceback; `--debug` or
+LILLM_DEBUG=1 shows the traceback; any other exception is a bug and keeps its traceback.
 
 pretrain.py, sft_train.py and the healing step of scripts/shrink.py differ only in
 where batches come from and what the loss is; the flags that steer the loop itself
@@ -9,9 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
+
+from .errors import FlagError, LillmError
 
 from .peft import METHODS as PEFT_METHODS
 from .peft import apply_peft
@@ -42,6 +52,9 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--resume", action="store_true", help="continue from the latest step_N checkpoint in --out")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start again in an existing run folder: removes its step_N folders, log.jsonl and "
+                        "loss.png (nothing else); without it an existing run is refused")
 
 
 def add_peft_args(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +85,8 @@ def train_config_from_args(args, **extra) -> TrainConfig:
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
         log_every=args.log_every, max_bad_steps=args.max_bad_steps, compile=args.compile,
-        precision=args.precision, seed=args.seed, fsdp=args.fsdp, extra=extra,
+        precision=args.precision, seed=args.seed, fsdp=args.fsdp, overwrite=getattr(args, "overwrite", False),
+        extra=extra,
     )
 
 
@@ -80,7 +94,7 @@ def accumulation_steps(global_batch: int, micro_batch: int, world: int, unit: st
     """Micro batches per process per step so that micro * accum * world == global batch, exactly."""
     per_step = micro_batch * world
     if global_batch % per_step:
-        raise ValueError(f"the global batch ({global_batch} {unit}) must be a multiple of micro batch x processes "
+        raise FlagError(f"the global batch ({global_batch} {unit}) must be a multiple of micro batch x processes "
                          f"({micro_batch} x {world} = {per_step}); change --micro-batch or the global batch")
     return global_batch // per_step
 
@@ -99,3 +113,75 @@ def print_summary(env: Dist, out: str | Path, metrics: dict, extra: dict | None 
 def finish(env: Dist) -> None:
     if env.world > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# ---- checks before any work ---------------------------------------------------------------------
+def need(condition: bool, flag: str, value, rule: str, fix: str = "") -> None:
+    """Refuse a flag's value by name: `--seq-len 0: must be at least 1`."""
+    if not condition:
+        raise FlagError(f"{flag} {value}: {rule}" + (f"; {fix}" if fix else ""))
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this torch cannot use, before anything is loaded onto it."""
+    if device == "auto":
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise FlagError(f"--device {device}: not a device name; use auto, cpu or cuda (cuda:N for one GPU)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise FlagError(f"--device {device}: this torch cannot use CUDA (no GPU, or a CPU-only build of torch); "
+                        "use --device cpu, or install a CUDA build of torch")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise FlagError(f"--device {device}: lillm runs on cpu or cuda; use one of those")
+
+
+def check_training_args(args, allow_zero_steps: bool = False) -> None:
+    """Every number of add_training_args checked before the first step, each refusal naming its flag."""
+    low = 0 if allow_zero_steps else 1
+    need(args.max_steps >= low, "--max-steps", args.max_steps, f"must be at least {low}")
+    need(args.micro_batch >= 1, "--micro-batch", args.micro_batch, "must be at least 1")
+    need(args.lr > 0, "--lr", args.lr, "must be positive")
+    need(0 <= args.min_lr_ratio <= 1, "--min-lr-ratio", args.min_lr_ratio, "must be between 0 and 1")
+    need(args.warmup_steps >= 0, "--warmup-steps", args.warmup_steps, "must be 0 or more")
+    need(args.weight_decay >= 0, "--weight-decay", args.weight_decay, "must be 0 or more")
+    need(args.grad_clip > 0, "--grad-clip", args.grad_clip, "must be positive")
+    need(args.eval_every >= 0, "--eval-every", args.eval_every, "must be 0 (never) or more")
+    need(args.save_every >= 0, "--save-every", args.save_every, "must be 0 (only at the end) or more")
+    need(args.keep_last >= 0, "--keep-last", args.keep_last, "must be 0 (keep all) or more")
+    need(args.log_every >= 1, "--log-every", args.log_every, "must be at least 1")
+    need(args.max_bad_steps >= 1, "--max-bad-steps", args.max_bad_steps, "must be at least 1")
+    check_device(args.device)
+    if getattr(args, "peft", "none") != "none":
+        need(args.lora_rank >= 1, "--lora-rank", args.lora_rank, "must be at least 1")
+        need(0 <= args.lora_dropout < 1, "--lora-dropout", args.lora_dropout, "must be in [0, 1)")
+        need(args.prefix_length >= 1, "--prefix-length", args.prefix_length, "must be at least 1")
+        need(args.adapter_size >= 1, "--adapter-size", args.adapter_size, "must be at least 1")
+
+
+# ---- the entry wrapper --------------------------------------------------------------------------
+def debugging(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("LILLM_DEBUG", "") not in ("", "0")
+
+
+def run_main(main: Callable, argv: list[str] | None = None) -> None:
+    """Run a script's main(argv) and exit: 0 when it returns, 2 with one line on stderr for bad input.
+
+    `--debug` (removed before main sees argv) or LILLM_DEBUG=1 re-raises bad input with its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debugging(argv)
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        main(argv)
+    except LillmError as error:
+        if debug:
+            raise
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(0)

@@ -18,6 +18,33 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 
 
+def unsupported_hf_fields(hf: dict) -> list[str]:
+    """What a Llama config.json asks for that lillm does not compute, each with its key named.
+
+    Every load path (import from Hugging Face, reading a checkpoint) refuses these: a model that
+    loads but computes something else (scaled RoPE, biases, another activation) is worse than an error."""
+    problems = []
+    if hf.get("model_type", "llama") not in ("llama", "mixtral"):
+        problems.append(f"model_type is {hf.get('model_type')!r}; lillm imports Llama and Mixtral models "
+                        "(model_type 'llama' or 'mixtral') only")
+    rope = dict(hf.get("rope_parameters") or {})  # transformers >= 5 keeps rope_theta in here
+    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        problems.append(f"rope_scaling={hf.get('rope_scaling') or rope!r}: lillm implements plain RoPE only, "
+                        "so positions would be encoded differently; use a model without RoPE scaling")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            problems.append(f"{key}=true: lillm's linear layers have no bias")
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf['hidden_act']!r}: lillm's MLP is SwiGLU (silu)")
+    if hf.get("sliding_window") is not None:
+        problems.append(f"sliding_window={hf['sliding_window']}: lillm attends to every earlier position")
+    if hf.get("attention_dropout"):
+        problems.append(f"attention_dropout={hf['attention_dropout']}: lillm has no dropout; set it to 0.0")
+    if hf.get("quantization_config"):
+        problems.append("quantization_config is set: the weights are quantized; use the full-precision model")
+    return problems
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 8192
@@ -211,6 +238,9 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=8192, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=176, max_seq_len=128),
     # A model that learns something in minutes on a laptop CPU.
     "small": ModelConfig(vocab_size=8192, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=512, max_seq_len=256),
+    # The CPU shrink road's teacher (8.0M): shrunk to about the small shape (scripts/recipe.sh --road shrink).
+    "small-teacher": ModelConfig(vocab_size=8192, d_model=256, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=704,
+                                 max_seq_len=256),
     # The lilLM recipe (about 39M parameters with tied embeddings).
     "lillm-39m": ModelConfig(vocab_size=8192, d_model=512, n_layers=12, n_heads=16, n_kv_heads=8, d_ff=1408, max_seq_len=512),
     "lillm-300m": ModelConfig(vocab_size=8192, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=8, d_ff=2816, max_seq_len=512),

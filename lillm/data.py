@@ -39,7 +39,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .errors import BinFormatError, MissingMetaError
+from .errors import BinFormatError, FlagError, InputFileError, MissingMetaError
 
 META_NAME = "meta.json"
 UINT16_VOCAB_LIMIT = 1 << 16      # uint16 holds ids 0..65535
@@ -162,7 +162,7 @@ def check_bins(bin_dir, tokenizer=None, vocab_size: int | None = None) -> dict:
     for split, info in meta["splits"].items():
         path = directory / info["file"]
         if not path.is_file():
-            raise FileNotFoundError(f"{path} ({split} split listed in meta.json) not found; {redo}")
+            raise InputFileError(f"{path} ({split} split listed in meta.json) not found; {redo}")
         size, expected = path.stat().st_size, info["tokens"] * dtype.itemsize
         if size != expected:
             raise BinFormatError(
@@ -189,7 +189,7 @@ def _open_tokens(path: Path, dtype: np.dtype) -> np.memmap:
 
 def _bin_dtype(path: Path, dtype) -> np.dtype:
     if not path.is_file():
-        raise FileNotFoundError(f"token bin {path} not found; {_redo_hint(path.parent)}")
+        raise InputFileError(f"token bin {path} not found; {_redo_hint(path.parent)}")
     if dtype is None:
         dtype = load_meta(path)["dtype"]
     return np.dtype(dtype).newbyteorder("<")
@@ -220,7 +220,7 @@ class BinLoader:
         self.dtype = _bin_dtype(self.path, dtype)
         self.num_tokens = self.path.stat().st_size // self.dtype.itemsize
         if self.num_tokens < seq_len + 1:
-            raise ValueError(f"{self.path} holds {self.num_tokens} tokens, fewer than seq_len + 1 = "
+            raise BinFormatError(f"{self.path} holds {self.num_tokens} tokens, fewer than seq_len + 1 = "
                              f"{seq_len + 1}; use a shorter seq_len or more data")
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -268,10 +268,10 @@ class BinLoader:
         if strict:
             for key in ("global_batch_size", "seq_len", "num_tokens"):
                 if state[key] != getattr(self, key):
-                    raise ValueError(
-                        f"loader state has {key}={state[key]} but this loader has "
+                    raise FlagError(
+                        f"--resume: the run's loader state has {key}={state[key]} but this loader has "
                         f"{getattr(self, key)} ({self.path}): the stream would not continue; "
-                        f"keep batch_size * world_size and seq_len, or pass strict=False")
+                        f"keep the run's batch size, processes and --seq-len when resuming (or start a new run)")
         self.generator.set_state(state["generator_state"].to(torch.uint8).cpu())
         self.step = int(state["step"])
 
@@ -312,7 +312,8 @@ def iter_eval_batches(path, seq_len: int, batch_size: int, max_batches: int | No
     tokens = _open_tokens(path, _bin_dtype(path, dtype))
     num_windows = (len(tokens) - 1) // seq_len
     if num_windows == 0:
-        raise ValueError(f"{path} holds {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        raise BinFormatError(f"{path} holds {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
+                             "use a shorter seq_len or more data")
     num_batches = -(-num_windows // batch_size)
     if max_batches is not None:
         num_batches = min(num_batches, max_batches)

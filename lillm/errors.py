@@ -30,6 +30,10 @@ class SFTDataError(LillmError):
     """A conversation file, or a row in it, that cannot be trained on."""
 
 
+class DPODataError(LillmError):
+    """A preference-pair file, or a row in it, that cannot be trained on."""
+
+
 # ---- tokenizers ----------------------------------------------------------------------------------
 class TokenizerFileError(LillmError):
     """A tokenizer.json that cannot be read or parsed."""
@@ -76,3 +80,37 @@ class DistillationError(LillmError):
 # ---- training ------------------------------------------------------------------------------------
 class TrainingDiverged(LillmError, RuntimeError):
     """Too many non-finite steps in a row: the run stopped at its last good checkpoint."""
+
+
+# ---- flags, files and output folders -------------------------------------------------------------
+class FlagError(LillmError):
+    """A command-line value that cannot work (a zero batch, a negative step count, an unknown device)."""
+
+
+class InputFileError(LillmError, FileNotFoundError):
+    """A path the user gave that is missing, or a folder where a file is expected (or the reverse)."""
+
+
+class InputEncodingError(LillmError):
+    """A text file that is not UTF-8 where lillm needs it whole (e.g. a JSON file)."""
+
+
+class OutputFolderError(LillmError):
+    """An output folder lillm may not write: it holds a user's files, or a run that was not meant to be replaced."""
+
+
+class RunLockedError(OutputFolderError):
+    """A run folder another process is writing (its lock file names the holder)."""
+
+
+class TokenizerMismatchError(LillmError):
+    """A tokenizer that is not the one the model or the token bins were made with."""
+
+
+# ---- evaluation and outputs ----------------------------------------------------------------------
+class SubmissionError(LillmError):
+    """A challenge submission file (ID, Response, Targets) that cannot be scored; the message names the row."""
+
+
+class OutputConflict(OutputFolderError):
+    """An output path holds a file lillm did not write (or one changed since); nothing was written."""

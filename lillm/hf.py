@@ -38,8 +38,9 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from .checkpoint import fsync_tree, load_weights, replace_folder, unique_state_dict
-from .config import ModelConfig
+from .config import ModelConfig, unsupported_hf_fields
 from .errors import CheckpointError, HFError, HFFileNotFoundError
+from .folders import check_replaceable, hidden_tmp, mark
 from .model import Transformer
 
 MLP_KEY = re.compile(r"model\.layers\.(\d+)\.mlp\.(.+)")
@@ -49,25 +50,11 @@ ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
 # ---- config.json --------------------------------------------------------------------
 def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     """ModelConfig from a Llama config.json, refusing every field lillm does not implement."""
-    problems = []
-    if hf.get("model_type") not in ("llama", "mixtral"):
-        problems.append(f"model_type is {hf.get('model_type')!r}; lillm imports Llama and Mixtral models "
-                        "(model_type 'llama' or 'mixtral') only")
-    rope = dict(hf.get("rope_parameters") or {})  # transformers >= 5 keeps rope_theta in here
-    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        problems.append(f"rope_scaling={hf.get('rope_scaling') or rope!r}: lillm implements plain RoPE only, "
-                        "so positions would be encoded differently; use a model without RoPE scaling")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            problems.append(f"{key}=true: lillm's linear layers have no bias")
-    if hf.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act={hf['hidden_act']!r}: lillm's MLP is SwiGLU (silu)")
-    if hf.get("sliding_window") is not None:
-        problems.append(f"sliding_window={hf['sliding_window']}: lillm attends to every earlier position")
-    if hf.get("attention_dropout"):
-        problems.append(f"attention_dropout={hf['attention_dropout']}: lillm has no dropout; set it to 0.0 to import")
-    if hf.get("quantization_config"):
-        problems.append("quantization_config is set: the weights are quantized; import the full-precision model")
+    problems = unsupported_hf_fields(hf)
+    if hf.get("model_type") is None:
+        problems.insert(0, "model_type is missing; lillm imports Llama and Mixtral models (model_type 'llama' or "
+                           "'mixtral') only")
+    rope = dict(hf.get("rope_parameters") or {})
     if problems:
         raise HFError(f"{source}: cannot import this model: " + "; ".join(problems))
     flat = dict(hf)
@@ -134,6 +121,12 @@ class WeightFiles:
             raise HFError(f"{path} is not a readable safetensors file ({e})") from None
 
     def _scan_bin(self, path: Path):
+        with open(path, "rb") as f:
+            head = f.read(4)
+        # torch.save writes a zip archive (PK..), older versions a pickle (protocol byte 0x80 first)
+        if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+            raise HFError(f"{path} is not a PyTorch weights file (neither a zip archive nor a pickle: corrupt, "
+                          "truncated or another format); download it again, or use the model's safetensors files")
         try:
             tensors = _load_pickle_safely(path)
         except pickle.UnpicklingError as e:
@@ -296,14 +289,14 @@ def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], metad
             f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
-def export_llama(model: Transformer, folder: str | Path, tokenizer_path: str | Path | None = None) -> Path:
+def export_llama(model: Transformer, folder: str | Path, tokenizer_path: str | Path | None = None,
+                 overwrite: bool = False) -> Path:
     """Write a folder transformers loads with no custom code: shared MLP unrolled into every
-    layer, tied embeddings written as tied (lm_head omitted). Atomic: tmp folder, then rename."""
+    layer, tied embeddings written as tied (lm_head omitted). Atomic: tmp folder, then rename;
+    an existing folder is replaced only if it is a lillm export and overwrite is set (lillm/folders.py)."""
     folder, cfg = Path(folder), model.config
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    check_replaceable(folder, "export", overwrite=overwrite)
+    tmp = hidden_tmp(folder)
     tensors = [(n, t) for n, t in model.state_dict().items() if not (cfg.tie_embeddings and n == "lm_head.weight")]
     dtype = str(tensors[0][1].dtype).removeprefix("torch.")
     # state_dict() lists a shared module under every path, so the MLP is unrolled here for free.
@@ -316,8 +309,9 @@ def export_llama(model: Transformer, folder: str | Path, tokenizer_path: str | P
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer_path is not None:
         _write_tokenizer_files(Path(tokenizer_path), tmp, cfg)
+    mark(tmp, "export")
     fsync_tree(tmp)
-    replace_folder(tmp, folder)
+    replace_folder(tmp, folder, "export", overwrite)
     return folder
 
 

@@ -38,7 +38,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from .errors import SFTDataError
+from .errors import InputFileError, SFTDataError
 from .tokenizer import ROLES, Tokenizer
 
 IGNORE_INDEX = -100
@@ -82,15 +82,24 @@ def read_conversations(paths: str | Path | Iterable[str | Path], strict: bool = 
     wanted = None if tasks is None else set(tasks)
     rows, problems = [], []
     for path in map(Path, paths):
+        if path.is_dir():
+            raise InputFileError(f"conversation file {path} is a folder; pass the .jsonl file in it")
         if not path.is_file():
-            raise FileNotFoundError(f"conversation file {path} does not exist; make it with data/prepare_sft.py")
-        with open(path, encoding="utf-8-sig") as f:
-            for number, line in enumerate(f, start=1):
+            raise InputFileError(f"conversation file {path} does not exist; make it with data/prepare_sft.py")
+        with open(path, "rb") as f:  # decoded line by line: one bad byte costs its row, not the file
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as error:
+                    line, problem = "?", f"not UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1})"
+                else:
+                    problem = None
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
-                    problem = row_problem(row)
+                    if problem is None:
+                        row = json.loads(line)
+                        problem = row_problem(row)
                 except json.JSONDecodeError as error:
                     problem = f"not valid JSON ({error.msg} at column {error.colno})"
                 if problem is not None:

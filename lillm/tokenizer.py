@@ -28,7 +28,7 @@ from typing import Iterable, Mapping, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .errors import TokenizerFileError, ChatTemplateError
+from .errors import ChatTemplateError, InputFileError, TokenizerFileError
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 ROLES = ("system", "user", "assistant")
@@ -54,9 +54,12 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Tokenizer":
         path = Path(path)
+        if path.is_dir():
+            raise InputFileError(f"tokenizer {path} is a folder, not a tokenizer.json file; pass the path of "
+                                 f"the file (e.g. {path / 'tokenizer.json'})")
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist; train one with train_tokenizer.py "
-                                    f"or pass the path of an existing tokenizer.json")
+            raise InputFileError(f"tokenizer file {path} does not exist; train one with train_tokenizer.py "
+                                 f"or pass the path of an existing tokenizer.json")
         try:
             backend = tokenizers.Tokenizer.from_file(str(path))
         except Exception as error:  # the Rust side raises a bare Exception

@@ -3,7 +3,8 @@
 The loop knows nothing of what it trains on. It takes
 - a batch source: `next_step()` returns this rank's micro batches for one optimizer
   step (a list of dicts of tensors), with `state_dict()` / `load_state_dict()`;
-- a loss function: `loss_fn(model, batch) -> (summed loss, number of target tokens)`.
+- a loss function: `loss_fn(model, batch) -> (summed loss, number of target tokens)`; a batch
+  whose loss is not a sum over tokens (DPO: over preference pairs) carries that count as `loss_count`.
 
 Returning a *sum* and a count is what makes gradient accumulation and data parallelism
 exact: the step's loss is sum / (tokens in the whole global batch), so one process
@@ -37,6 +38,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .errors import TrainingDiverged
+from .folders import open_run_folder
 from .loss import causal_lm_loss  # the default loss_fn; SFT and distillation pass their own
 from .model import Transformer
 from .moe import router_metrics
@@ -61,6 +63,7 @@ class TrainConfig:
     fsdp: bool = False                  # shard parameters, gradients and optimizer state (FSDP2)
     precision: str = "auto"             # auto: bf16 autocast on CUDA, fp32 elsewhere
     seed: int = 1337
+    overwrite: bool = False             # a new run may replace the old run's own outputs in out_dir
     flops_per_token: float | None = None
     extra: dict = field(default_factory=dict)  # stage-specific settings, recorded in checkpoints
 
@@ -181,8 +184,23 @@ class RunLog:
         self.path, self.enabled = out_dir / "log.jsonl", enabled
         self.train_points, self.val_points = [], []
         if enabled and self.path.exists():  # a resumed run keeps its history in the plot
-            for line in self.path.read_text().splitlines():
-                self._remember(json.loads(line))
+            for record in self.records():
+                self._remember(record)
+
+    def records(self) -> list[dict]:
+        """The log's records; a line cut short by a kill (or otherwise unreadable) is skipped, with a note."""
+        records = []
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            elif line.strip():
+                print(f"{self.path}, line {number}: not a JSON record (cut short by a kill?); dropped")
+        return records
 
     def _remember(self, record: dict):
         if "loss" in record:
@@ -194,11 +212,11 @@ class RunLog:
         """A killed run may have logged steps past its last checkpoint; they are redone, so drop them."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [l for l in self.path.read_text().splitlines() if json.loads(l).get("step", 0) <= step]
-        self.path.write_text("".join(l + "\n" for l in kept))
+        kept = [r for r in self.records() if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.train_points, self.val_points = [], []
-        for line in kept:
-            self._remember(json.loads(line))
+        for record in kept:
+            self._remember(record)
 
     def write(self, record: dict):
         if not self.enabled:
@@ -231,6 +249,14 @@ class RunLog:
 # ---- the loop --------------------------------------------------------------------------
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def count_targets(batch: dict) -> torch.Tensor:
+    """What a micro batch's summed loss is divided by: its labels != -100, unless the batch says
+    otherwise in `loss_count` (DPO's loss is a sum over preference pairs, not over tokens)."""
+    if "loss_count" in batch:
+        return batch["loss_count"].sum()
+    return (batch["labels"] != -100).sum()
 
 
 def _wrap(model: torch.nn.Module, env: Dist, cfg: TrainConfig) -> torch.nn.Module:
@@ -285,8 +311,16 @@ def train(model: Transformer, source: BatchSource, cfg: TrainConfig, env: Dist |
     """Train until cfg.max_steps; returns the last metrics. See the module docstring."""
     env = env or Dist()
     out = Path(cfg.out_dir)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    # One writer per run folder (a lock file); a new run never mixes with an old one (lillm/folders.py).
+    lock = open_run_folder(out, resume=resume, overwrite=cfg.overwrite) if env.is_main else None
+    try:
+        return _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, info, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, info, out) -> dict:
     model.to(env.device)
     progress = Progress()
     if resume:  # weights go in before sharding; optimizer state once the optimizer exists
@@ -314,7 +348,8 @@ def train(model: Transformer, source: BatchSource, cfg: TrainConfig, env: Dist |
             state = {**asdict(progress), "optimizer": optimizer_state, "source": source.state_dict(),
                      "rng": rng_state(), "config": asdict(cfg)}
             ckpt.save_checkpoint(out / f"step_{tag_step:06d}", model, tokenizer_path, state,
-                                 dict(info, step=tag_step, tokens=progress.tokens), state_dict=model_state)
+                                 dict(info, step=tag_step, tokens=progress.tokens), state_dict=model_state,
+                                 overwrite=True)  # a step folder of this locked run: lillm's own
             ckpt.prune_checkpoints(out, cfg.keep_last)
         if env.world > 1:
             dist.barrier()
@@ -341,7 +376,7 @@ def train(model: Transformer, source: BatchSource, cfg: TrainConfig, env: Dist |
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [_to_device(b, env.device) for b in source.next_step()]
-        targets = all_reduce_sum(sum((b["labels"] != -100).sum() for b in micro).float(), env)
+        targets = all_reduce_sum(sum(count_targets(b) for b in micro).float(), env)
         step_tokens = sum(b["input_ids"].numel() for b in micro) * env.world
         loss_total = torch.zeros((), device=env.device)
         for i, batch in enumerate(micro):

@@ -16,9 +16,10 @@ import json
 import tempfile
 from pathlib import Path
 
-
 from lillm import checkpoint as ckpt
+from lillm.cli import need, run_main
 from lillm.corpora import documents_for
+from lillm.folders import check_not_inside, check_output
 from lillm.tokenizer import Tokenizer
 from lillm.vocab import expand_vocabulary, fertility_change
 
@@ -44,9 +45,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--min-frequency", type=int, default=2)
     parser.add_argument("--holdout-every", type=int, default=50, help="hold out every n-th document for the report")
     parser.add_argument("--out", default="out/expanded")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier expansion in --out (only a lillm checkpoint holding only its files)")
     args = parser.parse_args(argv)
+    need(args.new_tokens >= 1, "--new-tokens", args.new_tokens, "must be at least 1")
+    need(args.pad_multiple >= 1, "--pad-multiple", args.pad_multiple, "must be at least 1")
+    need(args.min_frequency >= 1, "--min-frequency", args.min_frequency, "must be at least 1")
+    need(args.holdout_every >= 2, "--holdout-every", args.holdout_every, "must be at least 2",
+         "every n-th document is held out, so 1 would hold out all of them")
 
     base_folder = ckpt.resolve_checkpoint(args.base)
+    check_not_inside(args.out, base_folder, "--out", "--base")
+    check_output(args.out, "checkpoint", overwrite=args.overwrite)
     tokenizer_path = Path(args.tokenizer) if args.tokenizer else base_folder / "tokenizer.json"
     base_tokenizer = Tokenizer.from_file(tokenizer_path)
     model = ckpt.load_model(base_folder)
@@ -62,7 +72,8 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         expanded_path = Path(tmp) / "tokenizer.json"
         expansion.tokenizer.save(expanded_path)
-        ckpt.save_checkpoint(args.out, model, expanded_path, info={"stage": "expand_vocab", "expansion": report})
+        ckpt.save_checkpoint(args.out, model, expanded_path, info={"stage": "expand_vocab", "expansion": report},
+                             overwrite=args.overwrite)
     before, after = report["held_out_fertility"]["before"], report["held_out_fertility"]["after"]
     print(json.dumps(report, indent=2, ensure_ascii=False))
     print(f"{len(expansion.new_tokens)} new tokens, vocabulary {expansion.base_vocab_size} -> {expansion.vocab_size}; "
@@ -72,4 +83,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

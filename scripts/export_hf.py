@@ -12,30 +12,37 @@ import argparse
 import json
 from pathlib import Path
 
-
 import torch
 
 from lillm import checkpoint as ckpt
+from lillm.cli import run_main
+from lillm.folders import check_not_inside, check_output
 from lillm.hf import export_llama
 
 DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="lillm checkpoint folder")
     parser.add_argument("out", type=Path, nargs="?", help="folder to write (default out/exported/<checkpoint name>)")
     parser.add_argument("--dtype", choices=DTYPES, default="keep", help="dtype to write (keep: the checkpoint's own)")
-    args = parser.parse_args()
-    out = args.out or Path("out/exported") / args.checkpoint.name
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export in `out` (only a folder lillm exported, holding only its files)")
+    args = parser.parse_args(argv)
+    source = ckpt.resolve_checkpoint(args.checkpoint)  # a checkpoint folder, or a run folder's latest step
+    out = args.out or Path("out/exported") / source.name
+    check_not_inside(out, source, "out", "the checkpoint")
+    check_output(out, "export", overwrite=args.overwrite, flag="out")
 
     dtype = DTYPES[args.dtype]
+    ckpt.read_config(source)  # refuses a corrupt or unsupported config.json by name
     if dtype is None:  # keep the dtype the checkpoint was saved in (load_model builds float32)
-        saved = json.loads((args.checkpoint / "config.json").read_text()).get("torch_dtype", "float32")
+        saved = json.loads((source / "config.json").read_text()).get("torch_dtype", "float32")
         dtype = DTYPES.get(saved, torch.float32)
-    model = ckpt.load_model(args.checkpoint, dtype=dtype)
-    tokenizer = args.checkpoint / "tokenizer.json"
-    export_llama(model, out, tokenizer_path=tokenizer if tokenizer.exists() else None)
+    model = ckpt.load_model(source, dtype=dtype)
+    tokenizer = source / "tokenizer.json"
+    export_llama(model, out, tokenizer_path=tokenizer if tokenizer.exists() else None, overwrite=args.overwrite)
     cfg = model.config
     element = next(model.parameters()).element_size()
     written = sum(t.numel() for n, t in model.state_dict().items() if not (cfg.tie_embeddings and n == "lm_head.weight"))
@@ -48,4 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

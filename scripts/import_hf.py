@@ -15,24 +15,31 @@ import tempfile
 import time
 from pathlib import Path
 
-
 import torch
 
 from lillm import checkpoint as ckpt
+from lillm.checkpoint import need_folder
+from lillm.cli import run_main
+from lillm.folders import check_not_inside, check_output
 from lillm.hf import import_llama
 from lillm.spm import load_tokenizer, save_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", type=Path, help="Hugging Face model folder (config.json, weights, tokenizer)")
     parser.add_argument("out", type=Path, nargs="?", help="checkpoint folder to write (default out/imported/<src name>)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the imported weights")
     parser.add_argument("--unroll-mlp", action="store_true", help="load a shared MLP as one copy per layer")
-    args = parser.parse_args()
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier import in `out` (only a lillm checkpoint holding only its files)")
+    args = parser.parse_args(argv)
+    need_folder(args.src, "Hugging Face model folder")
     out = args.out or Path("out/imported") / args.src.name
+    check_not_inside(out, args.src, "out", "the source folder")
+    check_output(out, "checkpoint", overwrite=args.overwrite, flag="out")
 
     start, notes = time.perf_counter(), []
     model = import_llama(args.src, dtype=DTYPES[args.dtype], shared_mlp=False if args.unroll_mlp else None,
@@ -54,10 +61,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_path = save_tokenizer(tokenizer, Path(tmp) / "tokenizer.json") if tokenizer else None
-        ckpt.save_checkpoint(out, model, tokenizer_path=tokenizer_path,
+        ckpt.save_checkpoint(out, model, tokenizer_path=tokenizer_path, overwrite=args.overwrite,
                              info={"stage": "import", "source": str(args.src), "notes": notes})
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

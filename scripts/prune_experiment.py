@@ -37,6 +37,7 @@ from lillm.prune import buzuzu_random_prune, first_n, prune_to_shape
 from lillm.loss import causal_lm_loss
 from lillm.perplexity import bin_evaluator
 from lillm.train import Dist, TrainConfig, train
+from lillm.cli import run_main
 
 ARMS = ("buzuzu", "random", "importance", "scratch")
 
@@ -179,4 +180,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -23,14 +23,14 @@ DATA_ARGS=()
 [ -n "${LILLM_DATA_DIR:-}" ] && DATA_ARGS=(--data-dir "$LILLM_DATA_DIR")
 
 echo "== 2/5 tokenizer (byte-level BPE, 8,192 tokens, Swahili + Hausa)"
-$PY train_tokenizer.py --langs swa hau --vocab-size 8192 --out "$OUT/tokenizer/tokenizer.json" "${DATA_ARGS[@]}"
+$PY train_tokenizer.py --langs swa hau --vocab-size 8192 --out "$OUT/tokenizer/tokenizer.json" --overwrite "${DATA_ARGS[@]}"
 
 echo "== 3/5 token bins"
 $PY data/prepare_pretrain.py --tokenizer "$OUT/tokenizer/tokenizer.json" --langs swa hau --out "$OUT/data" \
-  --workers 2 "${DATA_ARGS[@]}"
+  --overwrite --workers 2 "${DATA_ARGS[@]}"
 
 echo "== 4/5 pretrain preset $PRESET for $STEPS steps"
-$PY pretrain.py --data "$OUT/data" --out "$OUT/pretrain" --preset "$PRESET" --max-steps "$STEPS" \
+$PY pretrain.py --data "$OUT/data" --out "$OUT/pretrain" --overwrite --preset "$PRESET" --max-steps "$STEPS" \
   --seq-len "$SEQ" --global-batch-tokens "$BATCH_TOKENS" --micro-batch "$MICRO" --lr 2e-3 --warmup-steps 50 \
   --eval-every $((STEPS / 4)) --save-every $((STEPS / 2)) --eval-batches 40 "${EXTRA[@]}" | tee "$OUT/pretrain.summary"
 

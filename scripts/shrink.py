@@ -28,11 +28,14 @@ import numpy as np
 
 
 from lillm import checkpoint as ckpt
-from lillm.cli import accumulation_steps, add_training_args, train_config_from_args
+from lillm.cli import (accumulation_steps, add_training_args, check_training_args, need, run_main,
+                       train_config_from_args)
 from lillm.config import INKUBA_PARAMS
 from lillm.corpora import documents_for
 from lillm.data import BinLoader, StepBatches, token_dtype
 from lillm.distill import distillation_loss
+from lillm.errors import InputFileError
+from lillm.folders import check_not_inside, check_output, check_run_folder, mark
 from lillm.hf import import_llama
 from lillm.importance import (activation_importance, block_influence, random_importance, top_layers,
                               weight_importance)
@@ -86,12 +89,12 @@ def load_source(path: str) -> tuple:
     if not (folder / "config.json").is_file():
         steps = ckpt.list_checkpoints(folder)
         if not steps:
-            raise FileNotFoundError(f"--source {folder} is neither a model folder (config.json) nor a run folder "
+            raise InputFileError(f"--source {folder} is neither a model folder (config.json) nor a run folder "
                                     "with step_N checkpoints; pass an InkubaLM folder or a lillm checkpoint")
         folder = steps[-1]
     tokenizer = load_tokenizer(folder)
     if tokenizer is None:
-        raise FileNotFoundError(f"{folder} has neither tokenizer.json nor tokenizer.model; the vocabulary cannot "
+        raise InputFileError(f"{folder} has neither tokenizer.json nor tokenizer.model; the vocabulary cannot "
                                 "be shrunk or measured without the model's tokenizer")
     return folder, import_llama(folder), Tokenizer(tokenizer, str(folder))
 
@@ -259,8 +262,36 @@ class Shrinker:
         self.measure("heal (distilled)" if args.distill else "heal")
 
 
+def check_args(args) -> None:
+    """Every flag and both output folders checked before the source is read."""
+    need(args.max_steps >= 0, "--heal-steps (--max-steps)", args.max_steps, "must be 0 (no healing) or more")
+    check_training_args(args, allow_zero_steps=True)
+    for flag, value in (("--seq-len", args.seq_len), ("--batch", args.batch), ("--calib-batches", args.calib_batches),
+                        ("--eval-tokens", args.eval_tokens), ("--min-count", args.min_count)):
+        need(value >= 1, flag, value, "must be at least 1")
+    for flag, value in (("--vocab", args.vocab), ("--d-model", args.d_model), ("--d-ff", args.d_ff),
+                        ("--n-heads", args.n_heads), ("--head-dim", args.head_dim), ("--layers", args.layers),
+                        ("--max-docs", args.max_docs)):
+        if value is not None:
+            need(value >= 1, flag, value, "must be at least 1")
+    need(args.temperature > 0, "--temperature", args.temperature, "must be positive")
+    need(0 <= args.alpha <= 1, "--alpha", args.alpha, "must be between 0 and 1")
+    source = Path(args.source)
+    if not source.exists():
+        raise InputFileError(f"--source {source} does not exist, so it is neither a model folder (config.json) nor a "
+                             "run folder; pass an InkubaLM folder or a lillm checkpoint")
+    check_not_inside(args.out, source, "--out", "--source")
+    check_output(args.out, "checkpoint", overwrite=args.overwrite)
+    check_run_folder(heal_folder(args), resume=args.resume, overwrite=args.overwrite)
+
+
+def heal_folder(args) -> Path:
+    return Path(args.heal_dir or f"{args.out}.heal")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_args(args)
     env = setup_distributed(args.device)
     folder, model, tokenizer = load_source(args.source)
     train_text = language_texts(args.langs, "train", args.data_dir, args.max_docs)
@@ -268,20 +299,24 @@ def main(argv=None) -> dict:
     missing = [f"{lang} {split}" for split, texts in (("train", train_text), ("dev", dev_text))
                for lang in args.langs if not texts[lang]]
     if missing:
-        raise FileNotFoundError(f"no text for {missing} in the data directory; see docs/DATA.md")
+        raise InputFileError(f"no text for {missing} in the data directory; check --langs and --data-dir "
+                             "(see docs/DATA.md)")
     shrinker = Shrinker(args, folder, model, tokenizer, [t for texts in train_text.values() for t in texts],
                         dev_text, env)
     shrinker.measure("source")
     shrinker.shrink_vocab()
     shrinker.prune()
     out = Path(args.out)
-    heal_dir = Path(args.heal_dir or f"{out}.heal")
+    heal_dir = heal_folder(args)
+    check_run_folder(heal_dir, resume=args.resume, overwrite=args.overwrite)
     heal_dir.mkdir(parents=True, exist_ok=True)
+    mark(heal_dir, "run")  # lillm's run folder from now on: its tokenizer.json and train.bin are lillm's own
     tokenizer_path = save_tokenizer(shrinker.tokenizer.backend, heal_dir / "tokenizer.json")
     if args.max_steps > 0:
         shrinker.heal(heal_dir, tokenizer_path)
     report = shrinker.report
-    ckpt.save_checkpoint(out, shrinker.model.cpu(), tokenizer_path, info={"stage": "shrink", "report": report})
+    ckpt.save_checkpoint(out, shrinker.model.cpu(), tokenizer_path, info={"stage": "shrink", "report": report},
+                         overwrite=args.overwrite)
     ckpt.write_text_atomic(out / "shrink_report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     ckpt.write_text_atomic(out / "shrink_report.md", render_report(report))
     print(render_report(report))
@@ -289,4 +324,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

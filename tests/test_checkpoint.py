@@ -34,7 +34,7 @@ def test_an_interrupted_write_leaves_the_previous_checkpoint_loadable(tmp_path, 
 
     monkeypatch.setattr(ckpt.torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_checkpoint(tmp_path / "c", model(1), train_state={"step": 2})
+        ckpt.save_checkpoint(tmp_path / "c", model(1), train_state={"step": 2}, overwrite=True)
     monkeypatch.undo()
     assert same_weights(first, ckpt.load_model(tmp_path / "c"))
     assert ckpt.load_train_state(tmp_path / "c")["step"] == 1

@@ -5,6 +5,7 @@ import torch
 import inference
 from lillm import checkpoint as ckpt
 from lillm.config import get_preset
+from lillm.errors import CheckpointError
 from lillm.generate import generate
 from lillm.model import Transformer
 from lillm.tokenizer import train_bpe
@@ -65,5 +66,5 @@ def test_chat_reads_turns_until_an_empty_line(folder, capsys, monkeypatch):
 def test_a_folder_without_tokenizer_says_what_is_missing(folder, tmp_path):
     path, model, _ = folder
     ckpt.save_checkpoint(tmp_path / "bare", model)
-    with pytest.raises(SystemExit, match="tokenizer.json is missing"):
+    with pytest.raises(CheckpointError, match="tokenizer.json is missing"):
         inference.main([str(tmp_path / "bare"), "--prompt", "x"])

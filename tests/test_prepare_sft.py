@@ -118,7 +118,7 @@ def test_user_csv_and_jsonl_files_with_alpaca_prompt_and_bad_rows_reported(tmp_p
     assert any(f"{csv_path}:4" in s for s in skipped) and any(f"{jsonl_path}, line 2" in s for s in skipped)
     assert f"{jsonl_path}, line 2" in capsys.readouterr().out
     with pytest.raises(ValueError, match="mine.csv:4: needs 'instruction' and a non-empty 'target'"):
-        prepare_sft.main(["--tasks", "none", "--files", str(csv_path), "--strict", "--out", str(out)])
+        prepare_sft.main(["--tasks", "none", "--files", str(csv_path), "--strict", "--out", str(tmp_path / "out2")])
 
 
 def test_unknown_file_type_and_empty_selection_are_refused(tmp_path):

@@ -1,0 +1,129 @@
+"""Build preference pairs (JSON lines of prompt messages, chosen, rejected) for dpo_train.py.
+
+    python data/prepare_dpo.py --sft-data out/sft --model out/sft_all --out out/dpo
+    python data/prepare_dpo.py --sft-data out/sft --out out/dpo --tasks sentiment nli      # no model needed
+    python data/prepare_dpo.py --files my_pairs.jsonl hf_pairs.parquet --dev-files my_dev.jsonl --out out/dpo
+
+From the challenge data, through the conversations of data/prepare_sft.py (their train split gives
+our train pairs, their dev split our held-out pairs):
+- classification (sentiment, nli, news): the gold label against a wrong label, one per row drawn by
+  a seeded hash (--negatives all: every wrong label);
+- translation: the reference against the --model's own sampled translation (the lowest sentence
+  chrF of --samples samples), kept when it differs from the reference.
+User files: .jsonl rows {"prompt" or "messages", "chosen", "rejected"}, or .parquet / .json / .csv
+in the same layout read through the `datasets` library's local loaders (a Hugging Face preference
+dataset downloaded as files). The logic is lillm.dpo's; this script only chooses and writes.
+Files are written to temporary names and renamed; stats.json counts pairs per split and task.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lillm import checkpoint as ckpt
+from lillm.errors import LillmError
+from lillm.dpo import (
+    DPODataError,
+    classification_pairs,
+    read_user_pairs,
+    translation_pairs,
+    write_jsonl_atomic,
+)
+from lillm.sft import read_conversations
+from lillm.tokenizer import Tokenizer
+
+SPLITS = {"train": "train", "dev": "dev"}  # our split -> the SFT split it is built from
+
+
+def evenly_spaced(rows: list, limit: int | None) -> list:
+    return rows if limit is None or len(rows) <= limit else [rows[i * len(rows) // limit] for i in range(limit)]
+
+
+def by_task_lang(rows: list[dict], limit: int | None) -> list[list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row.get("task"), row.get("lang")), []).append(row)
+    return [evenly_spaced(g, limit) for _, g in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="out/dpo", help="folder for train.jsonl, dev.jsonl and stats.json")
+    parser.add_argument("--sft-data", default=None, help="folder of data/prepare_sft.py (train.jsonl, dev.jsonl)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="tasks of --sft-data to use (default: all)")
+    parser.add_argument("--model", default=None, help="SFT checkpoint that samples the rejected translations")
+    parser.add_argument("--limit", type=int, default=None, help="at most N source rows per task, language and split")
+    parser.add_argument("--translation-limit", type=int, default=200,
+                        help="at most N translations sampled per language and split (sampling is the slow part)")
+    parser.add_argument("--negatives", choices=["one", "all"], default="one", help="wrong labels per classification row")
+    parser.add_argument("--samples", type=int, default=2, help="sampled translations per source sentence")
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--files", nargs="*", default=[], help="your own preference files for the train split")
+    parser.add_argument("--dev-files", nargs="*", default=[], help="your own preference files for the dev split")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--strict", action="store_true", help="stop at the first malformed row of --files")
+    args = parser.parse_args(argv)
+    if not args.sft_data and not args.files:
+        parser.error("nothing to build from: give --sft-data (challenge conversations) and/or --files")
+
+    model = tokenizer = None
+    if args.model:
+        folder = ckpt.resolve_checkpoint(args.model)
+        model, tokenizer = ckpt.load_model(folder, device=args.device).eval(), Tokenizer.from_file(folder / "tokenizer.json")
+    splits: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    stats: dict = {"splits": {}, "translation": {}, "skipped_rows": []}
+    if args.sft_data:
+        for split, source in SPLITS.items():
+            path = Path(args.sft_data) / f"{source}.jsonl"
+            if not path.is_file():
+                print(f"{path} not found: no {split} pairs from the challenge data")
+                continue
+            rows, _ = read_conversations(path, tasks=args.tasks)
+            for group in by_task_lang(rows, args.limit):
+                task, lang = group[0].get("task"), group[0].get("lang")
+                if "options" in group[0]:
+                    splits[split] += classification_pairs(group, args.seed, args.negatives)
+                elif model is None:
+                    print(f"{task}/{lang} ({split}): no --model to sample translations from; skipped")
+                else:
+                    made, counts = translation_pairs(model, tokenizer, evenly_spaced(group, args.translation_limit),
+                                                     args.samples, args.temperature, args.top_k, args.max_new_tokens,
+                                                     args.batch_size, args.seed, progress=True)
+                    splits[split] += made
+                    stats["translation"][f"{split}/{task}/{lang}"] = counts
+    for split, files in (("train", args.files), ("dev", args.dev_files)):
+        for path in files:
+            rows, problems = read_user_pairs(path, strict=args.strict)
+            splits[split] += rows
+            stats["skipped_rows"] += problems
+    if not any(splits.values()):
+        raise DPODataError("no preference pairs were made: check --sft-data, --tasks, --model and --files")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        write_jsonl_atomic(out / f"{split}.jsonl", rows)
+        counts: dict[str, int] = {}
+        for row in rows:
+            key = f"{row.get('task', '')}/{row.get('lang', '')}"
+            counts[key] = counts.get(key, 0) + 1
+        stats["splits"][split] = {"pairs": len(rows), "by_task": dict(sorted(counts.items()))}
+        print(f"{split}: {len(rows):,} pairs -> {out / (split + '.jsonl')}")
+    stats.update(sft_data=args.sft_data, model=args.model, seed=args.seed, negatives=args.negatives,
+                 samples=args.samples, temperature=args.temperature, files=args.files, dev_files=args.dev_files)
+    ckpt.write_text_atomic(out / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    return stats
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (LillmError, FileNotFoundError) as error:  # bad input: one line, status 2
+        print(f"prepare_dpo.py: {error}", file=sys.stderr)
+        sys.exit(2)

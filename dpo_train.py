@@ -1,0 +1,148 @@
+"""Preference tuning (DPO, or reference-free SimPO) of an SFT checkpoint on chosen/rejected pairs.
+
+    python data/prepare_dpo.py --sft-data out/sft --model out/sft_all --out out/dpo
+    python dpo_train.py --init-from out/sft_all --data out/dpo --out out/dpo_run
+    python dpo_train.py --init-from out/sft_all --data out/dpo --peft lora --lora-targets all --out out/dpo_lora
+    python dpo_train.py --init-from out/sft_all --data out/dpo --loss simpo --beta 2.0 --gamma 0.5
+
+The loss, the reference log-probabilities and the batches are lillm.dpo's; the loop is
+lillm.train.train, shared with pretraining and SFT (same flags, checkpoints, --resume). Before
+training, the reference log-probabilities of every train and dev pair are computed once with the
+--init-from model (PEFT adapters switched off), so no second copy of the model is held. At each
+evaluation the log gets the held-out pairs' loss, implicit rewards, margin and preference accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from lillm import checkpoint as ckpt
+from lillm.errors import LillmError
+from lillm.cli import (
+    accumulation_steps,
+    add_peft_args,
+    add_training_args,
+    apply_peft_from_args,
+    finish,
+    print_summary,
+    train_config_from_args,
+)
+from lillm.dpo import (
+    LOSS_TYPES,
+    TOO_LONG_CHOICES,
+    DPOConfig,
+    DPODataError,
+    DPOLoss,
+    PreferenceBatches,
+    add_reference_logps,
+    build_pairs,
+    dpo_evaluator,
+    read_pairs,
+)
+from lillm.peft import describe
+from lillm.sft import BATCHING_CHOICES
+from lillm.tokenizer import Tokenizer
+from lillm.train import setup_distributed, train
+
+
+def cap_per_task(rows: list[dict], cap: int | None) -> list[dict]:
+    """At most cap rows per (task, lang), evenly spaced."""
+    if cap is None:
+        return rows
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row.get("task"), row.get("lang")), []).append(row)
+    return [r for g in groups.values() for r in (g if len(g) <= cap else [g[i * len(g) // cap] for i in range(cap)])]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--init-from", default="out/sft_run", help="SFT checkpoint folder, or run folder (latest step)")
+    parser.add_argument("--data", default="out/dpo", help="folder with train.jsonl and dev.jsonl (data/prepare_dpo.py)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="train on these tasks only (default: all)")
+    parser.add_argument("--max-per-task", type=int, default=None, help="at most N train pairs per task and language")
+    parser.add_argument("--loss", choices=LOSS_TYPES, default="dpo", help="dpo (with a reference) or simpo (without)")
+    parser.add_argument("--beta", type=float, default=None, help="reward scale (default 0.1 for dpo, 2.0 for simpo)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0,
+                        help="conservative DPO: assumed probability that a pair's preference is flipped")
+    parser.add_argument("--gamma", type=float, default=0.5, help="SimPO's target margin")
+    parser.add_argument("--seq-len", type=int, default=None, help="longest sequence (default: the model's max_seq_len)")
+    parser.add_argument("--too-long", choices=TOO_LONG_CHOICES, default="truncate",
+                        help="pairs that do not fit: drop them, or shorten the prompt's middle")
+    parser.add_argument("--batching", choices=BATCHING_CHOICES, default="pad",
+                        help="pad: one sequence per row; pack: whole pairs per row of seq_len, masked apart")
+    parser.add_argument("--global-batch", type=int, default=16,
+                        help="pairs (pad) or packed rows (pack) per optimizer step, over all processes")
+    parser.add_argument("--eval-limit", type=int, default=200, help="dev pairs per task and language")
+    parser.add_argument("--strict", action="store_true", help="stop at the first malformed row instead of skipping")
+    add_training_args(parser, out="out/dpo_run", max_steps=200, lr=5e-6, warmup_steps=10, eval_every=50,
+                      save_every=100, micro_batch=4, weight_decay=0.0)
+    add_peft_args(parser)
+    args = parser.parse_args(argv)
+    beta = args.beta if args.beta is not None else (0.1 if args.loss == "dpo" else 2.0)
+    try:
+        dpo = DPOConfig(args.loss, beta, args.label_smoothing, args.gamma)
+    except ValueError as error:
+        parser.error(str(error))
+
+    env = setup_distributed(args.device)
+    init = ckpt.resolve_checkpoint(args.init_from)
+    model = ckpt.load_model(init)
+    tokenizer_path = args.tokenizer or init / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but {init} has vocab_size "
+                         f"{model.config.vocab_size}; use the tokenizer the checkpoint was trained with")
+    seq_len = args.seq_len or model.config.max_seq_len
+    if seq_len > model.config.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    model = apply_peft_from_args(model, args).to(env.device)
+
+    data = Path(args.data)
+    rows, _ = read_pairs(data / "train.jsonl", strict=args.strict, tasks=args.tasks)
+    pairs, stats = build_pairs(tokenizer, cap_per_task(rows, args.max_per_task), seq_len, args.too_long,
+                               verbose=env.is_main)
+    if not pairs:
+        raise DPODataError(f"{data / 'train.jsonl'}: no usable pair for tasks {args.tasks or 'all'} at seq_len {seq_len}")
+    dev_pairs = []
+    if (data / "dev.jsonl").is_file():
+        dev_rows, _ = read_pairs(data / "dev.jsonl", strict=args.strict, tasks=args.tasks)
+        dev_pairs, _ = build_pairs(tokenizer, cap_per_task(dev_rows, args.eval_limit), seq_len, "truncate", verbose=False)
+    if dpo.needs_reference:  # the --init-from model (adapters off) IS the reference, before any step
+        # In the precision the loop will run the policy in, so that policy = reference gives h = 0 exactly.
+        bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
+        with torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+            add_reference_logps(model, pairs + dev_pairs, args.micro_batch, tokenizer.pad_id, progress=env.is_main)
+    evaluate = dpo_evaluator(dev_pairs, dpo, args.micro_batch, tokenizer.pad_id) if dev_pairs else None
+
+    accum = accumulation_steps(args.global_batch, args.micro_batch, env.world,
+                               unit="packed rows" if args.batching == "pack" else "pairs")
+    source = PreferenceBatches(pairs, args.micro_batch, accum, args.batching, seq_len, tokenizer.pad_id,
+                               seed=args.seed, rank=env.rank, world=env.world)
+    cfg = train_config_from_args(args, stage="dpo", data=str(data), init_from=str(init), tasks=args.tasks,
+                                 seq_len=seq_len, batching=args.batching, global_batch=args.global_batch,
+                                 loss=dpo.loss_type, beta=dpo.beta, label_smoothing=dpo.label_smoothing,
+                                 gamma=dpo.gamma, too_long=args.too_long, pairs=stats)
+    cfg.flops_per_token = model.config.flops_per_token(seq_len)
+    if env.is_main:
+        print(f"model: {init}, {model.num_params():,} parameters; {len(pairs):,} pairs ({args.batching}, seq_len "
+              f"{seq_len}), {len(dev_pairs):,} dev pairs; {dpo.loss_type} beta {dpo.beta}; micro batch "
+              f"{args.micro_batch} x {accum} accumulation x {env.world} = {args.global_batch} per step on {env.device}")
+    metrics = train(model, source, cfg, env, loss_fn=DPOLoss(dpo), evaluate=evaluate, tokenizer_path=tokenizer_path,
+                    resume=args.resume, info={"stage": "dpo", "origin": str(init), "peft": describe(model)})
+    print_summary(env, args.out, metrics, {"pairs": len(pairs)})
+    finish(env)
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (LillmError, FileNotFoundError) as error:  # bad input: one line, status 2
+        print(f"dpo_train.py: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,335 @@
+"""Output folders that never lose a user's file: kinds, refusals, a run lock, and hidden deletions.
+
+lillm writes four kinds of folders (a checkpoint, a training run, token bins, a Hugging Face
+export, plus the SFT data folder). The rule every writer follows:
+
+1. A folder that does not exist, or is empty, is simply used.
+2. A folder that exists and holds files is refused, by name, unless it is a lillm folder of the
+   same kind (marked by `lillm-folder.json`, or recognised by the files lillm writes there) AND
+   the user said `--overwrite` (or `--resume` for a run). A folder of someone else's files is
+   never written into, and an ancestor of the model being read is never replaced.
+3. Even then only lillm's own files are touched: a run's `step_N/`, `log.jsonl` and `loss.png`;
+   a checkpoint folder is swapped whole only when it holds nothing but lillm's files.
+4. Deleting goes through a rename to a hidden name first (`.step_000200.trash-<pid>`), then the
+   removal, so a kill half-way leaves a hidden leftover (swept later), never a half-deleted
+   folder under a name that readers list. Writing is the mirror image: a hidden tmp, then a rename.
+5. A run folder holds a lock file created with O_CREAT | O_EXCL (atomic on POSIX), holding the
+   pid and host of the writer. A second writer is refused with the holder named; a lock left by a
+   process that is gone (same host, pid not running) is taken over with a message.
+
+This is the "write to a temporary name, then rename" discipline of databases and package
+managers, applied to whole folders; see also the minimind checkpoint pattern in checkpoint.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from .errors import OutputFolderError, RunLockedError
+
+MARKER = "lillm-folder.json"
+LOCK = "lillm.lock"
+STEP = re.compile(r"step_\d+")
+HIDDEN_LEFTOVER = re.compile(r"\..+\.(tmp|trash-\d+|replaced-\d+)(\.png)?")
+
+# The files lillm itself writes in each kind of folder (besides the marker and the lock).
+OWN_FILES = {
+    "checkpoint": {"config.json", "model.safetensors", "tokenizer.json", "train_state.pt", "lillm.json", "peft.json",
+                   "shrink_report.json", "shrink_report.md"},
+    "export": {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+               "tokenizer_config.json"},
+    "run": {"log.jsonl", "loss.png", "loss.tmp.png", "train.bin", "tokenizer.json"},
+    "bins": {"train.bin", "val.bin", "meta.json"},
+    "sft-data": {"train.jsonl", "dev.jsonl", "test.jsonl", "stats.json"},
+}
+RUN_OUTPUTS = ("log.jsonl", "loss.png")  # with the step_N folders: what --overwrite removes from a run
+
+
+def is_own(name: str, kind: str) -> bool:
+    if name in (MARKER, LOCK) or HIDDEN_LEFTOVER.fullmatch(name):
+        return True
+    if kind == "checkpoint" and re.fullmatch(r"eval_\w+\.(json|md)", name):  # scripts/evaluate.py's reports
+        return True
+    return name in OWN_FILES[kind] or (kind == "run" and bool(STEP.fullmatch(name)))
+
+
+def folder_kind(folder: str | Path) -> str | None:
+    """The kind of lillm folder this is ('checkpoint', 'run', 'bins', 'export', 'sft-data'), or None.
+
+    The marker says it; folders written before markers existed are recognised by their files."""
+    folder = Path(folder)
+    try:
+        return json.loads((folder / MARKER).read_text())["kind"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    if {"config.json", "model.safetensors", "lillm.json"} <= names:
+        return "checkpoint"
+    if {"config.json", "model.safetensors", "generation_config.json"} <= names:
+        return "export"
+    if "log.jsonl" in names or any(STEP.fullmatch(n) and (folder / n).is_dir() for n in names):
+        return "run"
+    if {"meta.json", "train.bin"} <= names:
+        return "bins"
+    if {"train.jsonl", "stats.json"} <= names:
+        return "sft-data"
+    return None
+
+
+def listing(folder: Path, names: list[str] | None = None, limit: int = 5) -> str:
+    names = sorted(names if names is not None else (p.name for p in folder.iterdir()))
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def is_empty(folder: Path) -> bool:
+    """Missing, or holding nothing but lillm's lock and hidden leftovers."""
+    if not folder.exists():
+        return True
+    return folder.is_dir() and all(p.name == LOCK or HIDDEN_LEFTOVER.fullmatch(p.name) for p in folder.iterdir())
+
+
+def check_output(folder: str | Path, kind: str, overwrite: bool = False, resume: bool = False,
+                 flag: str = "--out") -> bool:
+    """Refuse to write a `kind` folder at `folder` unless rule 2 of the module docstring allows it.
+
+    Returns True when the folder already holds a lillm folder of this kind (to be continued or
+    overwritten), False when it is new or empty."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputFolderError(f"{flag} {folder} is a file, not a folder; choose a folder path for {flag}")
+    if is_empty(folder):
+        return False
+    found = folder_kind(folder)
+    if found != kind:
+        what = f"a lillm {found} folder" if found else f"files lillm did not write ({listing(folder)})"
+        raise OutputFolderError(f"{flag} {folder} already exists and holds {what}; lillm writes its {kind} "
+                                f"folder only into a new or empty folder or an earlier {kind} folder of its own: "
+                                f"choose another {flag}")
+    if not (overwrite or resume):
+        again = "--resume to continue it or --overwrite" if kind == "run" else "--overwrite"
+        raise OutputFolderError(f"{flag} {folder} already holds a lillm {kind} folder; pass {again} to replace "
+                                f"lillm's files in it (other files are kept), or choose another {flag}")
+    return True
+
+
+def check_not_inside(out: str | Path, source: str | Path, out_flag: str = "--out", source_flag: str = "the source"):
+    """Refuse an output folder that is the source or one of its ancestors: replacing it would delete the source."""
+    out, source = Path(out).resolve(), Path(source).resolve()
+    if out == source or out in source.parents:
+        raise OutputFolderError(f"{out_flag} {out} contains {source_flag} {source}: writing there would replace "
+                                f"what is being read; choose an {out_flag} outside it")
+
+
+def mark(folder: str | Path, kind: str) -> None:
+    """Write the marker that says what kind of lillm folder this is (kept when already there)."""
+    path = Path(folder) / MARKER
+    if folder_kind(folder) == kind and path.exists():
+        return
+    tmp = path.with_name(f".{MARKER}.tmp")
+    tmp.write_text(json.dumps({"kind": kind, "written_by": "lillm"}) + "\n")
+    os.replace(tmp, path)
+
+
+# ---- deleting and replacing, through hidden names ------------------------------------------------
+def discard(path: str | Path) -> None:
+    """Delete a file or folder lillm wrote: rename it to a hidden name first, so that a kill during the
+    removal leaves a hidden leftover, never a half-deleted folder under its listed name."""
+    path = Path(path)
+    if not path.exists():
+        return
+    trash = path.with_name(f".{path.name}.trash-{os.getpid()}")
+    os.replace(path, trash)
+    remove_hidden(trash)
+
+
+def remove_hidden(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def sweep_leftovers(folder: str | Path) -> None:
+    """Remove the hidden trash a killed deletion left behind (never a visible name)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if re.fullmatch(r"\..+\.trash-\d+", path.name):
+                remove_hidden(path)
+
+
+def check_replaceable(final: str | Path, kind: str, overwrite: bool = False) -> bool:
+    """check_output for a folder written whole (a checkpoint, an export), plus: an existing one must hold
+    only lillm's files, since replacing the folder replaces everything in it. True when it exists."""
+    final = Path(final)
+    if not check_output(final, kind, overwrite=overwrite):
+        return False
+    foreign = [p.name for p in final.iterdir() if not is_own(p.name, kind)]
+    if foreign:
+        raise OutputFolderError(f"--out {final} holds files lillm did not write ({listing(final, foreign)}); "
+                                "they would be lost when the folder is replaced: move them out, or choose "
+                                "another --out")
+    return True
+
+
+def publish_folder(tmp: Path, final: Path, kind: str, overwrite: bool = False) -> None:
+    """Move a finished hidden tmp folder to `final`. An existing `final` must pass check_replaceable; it is
+    swapped out through a hidden name, so a kill between the renames leaves it recoverable
+    (checkpoint._recover puts it back)."""
+    try:
+        exists = check_replaceable(final, kind, overwrite)
+    except OutputFolderError:
+        remove_hidden(tmp)
+        raise
+    if exists:
+        old = final.with_name(f".{final.name}.replaced-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        remove_hidden(old)
+    else:
+        if final.is_dir():  # new and empty: rmdir only succeeds on an empty folder, so nothing is lost
+            for leftover in final.iterdir():  # only lillm's lock or hidden leftovers (is_empty)
+                remove_hidden(leftover)
+            final.rmdir()
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+
+
+def hidden_tmp(final: Path) -> Path:
+    """The hidden folder a `final` folder is written in before its rename; a leftover is lillm's own."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        remove_hidden(tmp)  # an interrupted write of ours: never complete, safe to drop
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+# ---- the run lock --------------------------------------------------------------------------------
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive lock file in a run folder: {"pid", "host", "since"} of the one process writing it."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / LOCK
+        self.held = False
+
+    def holder(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, holder: dict | None) -> bool:
+        if holder is None:  # a writer killed between creating and filling the file, or one filling it now
+            try:
+                return time.time() - self.path.stat().st_mtime > 10
+            except FileNotFoundError:
+                return True
+        return holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", -1)))
+
+    def acquire(self) -> "RunLock":
+        for _ in range(3):
+            try:
+                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.holder()
+                if not self._stale(holder):
+                    who = f"pid {holder['pid']} on host {holder['host']}" if holder else "a process starting now"
+                    raise RunLockedError(
+                        f"run folder {self.path.parent} is being written by {who} (lock file {self.path}); "
+                        "wait for that run to finish or stop it, or choose another --out; if that process is "
+                        "gone for good (e.g. on another machine), delete the lock file") from None
+                who = f"pid {holder['pid']} on {holder['host']}" if holder else "an unfinished lock"
+                print(f"taking over the lock {self.path}: {who} is no longer running", file=sys.stderr)
+                stale = self.path.with_name(f".{LOCK}.trash-{os.getpid()}")
+                try:
+                    os.replace(self.path, stale)
+                except FileNotFoundError:
+                    continue  # someone else took it over first: try again
+                remove_hidden(stale)
+                continue
+            with os.fdopen(handle, "w") as f:
+                f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+                f.flush()
+                os.fsync(f.fileno())
+            self.held = True
+            return self
+        raise RunLockedError(f"could not take the lock {self.path}: other processes keep taking it; "
+                             "run one writer per --out")
+
+    def release(self) -> None:
+        if self.held:
+            holder = self.holder()
+            if holder and holder.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def has_run(folder: Path) -> bool:
+    """Whether a run folder holds the outputs of a run (checkpoints or a log), not just its marker."""
+    return folder.is_dir() and any(STEP.fullmatch(p.name) or p.name == "log.jsonl" for p in folder.iterdir())
+
+
+def check_run_folder(folder: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Early refusal (before any work) of a --out that training may not write: see open_run_folder."""
+    folder = Path(folder)
+    if resume and overwrite:
+        raise OutputFolderError("--resume continues the run in --out and --overwrite starts it again: pass one")
+    if check_output(folder, "run", overwrite=True, resume=True) and has_run(folder) and not (resume or overwrite):
+        steps = sorted(p.name for p in folder.iterdir() if STEP.fullmatch(p.name))
+        held = f"checkpoints up to {steps[-1]}" if steps else "a log.jsonl"
+        raise OutputFolderError(f"--out {folder} already holds a run ({held}); pass --resume to continue it, "
+                                "--overwrite to start again (removes its step_N folders, log.jsonl and loss.png, "
+                                "nothing else), or choose another --out")
+
+
+def open_run_folder(folder: str | Path, resume: bool = False, overwrite: bool = False) -> RunLock:
+    """Check, create, lock and mark a run folder; with overwrite (and no resume) remove the old run's
+    own outputs. Returns the held lock: release it when the run ends."""
+    folder = Path(folder)
+    check_run_folder(folder, resume, overwrite)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(folder).acquire()
+    try:
+        check_run_folder(folder, resume, overwrite)  # again under the lock: another run may have just finished
+        sweep_leftovers(folder)
+        if overwrite and not resume:
+            for path in sorted(folder.iterdir()):
+                if STEP.fullmatch(path.name) or path.name in RUN_OUTPUTS:
+                    discard(path)
+        mark(folder, "run")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def claim_output(folder: str | Path, kind: str, overwrite: bool = False, flag: str = "--out") -> Path:
+    """For writers that put their files into the folder one by one (token bins, SFT data): check the
+    folder, create it and mark it. Their files replace only lillm's own files of the same names."""
+    folder = Path(folder)
+    check_output(folder, kind, overwrite=overwrite, flag=flag)
+    folder.mkdir(parents=True, exist_ok=True)
+    mark(folder, kind)
+    return folder
