@@ -15,12 +15,3 @@ def buzuzu():
         pytest.skip("Buzuzu-Mavi tokenizer absent from the data directory")
     return root, folder
 
-
-def pytest_collection_modifyitems(config, items):
-    """The default run skips tests marked slow; `-m slow` (or any -m naming slow) runs them."""
-    if "slow" in (config.getoption("-m") or ""):
-        return
-    skip = pytest.mark.skip(reason="slow: run with -m slow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)

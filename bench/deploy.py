@@ -1,8 +1,8 @@
 """CPU decoding for deployment, side by side in one run: lillm fp32, lillm int8 (lillm/quant.py),
 transformers fp32 eager, and llama.cpp running the same weights as a q8_0 GGUF (lillm/gguf.py).
 
-    PYTHONPATH=. python scripts/bench_deploy.py --threads 1                                  # lillm-39m, random weights
-    PYTHONPATH=. python scripts/bench_deploy.py --threads 1 --checkpoint CKPT --val-bin DATA/val.bin   # + quality
+    python -m bench.deploy --threads 1                                  # lillm-39m, random weights
+    python -m bench.deploy --threads 1 --checkpoint CKPT --val-bin DATA/val.bin   # + quality
 
 Speed: greedy decoding of `--new-tokens` after a `--prompt-len` random prompt at each batch size,
 no eos stop, tokens/s = batch * new tokens / seconds of the whole call (prefill included), the
@@ -258,4 +258,6 @@ def markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from lillm.cli import run_main  # one line for bad input, status 2 (lillm/cli.py)
+
+    run_main(main)
