@@ -2,6 +2,12 @@
 
     python train_tokenizer.py --langs swa hau --vocab-size 8192 --out out/tokenizer/tokenizer.json \\
         --compare /path/to/other/tokenizer.json
+    python train_tokenizer.py --langs swa hau --hf lelapa/Inkuba-Mono:swa lelapa/Inkuba-Mono:hau --max-bytes 200000000
+
+Besides the registered corpora (--langs, --corpora) it reads the sources of data/prepare_pretrain.py
+(lillm.sources): --files of any supported kind (.txt .tsv .csv .conll, and through `datasets` .jsonl
+.json .parquet .arrow, save_to_disk folders, hf:// patterns) and --hf datasets, streamed, each cut
+to --max-bytes / --max-docs: those are never held in memory, only their held-out documents are.
 
 Every document of the chosen training corpora is read; every ``--holdout-every``-th one
 (per language) is held out from training and used for the report: tokens per whitespace
@@ -12,6 +18,7 @@ word (fertility) and UTF-8 bytes per token, per language, for the new tokenizer 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -19,10 +26,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from lillm.checkpoint import write_text_atomic
-from lillm.corpora import CORPORA, FORMATS, LANGS, data_dir, documents_for, read_documents
-from lillm.tokenizer import Tokenizer, fertility_report, load_lenient, train_bpe
+from lillm.corpora import CORPORA, FORMATS, HUB_CORPORA, LANGS, data_dir, documents_for, read_documents
 from lillm.cli import need, run_main
 from lillm.errors import InputFileError, OutputFolderError
+from lillm.sources import TEXT_FORMATS, budgeted, file_source, hub_source, registered_source
+from lillm.tokenizer import Tokenizer, fertility_report, load_lenient, train_bpe
 
 # MasakhaNER ('ner') is left out by default: its sentences are the Lacuna sentences again,
 # re-tokenized with spaces around punctuation.
@@ -31,7 +39,8 @@ DEFAULT_KINDS = ["mono", "news", "sentiment", "mt"]
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--langs", nargs="+", default=["swa", "hau"], choices=LANGS, help="languages to train on")
+    p.add_argument("--langs", nargs="+", default=None, choices=LANGS,
+                   help="languages to train on (default: swa hau, unless only --hf / hub corpora / data files are given)")
     p.add_argument("--vocab-size", type=int, default=8192, help="total ids, special tokens included")
     p.add_argument("--min-frequency", type=int, default=2, help="a pair must occur this often to be merged")
     p.add_argument("--out", default="out/tokenizer/tokenizer.json", help="where to write tokenizer.json")
@@ -45,19 +54,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare", nargs="+", default=[], metavar="TOKENIZER_JSON", help="tokenizers to compare with")
     p.add_argument("--max-docs", type=int, default=0, help="at most this many documents per language (0 = all)")
     p.add_argument("--holdout-every", type=int, default=50, help="hold out every Nth document of each language")
+    p.add_argument("--hf", nargs="+", default=[], metavar="NAME[:CONFIG]", help="Hugging Face datasets, streamed")
+    p.add_argument("--hf-split", default="train", help="split of the --hf datasets")
+    p.add_argument("--max-bytes", type=int, default=None,
+                   help="streamed sources (--hf, hub corpora, data files): at most this many UTF-8 bytes each")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    streams_only = (args.hf or args.corpora or args.files) and not args.langs
+    if args.langs is None:
+        args.langs = [] if streams_only else ["swa", "hau"]
+    return args
 
 
 def collect_documents(args: argparse.Namespace) -> dict[str, list[str]]:
     """Documents grouped by language (extra --files under 'files'), in a fixed order."""
     by_lang: dict[str, list[str]] = defaultdict(list)
-    names = args.corpora
-    for name, doc in documents_for(args.langs, ("train",), names=names, data_dir=args.data_dir, kinds=args.kinds):
-        by_lang[CORPORA[name].lang].append(doc)
+    names = [name for name in args.corpora if name in CORPORA] if args.corpora else None
+    if names or (not args.corpora and args.langs):
+        for name, doc in documents_for(args.langs, ("train",), names=names, data_dir=args.data_dir, kinds=args.kinds):
+            by_lang[CORPORA[name].lang].append(doc)
     for path in args.files:
-        by_lang["files"].extend(read_documents(path, args.file_format, args.text_column))
+        if Path(path).suffix.lower() in TEXT_FORMATS or Path(path).suffix == "":
+            by_lang["files"].extend(read_documents(path, args.file_format, args.text_column))
     return dict(by_lang)
+
+
+def streamed_sources(args: argparse.Namespace) -> list:
+    """Sources read as a stream under a budget: hub corpora, --hf datasets, data files (parquet, jsonl, ...)."""
+    chosen = [registered_source(name, None) for name in (args.corpora or []) if name in HUB_CORPORA]
+    chosen += [file_source(path, args.text_column) for path in args.files
+               if not (Path(path).suffix.lower() in TEXT_FORMATS or Path(path).suffix == "")]
+    chosen += [hub_source(spec, args.hf_split, args.text_column) for spec in args.hf]
+    return chosen
+
+
+def stream_with_holdout(sources, args, held_out: dict[str, list[str]], counts: dict[str, list[int]]):
+    """Every document of the streamed sources (within budget) but each holdout_every-th, which is kept aside."""
+    for source in sources:
+        held, count = held_out.setdefault(source.name, []), counts.setdefault(source.name, [0, 0])
+        for index, doc in enumerate(budgeted(source.documents(), args.max_docs or None, args.max_bytes)):
+            if index % args.holdout_every == args.holdout_every - 1:
+                held.append(doc)
+                continue
+            count[0] += 1
+            count[1] += len(doc.encode("utf-8"))
+            yield doc
 
 
 def spread_sample(docs: list[str], limit: int) -> list[str]:
@@ -101,10 +142,14 @@ def check_args(args: argparse.Namespace) -> None:
     need(args.max_docs >= 0, "--max-docs", args.max_docs, "must be 0 (all) or more")
     need(args.holdout_every >= 2, "--holdout-every", args.holdout_every, "must be at least 2",
          "every Nth document is held out, so 1 would leave nothing to train on")
+    need(args.max_bytes is None or args.max_bytes > 0, "--max-bytes", args.max_bytes, "must be positive")
     for path in map(Path, args.files):
-        if path.is_dir():
-            raise InputFileError(f"--files {path} is a folder, not a text file; list the files in it instead")
-        if not path.is_file():
+        if str(path).startswith("hf:/"):
+            continue   # a remote file pattern, streamed
+        if path.is_dir() and not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
+            raise InputFileError(f"--files {path} is a folder, not a text file or a save_to_disk folder; "
+                                 f"list the files in it instead")
+        if not path.exists():
             raise InputFileError(f"--files {path} does not exist; check the path")
     out = Path(args.out)
     if out.is_dir():
@@ -119,8 +164,12 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     check_args(args)
     started = time.time()
-    root = data_dir(args.data_dir)
-    by_lang = {lang: spread_sample(docs, args.max_docs) for lang, docs in collect_documents(args).items()}
+    streamed = streamed_sources(args)
+    local = bool(args.langs or any(name in CORPORA for name in args.corpora or []) or
+                 any(Path(f).suffix.lower() in TEXT_FORMATS for f in args.files))
+    root = data_dir(args.data_dir) if local else None
+    by_lang = {lang: spread_sample(docs, args.max_docs) for lang, docs in collect_documents(args).items()} \
+        if local else {}
     train, held_out = {}, {}
     for lang, docs in by_lang.items():
         train[lang], held_out[lang] = split_holdout(docs, args.holdout_every)
@@ -128,7 +177,15 @@ def main(argv=None) -> None:
         print(f"{lang}: {len(train[lang]):,} training documents ({n_bytes / 1e6:.1f} MB), "
               f"{len(held_out[lang]):,} held out")
 
-    tokenizer = train_bpe((d for docs in train.values() for d in docs), args.vocab_size, args.min_frequency)
+    streamed_held: dict[str, list[str]] = {}
+    streamed_counts: dict[str, list[int]] = {}
+    documents = itertools.chain((d for docs in train.values() for d in docs),
+                                stream_with_holdout(streamed, args, streamed_held, streamed_counts))
+    tokenizer = train_bpe(documents, args.vocab_size, args.min_frequency)
+    for name, (count, n_bytes) in streamed_counts.items():
+        print(f"{name}: {count:,} training documents ({n_bytes / 1e6:.1f} MB, streamed), "
+              f"{len(streamed_held[name]):,} held out")
+    held_out.update(streamed_held)
     out = Path(args.out)
     tokenizer.save(out)
     print(f"saved {out} ({tokenizer.vocab_size:,} ids, sha256 {tokenizer.sha256[:16]}...) "
@@ -137,7 +194,7 @@ def main(argv=None) -> None:
     others, notes = load_comparisons(args.compare)
     candidates = {f"new: {out}": tokenizer, **others}
     vocab = {name: t.vocab_size for name, t in candidates.items()}
-    report = {"data_dir": str(root), "corpora": args.corpora, "kinds": args.kinds, "langs": args.langs,
+    report = {"data_dir": str(root) if root else None, "hf": args.hf, "max_bytes": args.max_bytes, "corpora": args.corpora, "kinds": args.kinds, "langs": args.langs,
               "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256, "holdout_every": args.holdout_every,
               "compare_notes": notes, "languages": {}}
     for lang, docs in held_out.items():

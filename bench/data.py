@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 from bench import harness
-from data import prepare_pretrain
+from lillm.bins import prepare
+from lillm.sources import resolve_sources
 from lillm.data import BinLoader
 
 DEFAULT_CORPORA = ("lacuna-swa", "voa-swa")
@@ -52,7 +53,7 @@ def data_sources(args) -> dict:
                "data_dir": args.data_dir}
     if not (args.data_corpora or args.data_files):
         sources["corpora"] = list(DEFAULT_CORPORA)
-    prepare_pretrain.resolve_sources(**sources)  # raises FileNotFoundError / ValueError naming the fix
+    resolve_sources(**sources)  # raises FileNotFoundError / ValueError naming the fix
     return sources
 
 
@@ -60,7 +61,7 @@ def train_quick_tokenizer(sources: dict, out_path: Path, vocab_size: int, max_ch
     """A byte-level BPE tokenizer from the first max_chars of the corpora, for timing only."""
     from lillm.tokenizer import train_bpe
 
-    resolved = prepare_pretrain.resolve_sources(**sources)
+    resolved = resolve_sources(**sources)
     documents = itertools.chain.from_iterable(source.documents() for source in resolved)
     taken, texts = 0, []
     for text in documents:
@@ -74,7 +75,7 @@ def train_quick_tokenizer(sources: dict, out_path: Path, vocab_size: int, max_ch
 
 def bench_prepare(tokenizer_path, sources: dict, out_dir: Path, workers: int) -> dict:
     with harness.Stopwatch() as watch:
-        meta = prepare_pretrain.prepare(tokenizer_path, out_dir, workers=workers, progress=False, **sources)
+        meta = prepare(tokenizer_path, out_dir, workers=workers, progress=False, **sources)
     seconds = watch.seconds
     megabytes = sum(split["bytes"] for split in meta["splits"].values()) / 1e6
     tokens = sum(split["tokens"] for split in meta["splits"].values())

@@ -3,6 +3,16 @@
     python data/prepare_sft.py --out out/sft                       # all tasks, Swahili and Hausa
     python data/prepare_sft.py --tasks translation sentiment --limit 200 --alpaca
     python data/prepare_sft.py --tasks none --files my.jsonl my.csv --test-files my_test.csv
+    python data/prepare_sft.py --tasks none --hf lelapa/Inkuba-instruct:swahili --max-rows 50000
+    python data/prepare_sft.py --tasks none --hf CohereForAI/aya_dataset --lang-column language_code \
+        --keep-langs swh hau --prompt-column inputs --response-column targets
+    python data/prepare_sft.py --tasks none --files instruct.parquet --messages-column messages
+
+Tables (--hf datasets, and --files that are .parquet, .arrow, save_to_disk folders, or any file when
+a column flag is given) are read through `datasets` (lillm.sources.conversations): each row becomes
+a conversation from a messages column, or from prompt and response columns (an instruction column
+goes before the prompt); without flags the layout is recognised (messages; instruction + inputs +
+targets as in InkubaLM's instruct data; inputs + targets as in Aya; prompt + response).
 
 Every row is one conversation, the format lillm/sft.py reads:
     {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}],
@@ -36,10 +46,12 @@ from typing import Iterator
 
 
 from lillm.checkpoint import write_text_atomic
-from lillm.cli import run_main
-from lillm.folders import check_output, claim_output
 from lillm.corpora import CORPORA, data_dir as resolve_data_dir
+from lillm.cli import run_main
+from lillm.errors import LillmError
+from lillm.folders import check_output, claim_output
 from lillm.sft import row_problem
+from lillm.sources import ColumnMap, conversations, file_source, hub_source
 
 TASKS = ("translation", "sentiment", "nli", "news")
 LANGS = ("swa", "hau")
@@ -109,7 +121,7 @@ NLI_FIELDS = {"swa": ("Msingi", "Dhana"), "hau": ("Jumla ta farko", "Jumla ta bi
               "en": ("Premise", "Hypothesis")}
 
 
-class SFTSourceError(ValueError):
+class SFTSourceError(LillmError):
     """A source file that does not have the columns or alignment this script expects."""
 
 
@@ -281,6 +293,24 @@ def instruction_row(record: dict, where: str, alpaca: bool) -> dict:
     return row
 
 
+def read_table_rows(source, columns: ColumnMap, limit, strict: bool) -> tuple[list[dict], list[str]]:
+    """Conversations of a table read through `datasets` (lillm.sources.conversations), and problems."""
+    rows, problems = [], []
+    for row, problem in conversations(source, columns, limit):
+        if problem is None:
+            rows.append(row)
+        elif strict:
+            raise SFTSourceError(problem + "; fix the row or run without --strict to skip it")
+        else:
+            problems.append(problem)
+    return rows, problems
+
+
+def column_map(args) -> ColumnMap:
+    return ColumnMap(args.prompt_column, args.response_column, args.instruction_column, args.messages_column,
+                     args.lang_column, tuple(args.keep_langs or ()))
+
+
 def read_user_file(path: Path, alpaca: bool, strict: bool) -> tuple[list[dict], list[str]]:
     """Rows of a .jsonl (conversations, or instruction/input/target objects) or .csv file, and problems."""
     rows, problems = [], []
@@ -342,6 +372,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-chars", type=int, default=2000, help="cut news articles to about this many characters")
     parser.add_argument("--seed", type=int, default=0, help="seed of the instruction choice")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed row of --files")
+    parser.add_argument("--hf", nargs="+", default=[], metavar="NAME[:CONFIG]",
+                        help="Hugging Face datasets of instructions (streamed) for the train split")
+    parser.add_argument("--hf-split", default="train", help="split of the --hf datasets")
+    parser.add_argument("--prompt-column", help="column with the user's prompt (tables)")
+    parser.add_argument("--response-column", help="column with the answer (tables)")
+    parser.add_argument("--instruction-column", help="column with an instruction put before the prompt")
+    parser.add_argument("--messages-column", help="column with the whole conversation in the chat format")
+    parser.add_argument("--lang-column", help="column with each row's language (copied into 'lang')")
+    parser.add_argument("--keep-langs", nargs="+", help="keep only rows whose --lang-column is one of these")
+    parser.add_argument("--max-rows", type=int, default=None, help="at most N conversations per table")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an existing SFT data folder (replaces only its .jsonl files and stats.json)")
     args = parser.parse_args(argv)
@@ -358,15 +398,24 @@ def main(argv=None) -> dict:
         for task in tasks:
             for lang in args.langs:
                 splits[split] += task_rows(root, task, lang, split, args.seed, args.alpaca, args.limit, args.max_chars)
+    columns = column_map(args)
+    by_columns = any((args.prompt_column, args.response_column, args.messages_column, args.instruction_column))
     for split, files in (("train", args.files), ("dev", args.dev_files), ("test", args.test_files)):
         for path in map(Path, files):
-            rows, bad = read_user_file(path, args.alpaca, args.strict)
+            if path.suffix in (".jsonl", ".json", ".csv") and not by_columns:
+                rows, bad = read_user_file(path, args.alpaca, args.strict)
+            else:
+                rows, bad = read_table_rows(file_source(path), columns, args.max_rows, args.strict)
             splits[split] += rows
             problems += bad
+    for spec in args.hf:
+        rows, bad = read_table_rows(hub_source(spec, args.hf_split), columns, args.max_rows, args.strict)
+        splits["train"] += rows
+        problems += bad
     for message in problems:
         print(f"skipped: {message}")
     if not any(splits.values()):
-        raise SFTSourceError("no rows: choose --tasks, or give --files")
+        raise SFTSourceError("no rows: choose --tasks, or give --files or --hf")
 
     out = claim_output(args.out, "sft-data", overwrite=args.overwrite)  # a folder of other files is refused
     for split, rows in splits.items():

@@ -238,6 +238,9 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=8192, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=176, max_seq_len=128),
     # A model that learns something in minutes on a laptop CPU.
     "small": ModelConfig(vocab_size=8192, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=512, max_seq_len=256),
+    # The CPU shrink road's teacher (8.0M): shrunk to about the small shape (scripts/recipe.sh --road shrink).
+    "small-teacher": ModelConfig(vocab_size=8192, d_model=256, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=704,
+                                 max_seq_len=256),
     # The lilLM recipe (about 39M parameters with tied embeddings).
     "lillm-39m": ModelConfig(vocab_size=8192, d_model=512, n_layers=12, n_heads=16, n_kv_heads=8, d_ff=1408, max_seq_len=512),
     "lillm-300m": ModelConfig(vocab_size=8192, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=8, d_ff=2816, max_seq_len=512),

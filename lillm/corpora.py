@@ -124,6 +124,49 @@ def _registry() -> dict[str, Corpus]:
 
 
 CORPORA: dict[str, Corpus] = _registry()
+
+
+@dataclass(frozen=True)
+class HubCorpus:
+    """A public corpus on the Hugging Face hub, known by a short name; reading it needs the network.
+
+    ``location`` is a hub dataset name (read with ``config`` and ``split``) or an ``hf://`` file
+    pattern (read as JSON lines/parquet by its suffix). docs/DATA.md gives sizes and commands.
+    """
+
+    name: str
+    lang: str
+    location: str
+    config: str | None
+    split: str
+    license: str
+    text_column: str = "text"
+    gated: bool = False
+    needs_network: bool = True
+
+
+def _hub_registry() -> dict[str, HubCorpus]:
+    entries = []
+    inkuba = "CC-BY-NC-4.0 (gated: accept the conditions on the hub)"
+    for lang in ("swa", "hau", "zul", "xho"):
+        entries.append(HubCorpus(f"inkuba-mono-{lang}", lang, "lelapa/Inkuba-Mono", lang, "train", inkuba, gated=True))
+    for lang, config in (("swa", "swh_Latn"), ("hau", "hau_Latn"), ("zul", "zul_Latn"), ("xho", "xho_Latn")):
+        entries.append(HubCorpus(f"fineweb2-{lang}", lang, "HuggingFaceFW/fineweb-2", config, "train", "ODC-BY"))
+    for lang, config in (("swa", "swahili"), ("hau", "hausa")):
+        entries.append(HubCorpus(f"afriberta-{lang}", lang, "castorini/afriberta-corpus", config, "train",
+                                 "Apache-2.0"))
+    for lang, stem in (("swa", "swahili"), ("hau", "hausa")):
+        entries.append(HubCorpus(f"ciral-{lang}", lang, f"hf://datasets/CIRAL/ciral-corpus/passages-v1.0/"
+                                 f"{stem}_passages.jsonl", None, "train", "Apache-2.0"))
+    for lang, code in (("swa", "sw"), ("hau", "ha"), ("zul", "zu"), ("xho", "xh")):
+        entries.append(HubCorpus(f"madlad-{lang}", lang, f"hf://datasets/allenai/MADLAD-400/data/{code}/"
+                                 f"{code}_clean_*.jsonl.gz", None, "train", "ODC-BY"))
+    return {entry.name: entry for entry in entries}
+
+
+# Hub corpora: chosen only by name (--corpora inkuba-mono-swa), never by a language-wide selection,
+# which must work offline.
+HUB_CORPORA: dict[str, HubCorpus] = _hub_registry()
 LANGS = ("hau", "swa", "xho", "zul")
 
 

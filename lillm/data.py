@@ -1,12 +1,14 @@
 """Pretraining data: memory-mapped token bins, checked, and sampled in seeded, rank-aware windows.
 
-Token bins (the nanoGPT / lilLM recipe). `data/prepare_pretrain.py` tokenizes the corpus once,
-offline, and writes every document's token ids back to back, with the end-of-text id `</s>` after
-each document, into one flat file of little-endian uint16 (uint32 when the vocabulary has more
-than 65,536 ids): `train.bin` and `val.bin`, described by `meta.json` (tokenizer hash, dtype,
-token/document/byte counts). Training never touches text again: `np.memmap` maps the file, the
-operating system pages in only the windows we read, so a corpus of any size costs no RAM and a
-run starts instantly.
+Token bins (the nanoGPT / lilLM recipe). `data/prepare_pretrain.py` (lillm/bins.py) tokenizes the
+corpus once, offline, and writes every document's token ids back to back, with the end-of-text id
+`</s>` after each document, into flat files of little-endian uint16 (uint32 when the vocabulary
+has more than 65,536 ids): `train.bin` and `val.bin`, or shards `train-00000.bin`, ... listed in
+`meta.json` (tokenizer hash, dtype, token/document/byte counts). The shards of a split are one
+stream, their concatenation: a window may start in one shard and end in the next, and every
+offset means the same token whether the split was written as one file or as shards. Training
+never touches text again: `np.memmap` maps the files, the operating system pages in only the
+windows we read, so a corpus of any size costs no RAM and a run starts instantly.
 
 A training example is a window of seq_len + 1 consecutive tokens starting at a random offset:
 x = window[:-1], y = window[1:] (each position predicts the next token). Windows cross document
@@ -39,62 +41,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
+# The format is the writer's (lillm/bins.py, which imports no torch, so preparing data starts fast).
+from .bins import META_NAME, UINT16_VOCAB_LIMIT, token_dtype  # noqa: F401 - re-exported
 from .errors import BinFormatError, FlagError, InputFileError, MissingMetaError
 
-META_NAME = "meta.json"
-UINT16_VOCAB_LIMIT = 1 << 16      # uint16 holds ids 0..65535
 MAX_ID_CHUNK = 1 << 24            # tokens per slice when scanning a bin for its largest id
-
-
-# ---- the format ---------------------------------------------------------------------------------
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest little-endian unsigned dtype that holds every id below vocab_size."""
-    if vocab_size <= UINT16_VOCAB_LIMIT:
-        return np.dtype("<u2")
-    return np.dtype("<u4")
-
-
-def encode_documents(tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of texts joined as `doc </s> doc </s> ...`, and the token count of each document.
-
-    The count includes the document's `</s>`, so the counts sum to the length of the ids.
-    """
-    eos = tokenizer.eos_id
-    if eos is None:
-        raise BinFormatError(f"tokenizer {getattr(tokenizer, 'source', '')} has no </s> token to end documents")
-    # One document at a time, on purpose: encode_batch would start the tokenizer's own thread pool,
-    # and the parallelism is prepare_pretrain's worker processes, one thread each.
-    encoded = [tokenizer.encode(text) for text in texts]
-    lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
-    flat = np.empty(int(lengths.sum()), dtype=np.int64)
-    position = 0
-    for ids in encoded:
-        flat[position:position + len(ids)] = ids
-        flat[position + len(ids)] = eos
-        position += len(ids) + 1
-    if flat.size and flat.max() >= (1 << (8 * dtype.itemsize)):
-        raise BinFormatError(f"token id {int(flat.max())} does not fit in {dtype.name}")
-    return flat.astype(dtype), lengths
-
-
-# Worker-process side of data/prepare_pretrain.py: each pool worker loads the tokenizer once
-# (initializer), then encodes chunks. They live here, in an importable module, so the pool can
-# pickle them by name under any start method (fork, spawn, forkserver).
-_WORKER_TOKENIZER = None
-
-
-def init_encode_worker(tokenizer_path: str) -> None:
-    from lillm.tokenizer import Tokenizer
-
-    global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = Tokenizer.from_file(tokenizer_path)
-
-
-def encode_chunk_in_worker(chunk: tuple) -> tuple:
-    """(tag, texts) -> (tag, token ids, per-document token counts); the tag passes through."""
-    tag, texts = chunk
-    dtype = token_dtype(_WORKER_TOKENIZER.vocab_size)
-    return (tag, *encode_documents(_WORKER_TOKENIZER, texts, dtype))
 
 
 # ---- meta.json and checks -----------------------------------------------------------------------
@@ -124,6 +75,13 @@ def load_meta(bin_dir) -> dict:
         if key not in meta:
             raise BinFormatError(f"{meta_path} has no key {key!r}; {_redo_hint(directory)}")
     return meta
+
+
+def split_files(info: dict) -> list[tuple[str, int]]:
+    """(file name, tokens) of a split in meta.json: its shards, or its one file."""
+    if "shards" in info:
+        return [(shard["file"], shard["tokens"]) for shard in info["shards"]]
+    return [(info["file"], info["tokens"])]
 
 
 def max_token_id(path, dtype) -> int:
@@ -160,19 +118,24 @@ def check_bins(bin_dir, tokenizer=None, vocab_size: int | None = None) -> dict:
             f"{directory / META_NAME}: dtype {meta['dtype']!r} does not match vocab_size "
             f"{meta['vocab_size']} (expected {dtype.name!r}); {redo}")
     for split, info in meta["splits"].items():
-        path = directory / info["file"]
-        if not path.is_file():
-            raise InputFileError(f"{path} ({split} split listed in meta.json) not found; {redo}")
-        size, expected = path.stat().st_size, info["tokens"] * dtype.itemsize
-        if size != expected:
-            raise BinFormatError(
-                f"{path} holds {size} bytes but meta.json says {info['tokens']} tokens of "
-                f"{dtype.name} = {expected} bytes: truncated, or from another run; {redo}")
-        largest = max_token_id(path, dtype)
-        if largest >= limit:
-            raise BinFormatError(
-                f"{path} holds token id {largest} but the vocabulary has only {limit} ids "
-                f"(0..{limit - 1}): the bins were made with another tokenizer; {redo}")
+        shards = split_files(info)
+        if sum(tokens for _, tokens in shards) != info["tokens"]:
+            raise BinFormatError(f"{directory / META_NAME}: the {split} shards hold "
+                                 f"{sum(tokens for _, tokens in shards)} tokens but the split says {info['tokens']}; {redo}")
+        for name, tokens in shards:
+            path = directory / name
+            if not path.is_file():
+                raise InputFileError(f"{path} ({split} split listed in meta.json) not found; {redo}")
+            size, expected = path.stat().st_size, tokens * dtype.itemsize
+            if size != expected:
+                raise BinFormatError(
+                    f"{path} holds {size} bytes but meta.json says {tokens} tokens of "
+                    f"{dtype.name} = {expected} bytes: truncated, or from another run; {redo}")
+            largest = max_token_id(path, dtype)
+            if largest >= limit:
+                raise BinFormatError(
+                    f"{path} holds token id {largest} but the vocabulary has only {limit} ids "
+                    f"(0..{limit - 1}): the bins were made with another tokenizer; {redo}")
     return meta
 
 
@@ -187,12 +150,70 @@ def _open_tokens(path: Path, dtype: np.dtype) -> np.memmap:
     return np.memmap(path, dtype=dtype, mode="r", shape=(size // dtype.itemsize,))
 
 
-def _bin_dtype(path: Path, dtype) -> np.dtype:
+class TokenStream:
+    """The token files of one split (one file, or its shards in order) read as one array.
+
+    Files are memory-mapped anew at every read (a few microseconds each), as nanoGPT does: a
+    long-lived map of a big bin keeps every page it ever touched in the process's resident memory,
+    which looks like a leak to memory monitors and container limits.
+    """
+
+    def __init__(self, paths: list[Path], dtype: np.dtype):
+        self.paths, self.dtype = paths, dtype
+        sizes = []
+        for path in paths:
+            size = path.stat().st_size
+            if size % dtype.itemsize:
+                raise BinFormatError(f"{path} is {size} bytes, not a whole number of {dtype.name} tokens; "
+                                     f"{_redo_hint(path.parent)}")
+            sizes.append(size // dtype.itemsize)
+        self.ends = np.cumsum(sizes)                  # token offset where each file ends
+        self.starts = self.ends - np.asarray(sizes)
+        self.num_tokens = int(self.ends[-1]) if len(paths) else 0
+        if self.num_tokens == 0:
+            raise BinFormatError(f"{paths[0] if paths else 'the split'} is empty; {_redo_hint(paths[0].parent)}")
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """tokens[start:start + length] of the concatenated files."""
+        if len(self.paths) == 1:
+            return _open_tokens(self.paths[0], self.dtype)[start:start + length]
+        parts, end = [], min(start + length, self.num_tokens)
+        shard = int(np.searchsorted(self.ends, start, side="right"))
+        while start < end:
+            stop = min(end, int(self.ends[shard]))
+            tokens = _open_tokens(self.paths[shard], self.dtype)
+            parts.append(tokens[start - int(self.starts[shard]):stop - int(self.starts[shard])])
+            start, shard = stop, shard + 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def open_stream(path, dtype=None) -> TokenStream:
+    """The stream a bin path names: `dir/train.bin` is the train split, one file or its shards.
+
+    meta.json decides: when it lists shards for the split (by file name or split name), those are
+    read; a bin without meta.json is read alone with the dtype given.
+    """
+    path = Path(path)
+    meta_path = path.parent / META_NAME
+    if meta_path.is_file():
+        meta = load_meta(path.parent)
+        for split, info in meta["splits"].items():
+            if info.get("file") == path.name or (path.stem == split and "shards" in info):
+                names = [name for name, _ in split_files(info)]
+                paths = [path.parent / name for name in names]
+                for shard in paths:
+                    if not shard.is_file():
+                        raise InputFileError(f"token bin {shard} ({split} split in {meta_path}) not found; "
+                                                f"{_redo_hint(path.parent)}")
+                return TokenStream(paths, np.dtype(dtype or meta["dtype"]).newbyteorder("<"))
     if not path.is_file():
         raise InputFileError(f"token bin {path} not found; {_redo_hint(path.parent)}")
     if dtype is None:
         dtype = load_meta(path)["dtype"]
-    return np.dtype(dtype).newbyteorder("<")
+    return TokenStream([path], np.dtype(dtype).newbyteorder("<"))
 
 
 def _windows_to_device(windows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,8 +238,9 @@ class BinLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.path = Path(path)
-        self.dtype = _bin_dtype(self.path, dtype)
-        self.num_tokens = self.path.stat().st_size // self.dtype.itemsize
+        self.stream = open_stream(self.path, dtype)
+        self.dtype = self.stream.dtype
+        self.num_tokens = self.stream.num_tokens
         if self.num_tokens < seq_len + 1:
             raise BinFormatError(f"{self.path} holds {self.num_tokens} tokens, fewer than seq_len + 1 = "
                              f"{seq_len + 1}; use a shorter seq_len or more data")
@@ -229,13 +251,6 @@ class BinLoader:
         self.generator = torch.Generator().manual_seed(seed)
         self.sequential = sequential  # a curriculum: windows in file order (sources as prepared), not at random
         self.step = 0
-
-    @property
-    def tokens(self) -> np.memmap:
-        # Re-opened at every use (a few microseconds), as nanoGPT does: a long-lived map of a
-        # big bin keeps every page it ever touched in the process's resident memory, which
-        # looks like a leak to memory monitors and container limits.
-        return _open_tokens(self.path, self.dtype)
 
     def next_offsets(self) -> np.ndarray:
         """Start offsets of this rank's windows for the next step (advances the stream)."""
@@ -253,8 +268,8 @@ class BinLoader:
         return offsets[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].numpy()
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, span = self.tokens, self.seq_len + 1
-        windows = np.stack([tokens[start:start + span] for start in self.next_offsets()])
+        span = self.seq_len + 1
+        windows = np.stack([self.stream.read(int(start), span) for start in self.next_offsets()])
         return _windows_to_device(windows, self.device)
 
     def state_dict(self) -> dict:
@@ -309,7 +324,7 @@ def iter_eval_batches(path, seq_len: int, batch_size: int, max_batches: int | No
     the end (a collective call per batch would hang the rank that has none left).
     """
     path = Path(path)
-    tokens = _open_tokens(path, _bin_dtype(path, dtype))
+    tokens = open_stream(path, dtype)
     num_windows = (len(tokens) - 1) // seq_len
     if num_windows == 0:
         raise BinFormatError(f"{path} holds {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
@@ -320,5 +335,5 @@ def iter_eval_batches(path, seq_len: int, batch_size: int, max_batches: int | No
     device = torch.device(device)
     for batch in range(rank, num_batches, world_size):
         starts = range(batch * batch_size, min((batch + 1) * batch_size, num_windows))
-        windows = np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in starts])
+        windows = np.stack([tokens.read(i * seq_len, seq_len + 1) for i in starts])
         yield _windows_to_device(windows, device)

@@ -66,6 +66,7 @@ from .sft import (
     IGNORE_INDEX,
     SFTBatches,
     SFTExample,
+    read_jsonl_rows,
     role_token_ids,
     shorten_prompt,
 )
@@ -145,37 +146,17 @@ def read_pairs(paths: str | Path | Iterable[str | Path], strict: bool = False, t
 
     Every problem names the file and line; strict=True raises DPODataError at the first one.
     """
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    wanted = None if tasks is None else set(tasks)
-    rows, problems = [], []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"preference file {path} does not exist; make it with data/prepare_dpo.py")
-        with open(path, encoding="utf-8-sig") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    pair_parts(row)
-                    problem = None
-                except json.JSONDecodeError as error:
-                    problem = f"not valid JSON ({error.msg} at column {error.colno})"
-                except DPODataError as error:
-                    problem = str(error)
-                if problem is not None:
-                    message = f"{path}, line {number}: {problem}"
-                    if strict:
-                        raise DPODataError(f"{message}; fix or delete the row (or run without --strict to skip it)")
-                    problems.append(message)
-                    continue
-                if wanted is None or row.get("task") in wanted:
-                    rows.append(row)
-    for message in problems[:max_reported]:
-        print(f"skipped: {message}")
-    if len(problems) > max_reported:
-        print(f"skipped {len(problems) - max_reported} more malformed rows")
-    return rows, problems
+    return read_jsonl_rows(paths, pair_problem, DPODataError, "preference file", "data/prepare_dpo.py",
+                           strict, tasks, max_reported)
+
+
+def pair_problem(row: dict) -> str | None:
+    """What is wrong with a preference row, or None."""
+    try:
+        pair_parts(row)
+    except DPODataError as error:
+        return str(error)
+    return None
 
 
 # ---- tokenizing --------------------------------------------------------------------------------------

@@ -105,3 +105,21 @@ class RunLockedError(OutputFolderError):
 
 class TokenizerMismatchError(LillmError):
     """A tokenizer that is not the one the model or the token bins were made with."""
+
+
+# ---- corpus sources --------------------------------------------------------------------------------
+class SourceError(LillmError):
+    """A corpus source (a file, a folder, a Hugging Face dataset, a --mix weight) that cannot be read as given."""
+
+
+class HubUnavailableError(SourceError, ConnectionError):
+    """A Hugging Face hub dataset that cannot be reached: offline, gated without a token, or not found."""
+
+
+# ---- evaluation and outputs ----------------------------------------------------------------------
+class SubmissionError(LillmError):
+    """A challenge submission file (ID, Response, Targets) that cannot be scored; the message names the row."""
+
+
+class OutputConflict(OutputFolderError):
+    """An output path holds a file lillm did not write (or one changed since); nothing was written."""

@@ -48,6 +48,7 @@ OWN_FILES = {
     "bins": {"train.bin", "val.bin", "meta.json"},
     "sft-data": {"train.jsonl", "dev.jsonl", "test.jsonl", "stats.json"},
 }
+SHARD = re.compile(r"(train|val)-\d{5}\.bin")
 RUN_OUTPUTS = ("log.jsonl", "loss.png")  # with the step_N folders: what --overwrite removes from a run
 
 
@@ -55,6 +56,8 @@ def is_own(name: str, kind: str) -> bool:
     if name in (MARKER, LOCK) or HIDDEN_LEFTOVER.fullmatch(name):
         return True
     if kind == "checkpoint" and re.fullmatch(r"eval_\w+\.(json|md)", name):  # scripts/evaluate.py's reports
+        return True
+    if kind == "bins" and SHARD.fullmatch(name):   # lillm/bins.py's shards: train-00000.bin, ...
         return True
     return name in OWN_FILES[kind] or (kind == "run" and bool(STEP.fullmatch(name)))
 
@@ -75,7 +78,7 @@ def folder_kind(folder: str | Path) -> str | None:
         return "export"
     if "log.jsonl" in names or any(STEP.fullmatch(n) and (folder / n).is_dir() for n in names):
         return "run"
-    if {"meta.json", "train.bin"} <= names:
+    if "meta.json" in names and ("train.bin" in names or "train-00000.bin" in names):
         return "bins"
     if {"train.jsonl", "stats.json"} <= names:
         return "sft-data"

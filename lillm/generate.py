@@ -89,7 +89,7 @@ class StaticDecoder:
     def ensure_cache(self, batch: int, max_len: int) -> None:
         cache = self.model.model.layers[0].self_attn.cache
         if cache is None or cache.k.shape[0] != batch or cache.k.shape[2] != max_len \
-                or cache.k.dtype != self.model.lm_head.weight.dtype:
+                or cache.k.dtype != self.model.model.embed_tokens.weight.dtype:
             self.model.setup_cache(batch, max_len)
 
     def __call__(self, token, position, cache_pos, key_valid) -> torch.Tensor:
@@ -121,7 +121,7 @@ def generate_stream(model: Transformer, prompts: list[list[int]], max_new_tokens
     compile: True decodes through the model's StaticDecoder (CUDA graphs on a GPU; the first call
     per batch size compiles for a minute), or pass a StaticDecoder of your own.
     """
-    device = model.lm_head.weight.device
+    device = model.model.embed_tokens.weight.device
     ids, mask = left_pad(prompts, pad_id, device)
     batch, prompt_len = ids.shape
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None

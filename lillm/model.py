@@ -206,7 +206,7 @@ class Transformer(nn.Module):
         # does not move them: rebuild them on the weights' device now. Built lazily inside a
         # compiled forward instead, they would change what the compiler saw and cost a second compile.
         super()._apply(fn, *args, **kwargs)
-        self.rotary.ensure(self.rotary.length, self.lm_head.weight.device)
+        self.rotary.ensure(self.rotary.length, self.model.embed_tokens.weight.device)
         return self
 
     # ---- construction ------------------------------------------------------
@@ -230,7 +230,7 @@ class Transformer(nn.Module):
 
     # ---- KV cache ------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_len: int, device=None, dtype=None):
-        ref = self.lm_head.weight
+        ref = self.model.embed_tokens.weight  # always float (lillm.quant may make the head int8)
         self.rotary.ensure(max_len, device or ref.device)  # fixed-shape steps look positions up blindly
         for block in self.model.layers:
             block.self_attn.cache = KVCache(batch_size, self.config.n_kv_heads, max_len, self.config.head_dim,

@@ -33,7 +33,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -78,20 +78,31 @@ def read_conversations(paths: str | Path | Iterable[str | Path], strict: bool = 
     Every problem names the file and the line. strict=True raises SFTDataError at the first one.
     tasks keeps only rows whose "task" is listed. Blank lines are skipped silently.
     """
+    return read_jsonl_rows(paths, row_problem, SFTDataError, "conversation file", "data/prepare_sft.py",
+                           strict, tasks, max_reported)
+
+
+def read_jsonl_rows(paths: str | Path | Iterable[str | Path], problem_of: Callable[[dict], str | None],
+                    error: type[Exception], kind: str, maker: str, strict: bool = False,
+                    tasks: Iterable[str] | None = None, max_reported: int = 10) -> tuple[list[dict], list[str]]:
+    """Rows of JSON-lines files that `problem_of` accepts (it returns None, or what is wrong), and the
+    problems of the rows skipped, each naming the file and line; strict=True raises `error` at the first.
+    Shared by SFT conversations and DPO preference pairs."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     wanted = None if tasks is None else set(tasks)
     rows, problems = [], []
     for path in map(Path, paths):
         if path.is_dir():
-            raise InputFileError(f"conversation file {path} is a folder; pass the .jsonl file in it")
+            raise InputFileError(f"{kind} {path} is a folder; pass the .jsonl file in it")
         if not path.is_file():
-            raise InputFileError(f"conversation file {path} does not exist; make it with data/prepare_sft.py")
+            raise InputFileError(f"{kind} {path} does not exist; make it with {maker}")
         with open(path, "rb") as f:  # decoded line by line: one bad byte costs its row, not the file
             for number, raw in enumerate(f, start=1):
                 try:
                     line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                except UnicodeDecodeError as error:
-                    line, problem = "?", f"not UTF-8 (byte {raw[error.start]:#04x} at column {error.start + 1})"
+                except UnicodeDecodeError as decode_error:
+                    line, problem = "?", (f"not UTF-8 (byte {raw[decode_error.start]:#04x} "
+                                          f"at column {decode_error.start + 1})")
                 else:
                     problem = None
                 if not line.strip():
@@ -99,13 +110,13 @@ def read_conversations(paths: str | Path | Iterable[str | Path], strict: bool = 
                 try:
                     if problem is None:
                         row = json.loads(line)
-                        problem = row_problem(row)
-                except json.JSONDecodeError as error:
-                    problem = f"not valid JSON ({error.msg} at column {error.colno})"
+                        problem = problem_of(row)
+                except json.JSONDecodeError as decode_error:
+                    problem = f"not valid JSON ({decode_error.msg} at column {decode_error.colno})"
                 if problem is not None:
                     message = f"{path}, line {number}: {problem}"
                     if strict:
-                        raise SFTDataError(f"{message}; fix or delete the row (or read without strict to skip it)")
+                        raise error(f"{message}; fix or delete the row (or read without strict to skip it)")
                     problems.append(message)
                     continue
                 if wanted is None or row.get("task") in wanted:

@@ -14,3 +14,4 @@ def buzuzu():
     if not (folder / "tokenizer.model").exists():
         pytest.skip("Buzuzu-Mavi tokenizer absent from the data directory")
     return root, folder
+

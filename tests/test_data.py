@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from lillm import data
-from lillm.data import (BinFormatError, BinLoader, MissingMetaError, check_bins, encode_documents,
-                        iter_eval_batches, load_meta, max_token_id, token_dtype)
+from lillm.bins import encode_documents
+from lillm.data import (BinFormatError, BinLoader, MissingMetaError, check_bins, iter_eval_batches, load_meta,
+                        max_token_id, token_dtype)
 
 SHA = "a" * 64
 

@@ -142,3 +142,21 @@ def test_evaluate_script_writes_table_and_json(tmp_path, tokenizer):
     assert "| sentiment | swa | 2 | weighted F1 |" in table and "majority" in table
     assert json.loads((tmp_path / "eval" / "eval_test.json").read_text())["split"] == "test"
     assert not list((tmp_path / "eval").glob("*.tmp"))
+    # The headline is the challenge's; the submission file scores back to the same numbers.
+    assert "| model, by likelihood |" in table and "zindi" in table
+    submission = tmp_path / "eval" / "submission_test.csv"
+    assert submission.read_text().splitlines()[0] == "ID,Response,Targets"
+    rescored = script.main(["--score-submission", str(submission)])
+    assert rescored == pytest.approx(results["challenge"]["model, by likelihood"])
+    predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions_test.jsonl").read_text().splitlines()]
+    assert len(predictions) == 2 and {"id", "task", "lang", "input", "target", "likelihood", "greedy",
+                                      "chrf"} <= set(predictions[0])
+    assert (tmp_path / "eval" / "predictions_test.csv").read_text().startswith("id,task,lang,input,target,")
+    # A second run replaces lillm's own files; a user's file of the same name is kept and refused.
+    script.main(["--checkpoint", str(tmp_path / "model"), "--data", str(data), "--limit", "2", "--no-greedy",
+                 "--out", str(tmp_path / "eval")])
+    (tmp_path / "eval" / "predictions_test.csv").write_text("mine\n")
+    with pytest.raises(SystemExit) as exit_info:
+        script.run_main(script.main, ["--checkpoint", str(tmp_path / "model"), "--data", str(data), "--limit", "2",
+                    "--out", str(tmp_path / "eval")])
+    assert exit_info.value.code == 2 and (tmp_path / "eval" / "predictions_test.csv").read_text() == "mine\n"

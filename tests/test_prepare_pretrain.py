@@ -6,6 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from lillm import bins
 from lillm.data import BinLoader, check_bins
 from lillm.tokenizer import Tokenizer, train_bpe
 
@@ -151,11 +152,11 @@ def test_missing_registered_corpus_names_corpus_and_data_dir(tokenizer_path, tmp
 def test_empty_corpus_is_named(tokenizer_path, corpus, tmp_path):
     blank = tmp_path / "blank.txt"
     blank.write_text("\n   \n\n", encoding="utf-8")
-    with pytest.raises(prepare_pretrain.EmptyCorpusError, match=r"corpus .*blank\.txt .*gave no documents"):
+    with pytest.raises(bins.EmptyCorpusError, match=r"corpus .*blank\.txt .*gave no documents"):
         run(tokenizer_path, corpus + [blank], tmp_path / "out")
     copy = tmp_path / "copy.txt"
     copy.write_text(HAUSA[0] + "\n", encoding="utf-8")
-    with pytest.raises(prepare_pretrain.EmptyCorpusError, match=r"copy\.txt.*1 duplicate"):
+    with pytest.raises(bins.EmptyCorpusError, match=r"copy\.txt.*1 duplicate"):
         run(tokenizer_path, corpus + [copy], tmp_path / "out")
     assert not (tmp_path / "out" / "meta.json").exists()
     assert not list((tmp_path / "out").glob(".*.tmp")), "temporary files are cleaned up"
@@ -176,8 +177,8 @@ def test_interrupted_run_leaves_no_complete_looking_output(tokenizer_path, corpu
             raise KeyboardInterrupt
         return real_encode(tokenizer, texts, dtype)
 
-    real_encode = prepare_pretrain.encode_documents
-    monkeypatch.setattr(prepare_pretrain, "encode_documents", failing_encode)
+    real_encode = bins.encode_documents
+    monkeypatch.setattr(bins, "encode_documents", failing_encode)
     old_train = (tmp_path / "out" / "train.bin").read_bytes()
     with pytest.raises(KeyboardInterrupt):
         run(tokenizer_path, corpus, tmp_path / "out", chunk_bytes=16)

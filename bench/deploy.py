@@ -1,0 +1,263 @@
+"""CPU decoding for deployment, side by side in one run: lillm fp32, lillm int8 (lillm/quant.py),
+transformers fp32 eager, and llama.cpp running the same weights as a q8_0 GGUF (lillm/gguf.py).
+
+    python -m bench.deploy --threads 1                                  # lillm-39m, random weights
+    python -m bench.deploy --threads 1 --checkpoint CKPT --val-bin DATA/val.bin   # + quality
+
+Speed: greedy decoding of `--new-tokens` after a `--prompt-len` random prompt at each batch size,
+no eos stop, tokens/s = batch * new tokens / seconds of the whole call (prefill included), the
+median of alternating repetitions after a warm-up (as scripts/bench_decode.py). llama.cpp runs
+through llama-cpp-python's C API: one llama_decode per step for all rows of the batch, greedy
+argmax over its logits, with the same thread count.
+
+Quality (with --checkpoint, a trained model, and --val-bin): held-out loss over windows of the
+token bin for fp32, int8 and llama.cpp q8_0; and for int8 and q8_0 against lillm fp32, the share
+of positions whose top-1 token agrees when fed lillm fp32's greedy continuation (teacher-forced),
+and the share of free-running greedy tokens equal to fp32's over 256-token continuations.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lillm import checkpoint as ckpt
+from lillm.config import get_preset
+from lillm.generate import generate
+from lillm.gguf import export_gguf
+from lillm.model import Transformer
+from lillm.quant import quantize_int8
+from lillm.tokenizer import train_bpe
+
+SIDES = ("lillm fp32", "lillm int8", "transformers fp32", "llama.cpp q8_0")
+
+
+# ---- the models --------------------------------------------------------------------------------
+def load_or_build(args) -> tuple[Transformer, Path]:
+    """The fp32 model and a checkpoint folder holding it (with a tokenizer, for the GGUF export)."""
+    if args.checkpoint:
+        folder = ckpt.resolve_checkpoint(args.checkpoint)
+        return ckpt.load_model(folder).eval(), folder
+    cfg = get_preset(args.preset)
+    cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, args.prompt_len + args.new_tokens))
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    # Random weights need a tokenizer only to travel in the GGUF: a small one, padded to the vocab.
+    tmp = Path(tempfile.mkdtemp(prefix="bench_deploy_"))
+    text = ["Habari za asubuhi, rafiki yangu.", "Ina kwana? Lafiya lau."] * 20
+    train_bpe(text, vocab_size=300, show_progress=False).save(tmp / "tokenizer.json")
+    return model, ckpt.save_checkpoint(tmp / "ckpt", model, tokenizer_path=tmp / "tokenizer.json")
+
+
+def transformers_like(model: Transformer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    theirs = LlamaForCausalLM(LlamaConfig(**model.config.to_hf_dict(), attn_implementation="sdpa"))
+    result = theirs.load_state_dict(model.state_dict(), strict=False)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    return theirs.eval()
+
+
+class LlamaCppGreedy:
+    """Batched greedy decoding in llama.cpp: every row is a sequence of one context."""
+
+    def __init__(self, path: Path, max_batch: int, max_len: int, threads: int):
+        import llama_cpp
+        self.lib = llama_cpp
+        self._quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)  # kept: C holds the pointer
+        llama_cpp.llama_log_set(self._quiet, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = max_batch * max_len
+        params.n_batch = params.n_ubatch = max_batch * max_len
+        params.n_seq_max = max_batch
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.batch = llama_cpp.llama_batch_init(max_batch * max_len, 0, max_batch)
+
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        """entries: (token, position, sequence, wants logits)."""
+        b = self.batch
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(entries)
+        if self.lib.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def _argmax(self, index: int) -> int:
+        logits = self.lib.llama_get_logits_ith(self.ctx, index)
+        return int(np.ctypeslib.as_array(ctypes.cast(logits, ctypes.POINTER(ctypes.c_float)),
+                                         shape=(self.n_vocab,)).argmax())
+
+    def __call__(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+        entries = [(t, pos, row, pos == len(p) - 1) for row, p in enumerate(prompts) for pos, t in enumerate(p)]
+        self._decode(entries)
+        last = [i for i, e in enumerate(entries) if e[3]]
+        tokens = [self._argmax(i) for i in last]
+        out = [[t] for t in tokens]
+        for step in range(1, new_tokens):
+            self._decode([(tokens[row], len(p) + step - 1, row, True) for row, p in enumerate(prompts)])
+            tokens = [self._argmax(row) for row in range(len(prompts))]
+            for row, t in enumerate(tokens):
+                out[row].append(t)
+        return out
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """Logits at every position of one sequence (for the loss and teacher-forced agreement)."""
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+        self._decode([(t, pos, 0, True) for pos, t in enumerate(tokens)])
+        return np.stack([np.ctypeslib.as_array(ctypes.cast(self.lib.llama_get_logits_ith(self.ctx, i),
+                                                           ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
+                         for i in range(len(tokens))]).copy()
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+def time_alternating(calls: dict, repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call: warm-up, then repetitions alternating the order of the sides."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    seconds = {name: [] for name in calls}
+    names = list(calls)
+    for rep in range(repeats):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            calls[name]()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in seconds.items()}
+
+
+def speed(model, int8, theirs, llama, args) -> list[dict]:
+    rows = []
+    for batch in args.batches:
+        generator = torch.Generator().manual_seed(2)
+        prompts = torch.randint(3, model.config.vocab_size, (batch, args.prompt_len), generator=generator).tolist()
+        ids = torch.tensor(prompts)
+
+        def hf(ids=ids):
+            return theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                                   do_sample=False, eos_token_id=None, pad_token_id=0)
+
+        def ours(model, prompts=prompts):
+            return generate(model, prompts, args.new_tokens, temperature=0, eos_id=None)
+        calls = {"lillm fp32": lambda: ours(model), "lillm int8": lambda: ours(int8), "transformers fp32": hf}
+        if llama is not None:
+            calls["llama.cpp q8_0"] = lambda prompts=prompts: llama(prompts, args.new_tokens)
+        with torch.no_grad():
+            seconds = time_alternating(calls, args.repeats, args.warmup)
+        tokens = batch * args.new_tokens
+        rows.append({"batch": batch, **{f"{name} tokens/s": tokens / s for name, s in seconds.items()}})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# ---- quality --------------------------------------------------------------------------------------
+def mean_loss(logits_of, windows: list[list[int]]) -> float:
+    losses = [F.cross_entropy(torch.as_tensor(logits_of(w))[:-1].double(), torch.tensor(w[1:])).item() for w in windows]
+    return float(np.mean(losses))
+
+
+def lillm_logits(model):
+    def logits(tokens):
+        with torch.no_grad():
+            return model(torch.tensor([tokens]))[0].float().numpy()
+    return logits
+
+
+def quality(model, int8, llama, args) -> dict:
+    tokens = np.memmap(args.val_bin, dtype=np.uint16, mode="r")
+    length = min(model.config.max_seq_len, 256)
+    windows = [tokens[i:i + length].astype(np.int64).tolist() for i in range(0, args.windows * length, length)]
+    sides = {"lillm fp32": lillm_logits(model), "lillm int8": lillm_logits(int8)}
+    if llama is not None:
+        sides["llama.cpp q8_0"] = llama.logits
+    out = {f"held-out loss {name}": mean_loss(fn, windows) for name, fn in sides.items()}
+    reference = out["held-out loss lillm fp32"]
+    for name in sides:
+        out[f"held-out loss change {name}"] = out[f"held-out loss {name}"] / reference - 1
+    # 256-token greedy continuations of held-out prompts (the first 32 tokens of windows)
+    new = min(256, model.config.max_seq_len - 32)
+    prompts = [w[:32] for w in windows[:args.continuations]]
+    fp32 = generate(model, prompts, new, temperature=0, eos_id=None)
+    for name in sides:
+        if name == "lillm fp32":
+            continue
+        free = (generate(int8, prompts, new, temperature=0, eos_id=None) if name == "lillm int8"
+                else llama(prompts, new))
+        same = sum(a == b for x, y in zip(free, fp32) for a, b in zip(x, y))
+        forced = sum(int((sides[name](p + c)[len(p) - 1:-1].argmax(-1) == np.array(c)).sum())
+                     for p, c in zip(prompts, fp32))
+        total = sum(len(c) for c in fp32)
+        out[f"free-running greedy tokens equal to fp32, {name}"] = same / total
+        out[f"teacher-forced top-1 agreement with fp32, {name}"] = forced / total
+    out["continuation tokens"] = new
+    return out
+
+
+# ---- main -----------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="lillm-39m", help="random weights of this preset (without --checkpoint)")
+    parser.add_argument("--checkpoint", help="a trained checkpoint instead of random weights")
+    parser.add_argument("--val-bin", help="held-out token bin (val.bin) for the quality numbers")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--windows", type=int, default=20, help="held-out windows for the loss")
+    parser.add_argument("--continuations", type=int, default=8, help="greedy continuations compared")
+    parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+
+    model, folder = load_or_build(args)
+    int8 = quantize_int8(model)
+    theirs = transformers_like(model)
+    llama = None
+    if args.llama_cpp:
+        gguf_dir = Path(tempfile.mkdtemp(prefix="bench_deploy_gguf_"))
+        path = export_gguf(folder, gguf_dir / "model-q8_0.gguf", "q8_0")
+        llama = LlamaCppGreedy(path, max(args.batches + [args.continuations]),
+                               max(args.prompt_len + args.new_tokens, model.config.max_seq_len) + 1, args.threads)
+    result = {"model": str(args.checkpoint or args.preset), "params": model.num_params(), "threads": args.threads,
+              "int8 kernel": int8.lm_head.kernel, "torch": torch.__version__, "machine": platform.processor(),
+              "load average before": load_before, "speed": speed(model, int8, theirs, llama, args)}
+    if args.val_bin:
+        result["quality"] = quality(model, int8, llama, args)
+        print(json.dumps(result["quality"], indent=1))
+    result["load average after"] = os.getloadavg()
+    print(markdown(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def markdown(result: dict) -> str:
+    lines = ["| batch | " + " | ".join(SIDES) + " | int8 / transformers |", "| --- |" + " ---: |" * (len(SIDES) + 1)]
+    for row in result["speed"]:
+        cells = [f"{row.get(f'{name} tokens/s', float('nan')):,.1f}" for name in SIDES]
+        ratio = row["lillm int8 tokens/s"] / row["transformers fp32 tokens/s"]
+        lines.append(f"| {row['batch']} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from lillm.cli import run_main  # one line for bad input, status 2 (lillm/cli.py)
+
+    run_main(main)
