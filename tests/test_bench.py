@@ -144,7 +144,7 @@ def test_mfu_script_runs_every_variant_on_the_cpu(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("module", ["bench", "bench.train", "bench.decode", "bench.data", "bench.mfu",
-                                    "bench.import_hf", "bench.peft", "bench.moe", "bench.deploy", "bench.serve",
+                                    "bench.import_hf", "bench.peft", "bench.moe", "bench.deploy", "bench.serve", "bench.memory",
                                     "bench.data_hf"])
 def test_every_benchmark_runs_as_a_module_and_explains_itself(module, monkeypatch, capsys):
     """`python -m module --help`, run the way -m runs it (runpy) in this process: a fresh interpreter
