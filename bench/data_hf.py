@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -179,8 +180,7 @@ def child(args) -> None:
 
 
 def measure(pipeline: str, files: list[Path], tokenizer: Path, work: Path, workers: int) -> dict:
-    out = work / f"out-{pipeline}"
-    shutil.rmtree(out, ignore_errors=True)
+    out = Path(tempfile.mkdtemp(prefix=f".bench-out-{pipeline}-", dir=work))  # ours alone, removed below
     command = [sys.executable, "-m", "bench.data_hf", "--child", pipeline, "--tokenizer", str(tokenizer),
                "--out", str(out), "--workers", str(workers), "--files", *map(str, files)]
     done = subprocess.run(command, capture_output=True, text=True,

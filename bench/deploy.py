@@ -6,7 +6,7 @@ transformers fp32 eager, and llama.cpp running the same weights as a q8_0 GGUF (
 
 Speed: greedy decoding of `--new-tokens` after a `--prompt-len` random prompt at each batch size,
 no eos stop, tokens/s = batch * new tokens / seconds of the whole call (prefill included), the
-median of alternating repetitions after a warm-up (as scripts/bench_decode.py). llama.cpp runs
+median of alternating repetitions after a warm-up (bench.harness.time_alternating). llama.cpp runs
 through llama-cpp-python's C API: one llama_decode per step for all rows of the batch, greedy
 argmax over its logits, with the same thread count.
 
@@ -24,13 +24,13 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.harness import hf_model_like, time_alternating
 from lillm import checkpoint as ckpt
 from lillm.config import get_preset
 from lillm.generate import generate
@@ -57,14 +57,6 @@ def load_or_build(args) -> tuple[Transformer, Path]:
     text = ["Habari za asubuhi, rafiki yangu.", "Ina kwana? Lafiya lau."] * 20
     train_bpe(text, vocab_size=300, show_progress=False).save(tmp / "tokenizer.json")
     return model, ckpt.save_checkpoint(tmp / "ckpt", model, tokenizer_path=tmp / "tokenizer.json")
-
-
-def transformers_like(model: Transformer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    theirs = LlamaForCausalLM(LlamaConfig(**model.config.to_hf_dict(), attn_implementation="sdpa"))
-    result = theirs.load_state_dict(model.state_dict(), strict=False)
-    assert not result.missing_keys and not result.unexpected_keys, result
-    return theirs.eval()
 
 
 class LlamaCppGreedy:
@@ -125,21 +117,6 @@ class LlamaCppGreedy:
 
 
 # ---- timing ---------------------------------------------------------------------------------------
-def time_alternating(calls: dict, repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call: warm-up, then repetitions alternating the order of the sides."""
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    seconds = {name: [] for name in calls}
-    names = list(calls)
-    for rep in range(repeats):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            calls[name]()
-            seconds[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in seconds.items()}
-
-
 def speed(model, int8, theirs, llama, args) -> list[dict]:
     rows = []
     for batch in args.batches:
@@ -157,7 +134,8 @@ def speed(model, int8, theirs, llama, args) -> list[dict]:
         if llama is not None:
             calls["llama.cpp q8_0"] = lambda prompts=prompts: llama(prompts, args.new_tokens)
         with torch.no_grad():
-            seconds = time_alternating(calls, args.repeats, args.warmup)
+            seconds = {name: statistics.median(times)
+                       for name, times in time_alternating(calls, args.repeats, args.warmup).items()}
         tokens = batch * args.new_tokens
         rows.append({"batch": batch, **{f"{name} tokens/s": tokens / s for name, s in seconds.items()}})
         print(json.dumps(rows[-1]), flush=True)
@@ -229,7 +207,7 @@ def main(argv=None) -> None:
 
     model, folder = load_or_build(args)
     int8 = quantize_int8(model)
-    theirs = transformers_like(model)
+    theirs = hf_model_like(model.config, model.state_dict()).eval()
     llama = None
     if args.llama_cpp:
         gguf_dir = Path(tempfile.mkdtemp(prefix="bench_deploy_gguf_"))

@@ -165,4 +165,4 @@ def test_the_memory_reader_sees_an_allocation_and_the_stopwatch_its_time():
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     after = harness.read_memory()
     assert after.peak - before.now >= 60 * 2**20 and after.lifetime_peak >= before.now
-    assert 0 < watch.seconds < 60 and block.sum() > 0
+    assert watch.seconds > 0 and block.sum() > 0
