@@ -14,21 +14,22 @@ evaluation the log gets the held-out pairs' loss, implicit rewards, margin and p
 from __future__ import annotations
 
 import argparse
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from lillm import checkpoint as ckpt
-from lillm.errors import LillmError
 from lillm.cli import (
     accumulation_steps,
+    add_finetuning_data_args,
     add_peft_args,
     add_training_args,
     apply_peft_from_args,
+    check_finetuning_args,
     finish,
+    load_finetuning_start,
     print_summary,
+    run_main,
     train_config_from_args,
 )
 from lillm.dpo import (
@@ -43,64 +44,39 @@ from lillm.dpo import (
     dpo_evaluator,
     read_pairs,
 )
+from lillm.errors import FlagError
 from lillm.peft import describe
-from lillm.sft import BATCHING_CHOICES
-from lillm.tokenizer import Tokenizer
+from lillm.sft import BATCHING_CHOICES, cap_per_task
 from lillm.train import setup_distributed, train
-
-
-def cap_per_task(rows: list[dict], cap: int | None) -> list[dict]:
-    """At most cap rows per (task, lang), evenly spaced."""
-    if cap is None:
-        return rows
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row.get("task"), row.get("lang")), []).append(row)
-    return [r for g in groups.values() for r in (g if len(g) <= cap else [g[i * len(g) // cap] for i in range(cap)])]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init-from", default="out/sft_run", help="SFT checkpoint folder, or run folder (latest step)")
     parser.add_argument("--data", default="out/dpo", help="folder with train.jsonl and dev.jsonl (data/prepare_dpo.py)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
-    parser.add_argument("--tasks", nargs="+", default=None, help="train on these tasks only (default: all)")
-    parser.add_argument("--max-per-task", type=int, default=None, help="at most N train pairs per task and language")
+    add_finetuning_data_args(parser, "data/prepare_dpo.py", "pairs")
     parser.add_argument("--loss", choices=LOSS_TYPES, default="dpo", help="dpo (with a reference) or simpo (without)")
     parser.add_argument("--beta", type=float, default=None, help="reward scale (default 0.1 for dpo, 2.0 for simpo)")
     parser.add_argument("--label-smoothing", type=float, default=0.0,
                         help="conservative DPO: assumed probability that a pair's preference is flipped")
     parser.add_argument("--gamma", type=float, default=0.5, help="SimPO's target margin")
-    parser.add_argument("--seq-len", type=int, default=None, help="longest sequence (default: the model's max_seq_len)")
     parser.add_argument("--too-long", choices=TOO_LONG_CHOICES, default="truncate",
                         help="pairs that do not fit: drop them, or shorten the prompt's middle")
     parser.add_argument("--batching", choices=BATCHING_CHOICES, default="pad",
                         help="pad: one sequence per row; pack: whole pairs per row of seq_len, masked apart")
-    parser.add_argument("--global-batch", type=int, default=16,
-                        help="pairs (pad) or packed rows (pack) per optimizer step, over all processes")
-    parser.add_argument("--eval-limit", type=int, default=200, help="dev pairs per task and language")
-    parser.add_argument("--strict", action="store_true", help="stop at the first malformed row instead of skipping")
     add_training_args(parser, out="out/dpo_run", max_steps=200, lr=5e-6, warmup_steps=10, eval_every=50,
                       save_every=100, micro_batch=4, weight_decay=0.0)
     add_peft_args(parser)
     args = parser.parse_args(argv)
     beta = args.beta if args.beta is not None else (0.1 if args.loss == "dpo" else 2.0)
+    check_finetuning_args(args)
     try:
         dpo = DPOConfig(args.loss, beta, args.label_smoothing, args.gamma)
     except ValueError as error:
-        parser.error(str(error))
+        raise FlagError(f"{error}; see --beta, --label-smoothing and --gamma in --help") from None
 
     env = setup_distributed(args.device)
-    init = ckpt.resolve_checkpoint(args.init_from)
-    model = ckpt.load_model(init)
-    tokenizer_path = args.tokenizer or init / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(tokenizer_path)
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but {init} has vocab_size "
-                         f"{model.config.vocab_size}; use the tokenizer the checkpoint was trained with")
-    seq_len = args.seq_len or model.config.max_seq_len
-    if seq_len > model.config.max_seq_len:
-        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    init, model, tokenizer_path, tokenizer, seq_len = load_finetuning_start(args)
     model = apply_peft_from_args(model, args).to(env.device)
 
     data = Path(args.data)
@@ -141,8 +117,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (LillmError, FileNotFoundError) as error:  # bad input: one line, status 2
-        print(f"dpo_train.py: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

@@ -13,18 +13,13 @@ latest step_N is used); training starts with a fresh optimizer.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from lillm import checkpoint as ckpt
-from lillm.cli import (accumulation_steps, add_peft_args, add_training_args, apply_peft_from_args,
-                       check_training_args, finish, need, print_summary, run_main, train_config_from_args)
-from lillm.errors import FlagError, InputFileError, TokenizerMismatchError
-from lillm.folders import check_run_folder
+from lillm.cli import (accumulation_steps, add_finetuning_data_args, check_finetuning_args, load_finetuning_start, add_peft_args, add_training_args, apply_peft_from_args,
+                       finish, need, print_summary, run_main, train_config_from_args)
 from lillm.peft import describe
-from lillm.sft import (BATCHING_CHOICES, TOO_LONG_CHOICES, SFTBatches, SFTDataError, add_neftune, build_examples,
+from lillm.sft import (cap_per_task, BATCHING_CHOICES, TOO_LONG_CHOICES, SFTBatches, SFTDataError, add_neftune, build_examples,
                        read_conversations, sft_evaluator)
-from lillm.tokenizer import Tokenizer
 from lillm.train import setup_distributed, train
 
 EPILOG = """two-stage schedule (the public 40M Buzuzu-Mavi model: translation first, then every task):
@@ -33,48 +28,9 @@ EPILOG = """two-stage schedule (the public 40M Buzuzu-Mavi model: translation fi
 The second run starts from the first one's latest checkpoint with a fresh optimizer and schedule."""
 
 
-def cap_per_task(rows: list[dict], cap: int | None) -> list[dict]:
-    """At most cap rows per (task, lang), evenly spaced, so large sources do not drown small ones."""
-    if cap is None:
-        return rows
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row.get("task"), row.get("lang")), []).append(row)
-    kept = []
-    for group in groups.values():
-        kept += group if len(group) <= cap else [group[i * len(group) // cap] for i in range(cap)]
-    return kept
-
-
 def check_args(args) -> None:
-    """Every flag checked before anything is read or trained."""
-    check_training_args(args)
-    need(args.global_batch >= 1, "--global-batch", args.global_batch, "must be at least 1")
-    if args.seq_len is not None:
-        need(args.seq_len >= 2, "--seq-len", args.seq_len, "must be at least 2 (a prompt token and a target)")
-    if args.max_per_task is not None:
-        need(args.max_per_task >= 1, "--max-per-task", args.max_per_task, "must be at least 1")
-    need(args.eval_limit >= 1, "--eval-limit", args.eval_limit, "must be at least 1")
+    check_finetuning_args(args)
     need(args.neftune_alpha >= 0, "--neftune-alpha", args.neftune_alpha, "must be 0 (off) or more")
-    data = Path(args.data)
-    if not (data / "train.jsonl").is_file():
-        raise InputFileError(f"--data {data}: {data / 'train.jsonl'} not found; make the folder with "
-                             "data/prepare_sft.py --out " + str(data))
-    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
-
-
-def check_same_tokenizer(tokenizer: Tokenizer, init: Path, allow: bool) -> None:
-    """--tokenizer must be the checkpoint's own tokenizer (same hash), unless the change is asked for."""
-    own = init / "tokenizer.json"
-    theirs = ckpt.tokenizer_sha256(own) if own.is_file() else None
-    if theirs is None or theirs == tokenizer.sha256:
-        return
-    message = (f"--tokenizer {tokenizer.source} (sha256 {tokenizer.sha256[:16]}...) is not the tokenizer {init} "
-               f"was trained with ({own}, sha256 {theirs[:16]}...)")
-    if not allow:
-        raise TokenizerMismatchError(f"{message}; leave --tokenizer out to use the checkpoint's, or pass "
-                                     "--allow-tokenizer-change if the change is deliberate")
-    print(f"warning: {message}; continuing because --allow-tokenizer-change was given", file=sys.stderr)
 
 
 def main(argv=None):
@@ -82,21 +38,12 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init-from", default="out/pretrain", help="checkpoint folder, or run folder (latest step)")
     parser.add_argument("--data", default="out/sft", help="folder with train.jsonl and dev.jsonl (data/prepare_sft.py)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
-    parser.add_argument("--tasks", nargs="+", default=None, help="train on these tasks only (default: all)")
-    parser.add_argument("--max-per-task", type=int, default=None, help="at most N train rows per task and language")
-    parser.add_argument("--seq-len", type=int, default=None, help="longest example (default: the model's max_seq_len)")
+    add_finetuning_data_args(parser, "data/prepare_sft.py", "conversations")
     parser.add_argument("--too-long", choices=TOO_LONG_CHOICES, default="truncate",
                         help="longer examples: drop them, or shorten the prompt's middle then cut the end")
     parser.add_argument("--batching", choices=BATCHING_CHOICES, default="pad",
                         help="pad: one conversation per row; pack: several per row of seq_len, masked apart")
-    parser.add_argument("--global-batch", type=int, default=16,
-                        help="conversations (pad) or packed rows (pack) per optimizer step, over all processes")
     parser.add_argument("--neftune-alpha", type=float, default=0.0, help="NEFTune noise (5 in the paper; 0 = off)")
-    parser.add_argument("--eval-limit", type=int, default=200, help="dev conversations per task for the dev loss")
-    parser.add_argument("--strict", action="store_true", help="stop at the first malformed row instead of skipping")
-    parser.add_argument("--allow-tokenizer-change", action="store_true",
-                        help="train with a --tokenizer other than the checkpoint's own (normally refused)")
     add_training_args(parser, out="out/sft_run", max_steps=200, lr=1e-4, warmup_steps=10, eval_every=50,
                       save_every=100, micro_batch=8, weight_decay=0.0)
     add_peft_args(parser)
@@ -104,20 +51,7 @@ def main(argv=None):
     check_args(args)
 
     env = setup_distributed(args.device)
-    init = ckpt.resolve_checkpoint(args.init_from)
-    model = ckpt.load_model(init)
-    tokenizer_path = args.tokenizer or init / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(tokenizer_path)
-    if args.tokenizer:
-        check_same_tokenizer(tokenizer, init, args.allow_tokenizer_change)
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise TokenizerMismatchError(
-            f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but {init} has vocab_size "
-            f"{model.config.vocab_size}; use the tokenizer the checkpoint was trained with")
-    seq_len = args.seq_len or model.config.max_seq_len
-    if seq_len > model.config.max_seq_len:
-        raise FlagError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len} ({init}); "
-                        f"use --seq-len {model.config.max_seq_len} or less")
+    init, model, tokenizer_path, tokenizer, seq_len = load_finetuning_start(args)
     model = apply_peft_from_args(model, args)
 
     data = Path(args.data)

@@ -21,10 +21,13 @@ from typing import Callable
 
 import torch
 
-from .errors import FlagError, LillmError
+from . import checkpoint as ckpt
+from .errors import FlagError, InputFileError, LillmError, TokenizerMismatchError
+from .folders import check_run_folder
 
 from .peft import METHODS as PEFT_METHODS
 from .peft import apply_peft
+from .tokenizer import Tokenizer
 from .train import Dist, TrainConfig
 
 
@@ -189,3 +192,69 @@ def run_main(main: Callable, argv: list[str] | None = None) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(0)
+
+
+# ---- fine-tuning stages (SFT, DPO) --------------------------------------------------------------
+def add_finetuning_data_args(parser: argparse.ArgumentParser, maker: str, unit: str) -> None:
+    """The flags SFT and DPO share: where the rows are, which of them, how long, how many per step."""
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
+    parser.add_argument("--tasks", nargs="+", default=None, help="train on these tasks only (default: all)")
+    parser.add_argument("--max-per-task", type=int, default=None, help=f"at most N train {unit} per task and language")
+    parser.add_argument("--seq-len", type=int, default=None, help="longest sequence (default: the model's max_seq_len)")
+    parser.add_argument("--global-batch", type=int, default=16,
+                        help=f"{unit} (pad) or packed rows (pack) per optimizer step, over all processes")
+    parser.add_argument("--eval-limit", type=int, default=200, help=f"dev {unit} per task")
+    parser.add_argument("--strict", action="store_true", help="stop at the first malformed row instead of skipping")
+    parser.add_argument("--allow-tokenizer-change", action="store_true",
+                        help="train with a --tokenizer other than the checkpoint's own (normally refused)")
+    parser.set_defaults(data_maker=maker)
+
+
+def check_finetuning_args(args) -> None:
+    """Everything about a fine-tuning command that can be checked before loading a model."""
+    check_training_args(args)
+    need(args.global_batch >= 1, "--global-batch", args.global_batch, "must be at least 1")
+    if args.seq_len is not None:
+        need(args.seq_len >= 2, "--seq-len", args.seq_len, "must be at least 2 (a prompt token and a target)")
+    if args.max_per_task is not None:
+        need(args.max_per_task >= 1, "--max-per-task", args.max_per_task, "must be at least 1")
+    need(args.eval_limit >= 1, "--eval-limit", args.eval_limit, "must be at least 1")
+    data = Path(args.data)
+    if not (data / "train.jsonl").is_file():
+        raise InputFileError(f"--data {data}: {data / 'train.jsonl'} not found; make the folder with "
+                             f"{args.data_maker} --out {data}")
+    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+
+
+def load_finetuning_start(args):
+    """(checkpoint folder, model, tokenizer path, tokenizer, seq_len) for --init-from, with the
+    tokenizer and sequence length checked against the checkpoint before any work."""
+    init = ckpt.resolve_checkpoint(args.init_from)
+    model = ckpt.load_model(init)
+    tokenizer_path = args.tokenizer or init / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    if args.tokenizer:
+        check_same_tokenizer(tokenizer, init, args.allow_tokenizer_change)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise TokenizerMismatchError(
+            f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but {init} has vocab_size "
+            f"{model.config.vocab_size}; use the tokenizer the checkpoint was trained with")
+    seq_len = args.seq_len or model.config.max_seq_len
+    if seq_len > model.config.max_seq_len:
+        raise FlagError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len} ({init}); "
+                        f"use --seq-len {model.config.max_seq_len} or less")
+    return init, model, tokenizer_path, tokenizer, seq_len
+
+
+def check_same_tokenizer(tokenizer: Tokenizer, init: Path, allow: bool) -> None:
+    """--tokenizer must be the checkpoint's own tokenizer (same hash), unless the change is asked for."""
+    own = init / "tokenizer.json"
+    theirs = ckpt.tokenizer_sha256(own) if own.is_file() else None
+    if theirs is None or theirs == tokenizer.sha256:
+        return
+    message = (f"--tokenizer {tokenizer.source} (sha256 {tokenizer.sha256[:16]}...) is not the tokenizer {init} "
+               f"was trained with ({own}, sha256 {theirs[:16]}...)")
+    if not allow:
+        raise TokenizerMismatchError(f"{message}; leave --tokenizer out to use the checkpoint's, or pass "
+                                     "--allow-tokenizer-change if the change is deliberate")
+    print(f"warning: {message}; continuing because --allow-tokenizer-change was given", file=sys.stderr)

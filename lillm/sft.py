@@ -128,6 +128,19 @@ def read_jsonl_rows(paths: str | Path | Iterable[str | Path], problem_of: Callab
     return rows, problems
 
 
+def cap_per_task(rows: list[dict], cap: int | None) -> list[dict]:
+    """At most cap rows per (task, lang), evenly spaced, so large sources do not drown small ones."""
+    if cap is None:
+        return rows
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row.get("task"), row.get("lang")), []).append(row)
+    kept = []
+    for group in groups.values():
+        kept += group if len(group) <= cap else [group[i * len(group) // cap] for i in range(cap)]
+    return kept
+
+
 # ---- tokenizing -----------------------------------------------------------------------------------
 @dataclass
 class SFTExample:
