@@ -4,8 +4,11 @@
     torchrun --nproc_per_node=2 pretrain.py --data out/data --preset tiny --max-steps 200
     python pretrain.py --data out/data --out out/pretrain --resume          # continue a run
     python pretrain.py --data out/zul --init-from out/expanded --lr 1e-4      # continued pretraining
+    python pretrain.py --data out/data --task-data out/sft --task-share 0.5 --task-start 0.5   # mid-training
 
-Batches come from lillm.data.BinLoader, the loop is lillm.train.train (shared with SFT).
+Batches come from lillm.data.BinLoader, the loop is lillm.train.train (shared with SFT). With
+--task-data, the tasks' conversations (data/prepare_sft.py) join the stream from --task-start on
+(lillm/mixture.py: nanochat's mid-training).
 """
 from __future__ import annotations
 
@@ -23,7 +26,10 @@ from lillm.errors import BinFormatError, FlagError, TokenizerMismatchError
 from lillm.folders import check_run_folder
 from lillm.data import BinLoader, StepBatches, check_bins, load_meta
 from lillm.model import Transformer
+from lillm.errors import InputFileError
+from lillm.mixture import TaskMixture, task_micro_batches
 from lillm.peft import describe
+from lillm.sft import LOSS_ON_CHOICES, SFTBatches, build_examples, read_conversations
 from lillm.tokenizer import Tokenizer
 from lillm.vocab import train_only_new_rows
 from lillm.perplexity import bin_evaluator, unigram_bits_per_byte
@@ -58,6 +64,10 @@ def check_args(args) -> None:
          "use --eval-every 0 to train without evaluation")
     if args.train_new_rows_from is not None:
         need(args.train_new_rows_from >= 0, "--train-new-rows-from", args.train_new_rows_from, "must be 0 or more")
+    need(0 < args.task_share <= 1, "--task-share", args.task_share, "must be in (0, 1]")
+    need(0 <= args.task_start < 1, "--task-start", args.task_start, "must be in [0, 1): a fraction of --max-steps")
+    if args.task_data and not (Path(args.task_data) / "train.jsonl").is_file():
+        raise InputFileError(f"--task-data {args.task_data}: no train.jsonl there; make one with data/prepare_sft.py")
     check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
 
 
@@ -96,6 +106,22 @@ def check_init_tokenizer(args, meta: dict) -> None:
     print(f"warning: {message}; continuing because --allow-tokenizer-change was given", file=sys.stderr)
 
 
+def task_mixture(args, text: StepBatches, accum: int, tokenizer: Tokenizer, seq_len: int, env) -> TaskMixture:
+    """The pretraining stream with --task-data's conversations packed into part of each step."""
+    rows, _ = read_conversations(Path(args.task_data) / "train.jsonl", tasks=args.tasks)
+    examples, _ = build_examples(tokenizer, rows, seq_len, "truncate", verbose=env.is_main, loss_on=args.task_loss)
+    if not examples:
+        raise InputFileError(f"--task-data {args.task_data}: no conversation for tasks {args.tasks or 'all'}")
+    task_micro = task_micro_batches(accum, args.task_share)
+    tasks = SFTBatches(examples, args.micro_batch, task_micro, "pack", seq_len, tokenizer.pad_id, seed=args.seed,
+                       rank=env.rank, world=env.world)
+    start = int(args.task_start * args.max_steps)
+    if env.is_main:
+        print(f"mid-training: from step {start + 1}, {task_micro} of {accum} micro batches per step are packed "
+              f"conversations ({len(examples):,} from {args.task_data}, loss on {args.task_loss} tokens)")
+    return TaskMixture(text, tasks, accum, task_micro, start)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="out/data", help="folder with train.bin, val.bin, meta.json")
@@ -115,6 +141,13 @@ def main(argv=None):
     parser.add_argument("--train-new-rows-from", type=int, default=None, metavar="ID",
                         help="continued pretraining after scripts/expand_vocab.py: train only embedding rows >= ID "
                              "(the base vocab size), everything else frozen; weight decay is set to 0")
+    mid = parser.add_argument_group("mid-training: task conversations in the pretraining stream (lillm/mixture.py)")
+    mid.add_argument("--task-data", default=None, metavar="FOLDER", help="train.jsonl of data/prepare_sft.py")
+    mid.add_argument("--tasks", nargs="+", default=None, help="only these tasks of --task-data (default: all)")
+    mid.add_argument("--task-share", type=float, default=0.5, help="share of each step's micro batches")
+    mid.add_argument("--task-start", type=float, default=0.0, help="tasks join at this fraction of --max-steps")
+    mid.add_argument("--task-loss", choices=LOSS_ON_CHOICES, default="all",
+                     help="all: every token of a conversation (nanochat); assistant: the answers only (SFT)")
     add_training_args(parser, out="out/pretrain", max_steps=200, lr=1e-3, warmup_steps=20, eval_every=50,
                       save_every=100)
     add_peft_args(parser)
@@ -142,12 +175,17 @@ def main(argv=None):
     accum = accumulation_steps(args.global_batch_tokens // seq_len, args.micro_batch, env.world)
     loader = BinLoader(data / "train.bin", seq_len, args.micro_batch * accum, seed=args.seed,
                        rank=env.rank, world_size=env.world, device=env.device, sequential=args.curriculum)
+    source = StepBatches(loader, accum)
+    if args.task_data:
+        source = task_mixture(args, source, accum, tokenizer, seq_len, env)
     evaluate = bin_evaluator(data / "val.bin", seq_len, args.micro_batch, args.eval_batches,
                              meta["splits"]["val"]["bytes_per_token"], env.device) if evaluating else None
     # the baseline is computed now, not after training, so a problem with it costs no training time
     baseline = {"unigram_val_bpb": round(unigram_bits_per_byte(data, meta), 5)} if "val" in meta["splits"] else {}
     cfg = train_config_from_args(args, stage="pretrain", data=str(data), preset=args.preset, seq_len=seq_len,
-                                 global_batch_tokens=args.global_batch_tokens)
+                                 global_batch_tokens=args.global_batch_tokens, task_data=args.task_data,
+                                 task_share=args.task_share if args.task_data else None, task_start=args.task_start,
+                                 task_loss=args.task_loss, tasks=args.tasks)
     cfg.flops_per_token = model.config.flops_per_token(seq_len)
     if env.is_main:
         active = model.config.active_params() if model.config.n_experts else None  # a mixture of experts
@@ -155,7 +193,7 @@ def main(argv=None):
               f"{env.world} process(es), "
               f"micro batch {args.micro_batch} x {accum} accumulation x {env.world} = "
               f"{args.global_batch_tokens:,} tokens per step on {env.device}")
-    metrics = train(model, StepBatches(loader, accum), cfg, env, evaluate=evaluate, tokenizer_path=tokenizer_path,
+    metrics = train(model, source, cfg, env, evaluate=evaluate, tokenizer_path=tokenizer_path,
                     resume=args.resume, info={"stage": "pretrain", "origin": origin, "peft": describe(model)})
     print_summary(env, args.out, metrics, baseline)
     finish(env)

@@ -29,12 +29,9 @@ from lillm.checkpoint import write_text_atomic
 from lillm.corpora import CORPORA, FORMATS, HUB_CORPORA, LANGS, data_dir, documents_for, read_documents
 from lillm.cli import need, run_main
 from lillm.errors import InputFileError, OutputFolderError
-from lillm.sources import TEXT_FORMATS, budgeted, file_source, hub_source, registered_source
+from lillm.sources import DEFAULT_KINDS, TEXT_FORMATS, budgeted, file_source, hub_source, registered_source
 from lillm.tokenizer import Tokenizer, fertility_report, load_lenient, train_bpe
 
-# MasakhaNER ('ner') is left out by default: its sentences are the Lacuna sentences again,
-# re-tokenized with spaces around punctuation.
-DEFAULT_KINDS = ["mono", "news", "sentiment", "mt"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=None, help="data directory (default: $LILLM_DATA_DIR or ../shared/data)")
     p.add_argument("--corpora", nargs="+", default=None, metavar="NAME",
                    help=f"exact corpus names instead of all train corpora of --langs; known: {', '.join(CORPORA)}")
-    p.add_argument("--kinds", nargs="+", default=DEFAULT_KINDS, help="corpus kinds used when --corpora is not given")
+    p.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS),
+                   help="corpus kinds used when --corpora is not given (ner is left out: copies of lacuna sentences)")
     p.add_argument("--files", nargs="+", default=[], metavar="PATH", help="extra text files to train on")
     p.add_argument("--file-format", default="txt", choices=FORMATS, help="format of --files")
     p.add_argument("--text-column", default=None, help="text column of --files in csv/tsv format")

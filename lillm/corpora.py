@@ -51,8 +51,9 @@ class Corpus:
     """One file of text in one language: where it lives in the data dir and where it came from.
 
     ``kind`` says what the text is: 'mono' (raw monolingual text), 'news' (MasakhaNEWS
-    articles), 'sentiment' (AfriSenti tweets), 'mt' (target side of a translation corpus)
-    or 'ner' (MasakhaNER sentences, whitespace-tokenized copies of Lacuna sentences).
+    articles), 'sentiment' (AfriSenti tweets), 'mt' (target side of a translation corpus),
+    'mt-source' (its English source side) or 'ner' (MasakhaNER sentences, whitespace-tokenized
+    copies of Lacuna sentences).
     """
 
     name: str
@@ -109,6 +110,12 @@ def _registry() -> dict[str, Corpus]:
         for split in _SPLITS if lang != "xho" else ("dev", "test"):
             add(Corpus(f"mafand-{lang}-{split}", lang, f"mafand_mt/en-{lang}/{split}.{lang}", "txt", split, *_MAFAND,
                        kind="mt"))
+    # The English side of the translation pairs: the source language the model reads when it
+    # translates, so a tokenizer (and a model) can see English too (--langs ... eng).
+    for lang in ("hau", "swa", "zul"):
+        for split in _SPLITS:
+            add(Corpus(f"mafand-eng-{lang}-{split}", "eng", f"mafand_mt/en-{lang}/{split}.en", "txt", split,
+                       *_MAFAND, kind="mt-source"))
     for split, ext in (("train", "train"), ("dev", "dev")):
         add(Corpus(f"autshumato-zul-{split}", "zul", f"ukuxhumana/clean/en_zu/enzu_parallel.{ext}.zu", "txt", split,
                    *_AUTSHUMATO, kind="mt"))
@@ -167,7 +174,7 @@ def _hub_registry() -> dict[str, HubCorpus]:
 # Hub corpora: chosen only by name (--corpora inkuba-mono-swa), never by a language-wide selection,
 # which must work offline.
 HUB_CORPORA: dict[str, HubCorpus] = _hub_registry()
-LANGS = ("hau", "swa", "xho", "zul")
+LANGS = ("hau", "swa", "xho", "zul", "eng")
 
 
 # ----------------------------------------------------------------------------- readers

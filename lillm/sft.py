@@ -42,6 +42,7 @@ from .errors import InputFileError, SFTDataError
 from .tokenizer import ROLES, Tokenizer
 
 IGNORE_INDEX = -100
+LOSS_ON_CHOICES = ("assistant", "all")
 TOO_LONG_CHOICES = ("drop", "truncate")
 BATCHING_CHOICES = ("pad", "pack")
 
@@ -216,8 +217,13 @@ def tokenize_conversation(tokenizer: Tokenizer, messages: list[dict], seq_len: i
 
 
 def build_examples(tokenizer: Tokenizer, rows: list[dict], seq_len: int, too_long: str = "drop",
-                   verbose: bool = True) -> tuple[list[SFTExample], dict]:
-    """Tokenize rows into examples that fit seq_len; the stats count what was dropped or truncated."""
+                   verbose: bool = True, loss_on: str = "assistant") -> tuple[list[SFTExample], dict]:
+    """Tokenize rows into examples that fit seq_len; the stats count what was dropped or truncated.
+
+    loss_on="all" trains on every token after `<s>` (instructions and sources too: mid-training,
+    lillm/mixture.py); the example is fitted to seq_len by the assistant mask all the same."""
+    if loss_on not in LOSS_ON_CHOICES:
+        raise ValueError(f"loss_on must be one of {LOSS_ON_CHOICES}, got {loss_on!r}")
     role_ids = role_token_ids(tokenizer)
     examples, stats = [], {"rows": len(rows), "kept": 0, "too_long": 0, "dropped": 0, "truncated": 0}
     for row in rows:
@@ -228,6 +234,8 @@ def build_examples(tokenizer: Tokenizer, rows: list[dict], seq_len: int, too_lon
             stats["truncated" if result is not None else "dropped"] += 1
         if result is None:
             continue
+        if loss_on == "all":  # the target of position t is simply the next token
+            result = (result[0], result[0][1:] + result[1][-1:])
         answer = "".join(m["content"] for m in row["messages"] if m["role"] == "assistant")
         examples.append(SFTExample(*result, task=str(row.get("task", "")),
                                    target_bytes=len(answer.encode("utf-8")),

@@ -211,7 +211,7 @@ def parse_mix(values, names: list[str]) -> dict[str, float] | None:
     return {name: weights[name] / total for name in names}
 
 
-DEFAULT_KINDS = ("mono", "news", "sentiment", "mt")
+DEFAULT_KINDS = ("mono", "news", "sentiment", "mt", "mt-source")  # mt-source: English, read only with --langs eng
 
 
 def resolve_sources(langs=(), corpora=None, files=None, text_column=None, data_dir=None, kinds=DEFAULT_KINDS,
