@@ -12,7 +12,10 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.metadata
+import os
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -115,3 +118,31 @@ def test_the_check_finds_an_undeclared_import_and_an_undeclared_importorskip(tmp
     missing = undeclared_imports(tmp_path)
     assert set(missing) == {"yaml", "pytest", "selenium"}
     assert missing["yaml"] == ["demo/core.py"]
+
+
+# ---- the README's two commands choose their Python (scripts/python_env.sh) ---------------------------------
+def chosen_python(folder: Path, python: str) -> str:
+    shutil.copy(REPO / "scripts" / "python_env.sh", folder)
+    result = subprocess.run(["bash", "-c", "source python_env.sh && echo \"PY=$PY\""], cwd=folder, text=True,
+                            capture_output=True, env={**os.environ, "PYTHON": python}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1].removeprefix("PY=")
+
+
+def test_inside_an_environment_its_python_is_used_as_it_is(tmp_path):
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("the tests run outside a virtual environment")
+    assert chosen_python(tmp_path, sys.executable) == sys.executable
+    assert not (tmp_path / ".venv").exists()
+
+
+def test_outside_an_environment_a_dot_venv_is_made_once_and_used(tmp_path):
+    base = Path(sys.base_prefix) / "bin" / "python3"
+    if not base.is_file() or (Path(sys.base_prefix) / "conda-meta").is_dir():
+        pytest.skip(f"no interpreter outside an environment at {base}")
+    assert chosen_python(tmp_path, str(base)) == str(tmp_path / ".venv" / "bin" / "python")
+    assert (tmp_path / ".venv" / "bin" / "python").is_file()
+    marker = tmp_path / ".venv" / "made-before"
+    marker.write_text("")
+    assert chosen_python(tmp_path, str(base)) == str(tmp_path / ".venv" / "bin" / "python")
+    assert marker.exists()  # the second call reuses it
