@@ -34,17 +34,22 @@ hand in tests/test_challenge_metric.py), which is what the leaderboard numbers m
   a short string cannot fill scores 0 and still counts in the average over the six orders);
   F-beta with beta 2 on the averaged precision and recall, 0 when both are 0. Unlike sacrebleu's
   corpus chrF (lillm/metrics.py), a 3-character exact answer scores 0.5, not 1.
-- task score: the mean of those three; zindi = (task + (1 - params / 421,939,200) * task) / 2,
-  where 421,939,200 is InkubaLM-0.4B's size: half the score rewards being small.
-  (The starter code itself appends the two F1s to the list of per-sentence chrFs and averages
-  that list, which weighs MT by its number of sentences; that variant is reported beside, as
-  `starter_average`, because the issue and the public write-ups describe the mean of three.)
+- the score (the headline): the organisers' scorer (zindi_scorer.py's `evaluate_zindi`) puts every
+  per-sentence chrF and the two F1s into one list and averages it, so MT weighs by its number of
+  sentences: with 300 MT rows, the two F1s are 2 of 302 numbers. zindi = (score + (1 - params /
+  421,939,200) * score) / 2, where 421,939,200 is InkubaLM-0.4B's size: half the score rewards
+  being small. This is the number a submission is ranked by.
+- the mean of the three components (sentiment F1, XNLI F1, mean chrF), as the public write-ups
+  describe the score, is reported beside it under that name, with its own zindi.
 lillm's own summary beside it, `challenge_average`, is the mean over the six (task, language)
 subsets of weighted F1 and corpus chrF / 100.
 
 The challenge's submission file (`ID`, `Response`, `Targets`) is written and read back here too:
-classification rows carry the three log-likelihoods, MT rows the translation, and one `size` row
-the parameter count; `score_submission` scores such a file exactly as the starter does.
+classification rows carry the three scores the choice is the argmax of, MT rows the translation,
+and one `size` row the parameter count; `score_submission` scores such a file exactly as the
+organisers' scorer does, also in the organisers' own layout (a leading unnamed index column,
+a lower-case `targets`, `tensor([[...]], device='cuda:0', dtype=torch.float16)` scores and a
+`Model size` row).
 
 Pairs for preference tuning (lillm/dpo.py) come from the same tasks: the gold label against a
 wrong one, and the reference translation against the model's own worse sample.
@@ -65,6 +70,7 @@ from tqdm import tqdm
 from .config import INKUBA_PARAMS
 from .corpora import CORPORA
 from .errors import InputFileError, SFTSourceError, SubmissionError
+from .evaluate import SCORINGS, evaluate_subset
 from .generate import generate
 from .metrics import chrf, macro_f1
 from .rows import evenly_spaced, need_columns, prompt_and_answer, read_csv_rows, render_user
@@ -303,18 +309,20 @@ def sentence_chrf(hypothesis: str, reference: str, max_order: int = 6, beta: flo
 def challenge_scores(sentiment: tuple[Sequence[int], Sequence[int]] | None,
                      nli: tuple[Sequence[int], Sequence[int]] | None,
                      translations: tuple[Sequence[str], Sequence[str]] | None, params: int) -> dict:
-    """The challenge's numbers from pooled (true, predicted) class indices and (hypotheses, references).
-    A missing task leaves its number, the task score and zindi as None."""
+    """The challenge's numbers from pooled (true, predicted) class indices and (hypotheses, references):
+    the organisers' score (per-sentence chrFs and the two F1s averaged as one list) and its zindi,
+    the mean of the three components and its zindi. A missing task leaves the scores as None."""
     sentiment_f1 = macro_f1(*sentiment) if sentiment and sentiment[0] else None
     nli_f1 = macro_f1(*nli) if nli and nli[0] else None
     row_chrf = [sentence_chrf(h, r) for h, r in zip(*translations)] if translations else []
     mt_chrf = sum(row_chrf) / len(row_chrf) if row_chrf else None
     parts = (sentiment_f1, nli_f1, mt_chrf)
-    task = None if None in parts else sum(parts) / 3
-    starter = None if None in parts else (sum(row_chrf) + sentiment_f1 + nli_f1) / (len(row_chrf) + 2)
-    return {"sentiment_f1": sentiment_f1, "nli_f1": nli_f1, "mt_chrf": mt_chrf, "task_score": task,
-            "params": params, "zindi": None if task is None else zindi_score(task, params),
-            "starter_average": starter, "starter_zindi": None if starter is None else zindi_score(starter, params)}
+    score = None if None in parts else (sum(row_chrf) + sentiment_f1 + nli_f1) / (len(row_chrf) + 2)
+    mean_of_three = None if None in parts else sum(parts) / 3
+    return {"sentiment_f1": sentiment_f1, "nli_f1": nli_f1, "mt_chrf": mt_chrf, "mt_rows": len(row_chrf),
+            "score": score, "zindi": None if score is None else zindi_score(score, params), "params": params,
+            "mean_of_three": mean_of_three,
+            "mean_of_three_zindi": None if mean_of_three is None else zindi_score(mean_of_three, params)}
 
 
 def subset_score(result: dict, method: str = "likelihood") -> float | None:
@@ -369,13 +377,17 @@ def submission_csv(rows: list[dict]) -> str:
 
 
 def score_submission(text: str, where: str = "submission") -> dict:
-    """Score a submission file's text as the starter does: by words in the ID ('sent' + 'swahili' /
-    'hausa', 'xnli', 'mt', 'size'), argmax of the log-likelihoods, labels by position."""
+    """Score a submission file's text as the organisers' scorer does: by words in the ID ('sent' +
+    'swahili' / 'hausa', 'xnli', 'mt', 'size'), argmax of the scores, labels by position. Reads lillm's
+    layout (ID,Response,Targets) and the organisers' own (an unnamed index column first, `targets`)."""
     sentiment, nli, translations, params = ([], []), ([], []), ([], []), None
     reader = csv.DictReader(io.StringIO(text))
-    missing = {"ID", "Response", "Targets"} - set(reader.fieldnames or [])
+    fields = set(reader.fieldnames or [])
+    target = "Targets" if "Targets" in fields else "targets"
+    missing = {"ID", "Response", target} - fields
     if missing:
-        raise SubmissionError(f"{where}: columns {sorted(missing)} are missing; the header must be ID,Response,Targets")
+        raise SubmissionError(f"{where}: columns {sorted(missing)} are missing; the header must be ID,Response,Targets "
+                              "(or the organisers' ,ID,Response,targets)")
     for number, row in enumerate(reader, start=2):
         row_id = row["ID"]
         try:
@@ -387,12 +399,14 @@ def score_submission(text: str, where: str = "submission") -> dict:
                 scores = parse_loglikelihoods(row["Response"])
                 if len(scores) != len(labels):
                     raise SubmissionError(f"{len(scores)} log-likelihoods for {len(labels)} labels")
+                if row[target] not in labels:
+                    raise SubmissionError(f"target {row[target]!r} is not one of {', '.join(labels)}")
                 pooled = sentiment if task == "sentiment" else nli
-                pooled[0].append(labels.index(row["Targets"]))
+                pooled[0].append(labels.index(row[target]))
                 pooled[1].append(max(range(len(scores)), key=scores.__getitem__))  # first maximum, as numpy's argmax
             elif "mt" in row_id:
                 translations[0].append(row["Response"] or "")
-                translations[1].append(row["Targets"] or "")
+                translations[1].append(row[target] or "")
             elif "size" in row_id:
                 params = int(row["Response"])
         except (ValueError, SubmissionError) as error:
@@ -411,21 +425,26 @@ def prediction_records(task: str, lang: str, rows: list[dict], result: dict) -> 
                   "task": task, "lang": lang, "input": str(row.get("input", "")), "target": target,
                   "likelihood": None, "greedy": None, "chrf": None, "source": row.get("source")}
         per_row = result.get("rows", [{}] * len(rows))[index]
-        record.update({k: v for k, v in per_row.items() if k in ("likelihood", "greedy", "greedy_label", "loglikelihoods")})
+        record.update({k: v for k, v in per_row.items()
+                       if k in ("likelihood", "greedy", "greedy_label", "loglikelihoods", "labels_by_scoring")})
         if task == "translation" and record["greedy"] is not None:
             record["chrf"] = sentence_chrf(record["greedy"], target)
         records.append(record)
     return records
 
 
-def challenge_from_records(records: list[dict], params: int, method: str = "likelihood") -> dict:
+def challenge_from_records(records: list[dict], params: int, method: str = "likelihood",
+                           scoring: str | None = None) -> dict:
     """The challenge's numbers from prediction records, classifying by `method` (likelihood, or
-    greedy where an off-list answer is a miss); MT always by its greedy translation."""
+    greedy where an off-list answer is a miss; by likelihood, `scoring` picks one of the records'
+    labels_by_scoring, else their own choice); MT always by its greedy translation."""
     pooled: dict[str, tuple[list[int], list[int]]] = {"sentiment": ([], []), "nli": ([], [])}
     translations: tuple[list[str], list[str]] = ([], [])
     for r in records:
         if r["task"] in pooled and (r["task"], r["lang"]) in LABELS:
             label = r.get("likelihood") if method == "likelihood" else r.get("greedy_label")
+            if method == "likelihood" and scoring is not None:
+                label = (r.get("labels_by_scoring") or {}).get(scoring)
             if method == "likelihood" and label is None:
                 continue  # not scored (no likelihoods for this row)
             pooled[r["task"]][0].append(class_index(r["task"], r["lang"], r["target"]))
@@ -436,6 +455,48 @@ def challenge_from_records(records: list[dict], params: int, method: str = "like
     if method == "greedy" and not any(r.get("greedy") is not None for r in records if r["task"] in pooled):
         pooled = {"sentiment": ([], []), "nli": ([], [])}  # no generation was run
     return challenge_scores(pooled["sentiment"], pooled["nli"], translations if translations[0] else None, params)
+
+
+def baseline_records(records: list[dict], subsets: dict) -> list[dict]:
+    """The records as the baselines would answer: the train majority class, or the English source copied."""
+    baseline = []
+    for r in records:
+        subset = subsets[f"{r['task']}/{r['lang']}"]
+        answer = {"likelihood": subset.get("majority"), "greedy_label": subset.get("majority"),
+                  "greedy": subset.get("majority"), "labels_by_scoring": None}
+        if subset["metric"] == "chrF":
+            answer = {"likelihood": None, "greedy_label": None, "greedy": r["input"]}
+        baseline.append({**r, **answer})
+    return baseline
+
+
+def evaluate_on_tasks(model, tokenizer: Tokenizer, groups: dict[tuple[str, str], list[dict]],
+                      train_groups: dict | None = None, greedy: bool = True, scoring: str = "calibrated",
+                      batch_size: int = 16, max_new_tokens: int = 128, progress: bool = False) -> tuple[dict, list]:
+    """Score a model on conversation rows grouped by (task, language) (lillm/evaluate.py): the
+    subsets' results by "task/lang" and one prediction record per row (prediction_records)."""
+    subsets, records = {}, []
+    for (task, lang), group in tqdm(groups.items(), desc="subsets", disable=not progress):
+        result = evaluate_subset(model, tokenizer, group, (train_groups or {}).get((task, lang)), greedy, batch_size,
+                                 max_new_tokens, scoring)
+        records += prediction_records(task, lang, group, result)
+        subsets[f"{task}/{lang}"] = result
+    return subsets, records
+
+
+def challenge_summary(records: list[dict], subsets: dict, params: int, scoring: str = "calibrated",
+                      greedy: bool = True) -> dict:
+    """The challenge's numbers for the model (classification by `scoring`, and by every other scoring
+    and by greedy answers beside) and for the baselines (train majority, copy the source)."""
+    summary = {"model, by likelihood": challenge_from_records(records, params, "likelihood", scoring)}
+    for other in SCORINGS:
+        if other != scoring:
+            summary[f"model, {other} scoring"] = challenge_from_records(records, params, "likelihood", other)
+    if greedy:
+        summary["model, by greedy answers"] = challenge_from_records(records, params, "greedy")
+    summary["baseline: train majority, copy the source"] = challenge_from_records(
+        baseline_records(records, subsets), params, "likelihood")
+    return summary
 
 
 # ---- pairs for preference tuning ---------------------------------------------------------------------

@@ -8,6 +8,22 @@ counts only if it names an option; this is what the challenge ran. Translation i
 generation with corpus chrF and BLEU (lillm/metrics.py). Each subset is compared with a baseline
 that needs no model: the majority class of the train split, or copying the English source.
 
+A small model's raw option likelihoods are biased: it prefers whichever label word it saw most, or
+has the fewest tokens, whatever the input (Zhao et al., 2021, "Calibrate before use"). So the
+option scores can be turned into a choice five ways (SCORINGS), all computed from one pass:
+- sum: the summed log-probability of the option's tokens and `</s>` (the challenge's starter);
+- mean: the same divided by the number of tokens (length-normalised, as lm-evaluation-harness's
+  acc_norm does with bytes): a long label word is not punished for its length;
+- calibrated: contextual calibration (Zhao et al., 2021): the same prompt with its input replaced
+  by the content-free "N/A" gives the model's prior for each label; each option's log-probability
+  minus its prior's (the argmax of p(y|x) / p(y|N/A)), one prior per distinct prompt template, so
+  per task, language and instruction;
+- calibrated-mean: the calibrated score divided by the option's token count;
+- batch: batch calibration (Zhou et al., 2024): the prior is instead the mean, over the rows being
+  scored, of each label's probability normalised over the options; it uses the inputs of the
+  batch but never their labels.
+The submission file carries the scores its argmax is taken from.
+
 The rows are conversations (lillm/rows.py): the last assistant turn is the reference, the turns
 before it the prompt, fitted to the model's context by lillm.sft.prompt_ids. The Buzuzu-Mavi
 challenge's own numbers are computed from these results in lillm/challenge.py; bits per byte on
@@ -15,6 +31,7 @@ the reference answers come from lillm.sft.assistant_loss.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Sequence
 
@@ -28,16 +45,21 @@ from .sft import prompt_ids
 from .tokenizer import Tokenizer
 
 
+SCORINGS = ("sum", "mean", "calibrated", "calibrated-mean", "batch")
+CONTENT_FREE = "N/A"
+
+
 @torch.no_grad()
-def option_scores(model, tokenizer: Tokenizer, rows: list[dict], batch_size: int = 16) -> list[list[float]]:
-    """Per row, the summed log-probability of each option's tokens and `</s>` after the prompt."""
+def option_logprobs(model, tokenizer: Tokenizer, rows: list[dict], batch_size: int = 16) -> list[list[tuple]]:
+    """Per row and option, (summed log-probability of the option's tokens and `</s>` after the prompt,
+    number of those tokens)."""
     device, max_len = next(model.parameters()).device, model.config.max_seq_len
     pairs = []  # (row index, prompt + answer ids, number of answer tokens)
     for index, row in enumerate(rows):
         answers = [tokenizer.encode(option) + [tokenizer.eos_id] for option in row["options"]]
         prompt = prompt_ids(tokenizer, prompt_and_answer(row)[0], max_len - max(map(len, answers)))
         pairs += [(index, prompt + answer, len(answer)) for answer in answers]
-    scores: list[list[float]] = [[] for _ in rows]
+    scores: list[list[tuple]] = [[] for _ in rows]
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         width = max(len(ids) for _, ids, _ in chunk)
@@ -49,13 +71,72 @@ def option_scores(model, tokenizer: Tokenizer, rows: list[dict], batch_size: int
         for r, (index, ids, n_answer) in enumerate(chunk):
             positions = torch.arange(len(ids) - n_answer - 1, len(ids) - 1, device=device)
             targets = torch.tensor(ids[len(ids) - n_answer:], device=device)
-            scores[index].append(logprobs[r, positions, targets].sum().item())
+            scores[index].append((logprobs[r, positions, targets].sum().item(), n_answer))
     return scores
 
 
-def classify_by_likelihood(model, tokenizer: Tokenizer, rows: list[dict], batch_size: int = 16) -> list[str]:
-    return [row["options"][max(range(len(s)), key=s.__getitem__)]
-            for row, s in zip(rows, option_scores(model, tokenizer, rows, batch_size))]
+def option_scores(model, tokenizer: Tokenizer, rows: list[dict], batch_size: int = 16) -> list[list[float]]:
+    """Per row, the summed log-probability of each option's tokens and `</s>` after the prompt."""
+    return [[total for total, _ in row] for row in option_logprobs(model, tokenizer, rows, batch_size)]
+
+
+def content_free(row: dict, placeholder: str = CONTENT_FREE) -> dict:
+    """The row with every line of its input replaced by `placeholder` in its user turns: the same
+    prompt template with nothing to classify (for NLI, premise and hypothesis both)."""
+    prompt, answer = prompt_and_answer(row)
+    pieces = sorted({line.strip() for line in str(row.get("input", "")).split("\n") if line.strip()}, key=len,
+                    reverse=True)
+    messages = []
+    for message in prompt:
+        content = message["content"]
+        if message["role"] == "user":
+            for piece in pieces:
+                content = content.replace(piece, placeholder)
+        messages.append({**message, "content": content})
+    return {**row, "messages": messages + [{"role": "assistant", "content": answer}]}
+
+
+def _log_normalised(scores: list[float]) -> list[float]:
+    """Log-probabilities of the options renormalised over the options (log-softmax)."""
+    return torch.log_softmax(torch.tensor(scores, dtype=torch.float64), dim=0).tolist()
+
+
+def scored_options(model, tokenizer: Tokenizer, rows: list[dict], batch_size: int = 16) -> dict[str, list[list[float]]]:
+    """Each scoring method's per-row option scores (higher wins), from one pass over the rows and one
+    over their distinct content-free prompts."""
+    raw = option_logprobs(model, tokenizer, rows, batch_size)
+    templates: dict[str, int] = {}
+    free_rows, template_of = [], []
+    for row in rows:
+        free = content_free(row)
+        key = repr(free["messages"][:-1])
+        if key not in templates:
+            templates[key] = len(free_rows)
+            free_rows.append(free)
+        template_of.append(templates[key])
+    free = option_logprobs(model, tokenizer, free_rows, batch_size)
+    normalised = torch.tensor([_log_normalised([t for t, _ in row]) for row in raw], dtype=torch.float64)
+    batch_prior = torch.logsumexp(normalised, dim=0) - math.log(len(rows))  # log of the mean probability
+    result: dict[str, list[list[float]]] = {m: [] for m in SCORINGS}
+    for index, row in enumerate(raw):
+        prior = free[template_of[index]]
+        result["sum"].append([t for t, _ in row])
+        result["mean"].append([t / n for t, n in row])
+        result["calibrated"].append([t - p for (t, _), (p, _) in zip(row, prior)])
+        result["calibrated-mean"].append([(t - p) / n for (t, n), (p, _) in zip(row, prior)])
+        result["batch"].append((normalised[index] - batch_prior).tolist())
+    return result
+
+
+def argmax_option(row: dict, scores: list[float]) -> str:
+    """The option with the highest score; the first of equals, as numpy's argmax (the starter's)."""
+    return row["options"][max(range(len(scores)), key=scores.__getitem__)]
+
+
+def classify_by_likelihood(model, tokenizer: Tokenizer, rows: list[dict], batch_size: int = 16,
+                           scoring: str = "sum") -> list[str]:
+    scores = scored_options(model, tokenizer, rows, batch_size)[scoring]
+    return [argmax_option(row, s) for row, s in zip(rows, scores)]
 
 
 def match_option(text: str, options: Sequence[str]) -> str | None:
@@ -84,8 +165,10 @@ def generate_answers(model, tokenizer: Tokenizer, rows: list[dict], max_new_toke
 
 
 def evaluate_subset(model, tokenizer: Tokenizer, rows: list[dict], train_rows: list[dict] | None = None,
-                    greedy: bool = True, batch_size: int = 16, max_new_tokens: int = 128) -> dict:
-    """Scores of one (task, lang) subset: classification if rows have options, else translation."""
+                    greedy: bool = True, batch_size: int = 16, max_new_tokens: int = 128,
+                    scoring: str = "sum") -> dict:
+    """Scores of one (task, lang) subset: classification if rows have options, else translation.
+    Classification by likelihood uses `scoring` (SCORINGS); every scoring's F1 is reported beside."""
     references = [prompt_and_answer(row)[1] for row in rows]
     result: dict = {"n": len(rows)}
     per_row: list[dict] = [{} for _ in rows]  # predictions of each row, for the prediction files
@@ -93,11 +176,14 @@ def evaluate_subset(model, tokenizer: Tokenizer, rows: list[dict], train_rows: l
     if "options" in rows[0]:
         result["metric"] = "weighted F1"
         gold = [row["label"] for row in rows]
-        scores = option_scores(model, tokenizer, rows, batch_size)
-        chosen = [row["options"][max(range(len(s)), key=s.__getitem__)] for row, s in zip(rows, scores)]
-        result["likelihood"] = weighted_f1(gold, chosen)
-        for record, label, row_scores in zip(per_row, chosen, scores):
-            record.update(likelihood=label, loglikelihoods=row_scores)
+        by_scoring = scored_options(model, tokenizer, rows, batch_size)
+        labels_by = {m: [argmax_option(row, s) for row, s in zip(rows, by_scoring[m])] for m in SCORINGS}
+        result["scoring"] = scoring
+        result["likelihood"] = weighted_f1(gold, labels_by[scoring])
+        result["likelihood_by_scoring"] = {m: weighted_f1(gold, labels_by[m]) for m in SCORINGS}
+        for index, record in enumerate(per_row):
+            record.update(likelihood=labels_by[scoring][index], loglikelihoods=by_scoring[scoring][index],
+                          labels_by_scoring={m: labels_by[m][index] for m in SCORINGS})
         if greedy:
             option_budget = max(len(tokenizer.encode(o)) for o in rows[0]["options"]) + 2
             answers = generate_answers(model, tokenizer, rows, option_budget, batch_size)

@@ -4,14 +4,18 @@
     python scripts/evaluate.py --checkpoint out/sft_run --tasks sentiment nli --no-greedy
     python scripts/evaluate.py --score-submission out/sft_run/submission_test.csv
 
-The headline is the Buzuzu-Mavi challenge's own metric (lillm/challenge.py): pooled macro F1 for
-sentiment and XNLI by option likelihood, the mean per-sentence chrF for MT, their mean (the task
-score) and the zindi score for the model's size, beside the same numbers for the baselines. Into
---out (default: the checkpoint) go eval_<split>.md/.json, predictions_<split>.csv/.jsonl (id, task,
-language, input, target, prediction by likelihood, by greedy generation, the row's chrF) and
+The headline is the Buzuzu-Mavi challenge's own score, as the organisers' scorer computes it
+(lillm/challenge.py): every per-sentence chrF of the MT rows and the two pooled macro F1s
+(sentiment, XNLI) averaged as one list, so MT weighs by its sentence count, and its zindi for the
+model's size; the mean of the three components is printed beside it under that name, and the
+same numbers for the baselines. Classification is by option likelihood, turned into a choice by
+--scoring (lillm/evaluate.py: calibrated by default; every scoring's numbers are in the detail).
+Into --out (default: the checkpoint) go eval_<split>.md/.json, predictions_<split>.csv/.jsonl (id,
+task, language, input, target, prediction by likelihood, by greedy generation, the row's chrF) and
 submission_<split>.csv in the challenge's layout (ID, Response, Targets), which
---score-submission (or any other scorer) turns back into the same numbers. A file of the same name
-that lillm did not write is never replaced (lillm/outputs.py).
+--score-submission (or the organisers' scorer) turns back into the same numbers;
+--score-submission also reads the organisers' own layout. A file of the same name that lillm did
+not write is never replaced (lillm/outputs.py).
 
 For each (task, language) of the split (test by default): classification by option likelihood and
 by greedy generation (weighted F1), translation by greedy generation (chrF, BLEU), the loss and bits
@@ -31,14 +35,13 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from lillm import checkpoint as ckpt
-from lillm.challenge import (CHALLENGE_SUBSETS, challenge_average, challenge_from_records, prediction_records,
-                             score_submission, submission_csv, submission_rows, subset_score, zindi_score)
+from lillm.challenge import (challenge_average, challenge_summary, evaluate_on_tasks, score_submission, submission_csv,
+                             submission_rows, subset_score)
 from lillm.cli import check_device, need, run_main
 from lillm.errors import InputFileError, SFTDataError
-from lillm.evaluate import evaluate_subset
+from lillm.evaluate import SCORINGS
 from lillm.outputs import check_writable, write_outputs
 from lillm.rows import by_task_and_lang, evenly_spaced
 from lillm.sft import assistant_loss, build_examples, read_conversations
@@ -70,34 +73,19 @@ PREDICTION_FIELDS = ["id", "task", "lang", "input", "target", "likelihood", "gre
 
 
 def challenge_table(challenge: dict) -> str:
-    """The headline: the challenge's numbers for the model and the baselines."""
-    lines = ["| system | sentiment F1 | XNLI F1 | MT chrF | task score | parameters | zindi |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """The headline: the organisers' score and zindi, the components, and the mean of three beside."""
+    lines = ["| system | sentiment F1 | XNLI F1 | MT chrF (MT rows) | **score** | **zindi** | mean of three "
+             "(zindi) | parameters |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, c in challenge.items():
         lines.append(f"| {name} | {fmt(c['sentiment_f1'], digits=4)} | {fmt(c['nli_f1'], digits=4)} | "
-                     f"{fmt(c['mt_chrf'], digits=4)} | {fmt(c['task_score'], digits=4)} | {c['params']:,} | "
-                     f"{fmt(c['zindi'], digits=4)} |")
-    model = next(iter(challenge.values()))
-    lines += ["", ("The challenge's metric: sentiment and XNLI macro F1 (Swahili and Hausa pooled), MT mean "
-                   "per-sentence chrF (0-1), task score = their mean, zindi = (task + (1 - params/421,939,200) x "
-                   "task) / 2; baselines are scored at the model's parameter count.")]
-    if model["starter_average"] is not None:
-        lines.append(f"The starter script's own averaging (per-sentence chrFs and the two F1s in one list): "
-                     f"{model['starter_average']:.4f}, zindi {model['starter_zindi']:.4f}.")
+                     f"{fmt(c['mt_chrf'], digits=4)} ({c['mt_rows']}) | **{fmt(c['score'], digits=4)}** | "
+                     f"**{fmt(c['zindi'], digits=4)}** | {fmt(c['mean_of_three'], digits=4)} "
+                     f"({fmt(c['mean_of_three_zindi'], digits=4)}) | {c['params']:,} |")
+    lines += ["", ("score: the organisers' scorer, every per-sentence chrF (0-1) and the sentiment and XNLI macro "
+                   "F1s (Swahili and Hausa pooled) averaged as one list; zindi = (score + (1 - params/421,939,200) x "
+                   "score) / 2. mean of three: (sentiment F1 + XNLI F1 + mean chrF) / 3, as the public write-ups "
+                   "describe it. Baselines are scored at the model's parameter count.")]
     return "\n".join(lines) + "\n"
-
-
-def baseline_records(records: list[dict], results: dict) -> list[dict]:
-    """The records as the baselines would answer: the train majority class, or the English source copied."""
-    baseline = []
-    for r in records:
-        subset = results["subsets"][f"{r['task']}/{r['lang']}"]
-        answer = {"likelihood": subset.get("majority"), "greedy_label": subset.get("majority"),
-                  "greedy": subset.get("majority")}
-        if subset["metric"] == "chrF":
-            answer = {"likelihood": None, "greedy_label": None, "greedy": r["input"]}
-        baseline.append({**r, **answer})
-    return baseline
 
 
 def predictions_csv(records: list[dict]) -> str:
@@ -122,16 +110,17 @@ def markdown(results: dict) -> str:
             base = fmt(r["baseline"])
         lines.append(f"| {task} | {lang} | {r['n']} | {r['metric']} | {fmt(r.get('likelihood'))} | {greedy} | {base} | "
                      f"{r['baseline_name']} | {fmt(r.get('val_loss'))} | {fmt(r.get('val_bpb'))} |")
+    scored = [(k, r) for k, r in results["subsets"].items() if "likelihood_by_scoring" in r]
+    if scored:
+        lines += ["", "Weighted F1 by likelihood, per way of turning option scores into a choice (lillm/evaluate.py):",
+                  "", "| task | lang | " + " | ".join(SCORINGS) + " |", "|---|---|" + "---:|" * len(SCORINGS)]
+        for key, r in scored:
+            lines.append(f"| {' | '.join(key.split('/'))} | "
+                         + " | ".join(fmt(r["likelihood_by_scoring"][m]) for m in SCORINGS) + " |")
     s = results["summary"]
-    lines += ["", f"parameters: {s['params']:,}"]
-    needed = ", ".join("/".join(k) for k in CHALLENGE_SUBSETS)
-    lines.append(f"challenge average (6 subsets, F1 and chrF/100): baseline {fmt(s['baseline_average'], digits=4)}")
-    for method in ("likelihood", "greedy"):
-        if s[f"model_average_{method}"] is None:
-            lines.append(f"model, classification by {method}: no average (needs {needed}, and generation)")
-            continue
-        lines.append(f"model, classification by {method}: average {s[f'model_average_{method}']:.4f}, "
-                     f"zindi score {s[f'zindi_score_{method}']:.4f}")
+    lines += ["", f"parameters: {s['params']:,}; lillm's own summary, the mean over the six subsets of weighted F1 "
+              f"and corpus chrF / 100: model {fmt(s['model_average'], digits=4)}, baseline "
+              f"{fmt(s['baseline_average'], digits=4)}; {s['seconds']} s"]
     return "\n".join(lines) + "\n"
 
 
@@ -145,6 +134,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: all in the split)")
     parser.add_argument("--limit", type=int, default=100, help="rows per task and language (0 = all)")
     parser.add_argument("--no-greedy", action="store_true", help="skip generation (likelihood scoring only)")
+    parser.add_argument("--scoring", choices=SCORINGS, default="calibrated",
+                        help="how option log-likelihoods become a class (lillm/evaluate.py); all are reported")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest generated translation")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
@@ -180,32 +171,23 @@ def main(argv=None) -> dict:
         raise SFTDataError(f"{data / (args.split + '.jsonl')} has no rows for tasks {args.tasks or 'all'}; "
                            "check --tasks and --split")
 
-    start, results = time.perf_counter(), {"checkpoint": str(folder), "split": args.split, "limit": args.limit,
-                                           "subsets": {}}
-    records: list[dict] = []
-    for (task, lang), group in tqdm(groups.items(), desc="subsets"):
-        result = evaluate_subset(model, tokenizer, group, train_groups.get((task, lang)), not args.no_greedy,
-                                 args.batch_size, args.max_new_tokens)
-        result.update(loss_and_bpb(model, tokenizer, group, model.config.max_seq_len, args.batch_size))
-        records += prediction_records(task, lang, group, result)
-        result.pop("rows")
-        results["subsets"][f"{task}/{lang}"] = result
-    params, summary = model.num_params(), {}
-    results["challenge"] = {"model, by likelihood": challenge_from_records(records, params, "likelihood")}
-    if not args.no_greedy:
-        results["challenge"]["model, by greedy answers"] = challenge_from_records(records, params, "greedy")
-    results["challenge"]["baseline: train majority, copy the source"] = challenge_from_records(
-        baseline_records(records, results), params, "likelihood")
-    for method in ("likelihood", "greedy"):
-        scores = {tuple(k.split("/")): subset_score(r, method) for k, r in results["subsets"].items()}
-        average = challenge_average({k: v for k, v in scores.items() if v is not None})
-        summary[f"model_average_{method}"] = average
-        summary[f"zindi_score_{method}"] = None if average is None else zindi_score(average, params)
-    base = {tuple(k.split("/")): r["baseline"] / (100 if r["metric"] == "chrF" else 1)
-            for k, r in results["subsets"].items()}
-    results["summary"] = {"params": params, **summary, "baseline_average": challenge_average(base),
-                          "seconds": round(time.perf_counter() - start, 1)}
-    table = (f"## The challenge's score ({args.split}, {args.limit or 'all'} rows per task and language)\n\n"
+    start, params = time.perf_counter(), model.num_params()
+    subsets, records = evaluate_on_tasks(model, tokenizer, groups, train_groups, not args.no_greedy, args.scoring,
+                                         args.batch_size, args.max_new_tokens, progress=True)
+    for (task, lang), group in groups.items():
+        subsets[f"{task}/{lang}"].update(loss_and_bpb(model, tokenizer, group, model.config.max_seq_len,
+                                                      args.batch_size))
+        subsets[f"{task}/{lang}"].pop("rows")
+    results = {"checkpoint": str(folder), "split": args.split, "limit": args.limit, "scoring": args.scoring,
+               "subsets": subsets,
+               "challenge": challenge_summary(records, subsets, params, args.scoring, not args.no_greedy)}
+    scores = {tuple(k.split("/")): subset_score(r) for k, r in subsets.items()}
+    base = {tuple(k.split("/")): r["baseline"] / (100 if r["metric"] == "chrF" else 1) for k, r in subsets.items()}
+    results["summary"] = {"params": params, "model_average": challenge_average({k: v for k, v in scores.items()
+                                                                                if v is not None}),
+                          "baseline_average": challenge_average(base), "seconds": round(time.perf_counter() - start, 1)}
+    table = (f"## The challenge's score ({args.split}, {args.limit or 'all'} rows per task and language; "
+             f"classification by likelihood, {args.scoring} scoring)\n\n"
              + challenge_table(results["challenge"]) + "\n## Detail\n\n" + markdown(results))
     texts = [json.dumps(results, indent=2, ensure_ascii=False) + "\n", table, predictions_csv(records),
              "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),

@@ -66,7 +66,8 @@ def test_challenge_chrf_by_hand():
 def test_mt_score_is_the_mean_of_sentence_scores_not_a_corpus_statistic():
     scores = challenge_scores(None, None, (["abc", "ab cdef"], ["abcd", "abcdef"]), 10)
     assert scores["mt_chrf"] == pytest.approx((115 / 334 + 1.0) / 2)
-    assert scores["task_score"] is None and scores["zindi"] is None  # sentiment and XNLI missing
+    assert scores["score"] is None and scores["zindi"] is None  # sentiment and XNLI missing
+    assert scores["mean_of_three"] is None
 
 
 # ---- task score and zindi ----------------------------------------------------------------------------
@@ -77,11 +78,52 @@ def test_zindi_reproduces_the_public_anchors():
     assert zindi_score(0.5326, 42_087_424) == pytest.approx((0.5326 + (1 - 0.099748) * 0.5326) / 2, abs=1e-6)
 
 
-def test_task_score_is_the_mean_of_three_and_the_starter_variant_is_beside_it():
+def test_the_score_is_the_organisers_one_list_and_the_mean_of_three_is_beside_it():
     scores = challenge_scores(([0, 1, 2], [0, 1, 2]), ([0, 1], [1, 0]), (["abc", "abcdef"], ["abc", "abcdef"]), 0)
     assert scores["sentiment_f1"] == 1.0 and scores["nli_f1"] == 0.0 and scores["mt_chrf"] == pytest.approx(0.75)
-    assert scores["task_score"] == pytest.approx((1 + 0 + 0.75) / 3) and scores["zindi"] == scores["task_score"]
-    assert scores["starter_average"] == pytest.approx((0.5 + 1.0 + 1.0 + 0.0) / 4)  # chrFs and F1s in one list
+    assert scores["score"] == pytest.approx((0.5 + 1.0 + 1.0 + 0.0) / 4)  # chrFs and F1s in one list
+    assert scores["zindi"] == scores["score"]  # 0 parameters: the size factor is 1
+    assert scores["mean_of_three"] == pytest.approx((1 + 0 + 0.75) / 3) and scores["mt_rows"] == 2
+
+
+ORGANISERS_FILE = """,ID,Response,targets
+0,Model size,42087424,
+1,1_sentiment_test_private_hausa,"tensor([[-15.1172,  -8.3047, -15.1172]], device='cuda:0', dtype=torch.float16)",Tsaka-tsaki
+2,2_sentiment_test_private_hausa,"tensor([[-1.0,  -8.3594, -14.8750]], device='cuda:0', dtype=torch.float16)",Korau
+3,1_sentiment_test_private_swahili,"tensor([[-12.9844,  -7.7344, -12.9766]], device='cuda:0', dtype=torch.float16)",Wastani
+4,2_sentiment_test_private_swahili,"tensor([[-2.0,  -7.7578, -1.5]], device='cuda:0', dtype=torch.float16)",Hasi
+5,1_test_private_afrixnli_hau,"tensor([[-3.0,  -8.3281, -13.7891]], device='cuda:0', dtype=torch.float16)",1
+6,1_test_private_afrixnli_swa,"tensor([[-13.2031,  -8.0234, -1.0]], device='cuda:0', dtype=torch.float16)",2
+7,1_test_private_mt_eng-hau,abc,abcd
+8,2_test_private_mt_eng-hau,abc,abc
+9,1_test_private_mt_eng-swa,ab cdef,abcdef
+10,2_test_private_mt_eng-swa,,shein leo ikulu.
+11,3_test_private_mt_eng-swa,xyz,abcdef
+"""
+
+
+def test_a_file_in_the_organisers_layout_scores_as_their_scorer_by_hand():
+    scores = score_submission(ORGANISERS_FILE, "organisers.csv")
+    # sentiment, pooled: true [1, 2, 1, 2], predicted (argmax) [1, 0, 1, 2]: class 0 F1 0, class 1 F1 1,
+    # class 2 P 1 R 1/2 -> F1 2/3; macro (0 + 1 + 2/3) / 3.
+    sentiment = (0 + 1 + 2 / 3) / 3
+    # XNLI, pooled: true [1, 2], predicted [0, 2]: class 0 F1 0 (predicted, never true), class 1 F1 0, class 2 F1 1.
+    nli = (0 + 0 + 1) / 3
+    chrfs = [115 / 334, 0.5, 1.0, 0.0, 0.0]  # by hand above; "xyz" shares nothing with "abcdef"
+    assert scores["sentiment_f1"] == pytest.approx(sentiment) and scores["nli_f1"] == pytest.approx(nli)
+    assert scores["mt_chrf"] == pytest.approx(sum(chrfs) / 5) and scores["params"] == 42_087_424
+    organisers = (sum(chrfs) + sentiment + nli) / (5 + 2)
+    assert scores["score"] == pytest.approx(organisers)
+    assert scores["zindi"] == pytest.approx((organisers + (1 - 42_087_424 / 421_939_200) * organisers) / 2)
+    assert scores["mean_of_three"] == pytest.approx((sentiment + nli + sum(chrfs) / 5) / 3)
+
+
+def test_the_evaluate_script_prints_both_numbers_for_the_organisers_file(tmp_path, capsys):
+    from scripts import evaluate
+    (tmp_path / "organisers.csv").write_text(ORGANISERS_FILE, encoding="utf-8")
+    evaluate.main(["--score-submission", str(tmp_path / "organisers.csv")])
+    printed = capsys.readouterr().out
+    assert "**score**" in printed and "mean of three" in printed and "42,087,424" in printed
 
 
 # ---- the submission file --------------------------------------------------------------------------------
@@ -110,7 +152,7 @@ def test_submission_round_trips_through_the_metric():
     from_file = score_submission(text)
     direct = challenge_from_records(records(), 3_100_000)
     assert from_file == pytest.approx(direct)
-    assert from_file["params"] == 3_100_000 and from_file["task_score"] is not None
+    assert from_file["params"] == 3_100_000 and from_file["score"] is not None
 
 
 def test_submission_ids_carry_the_words_the_starter_looks_for():

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from lillm import checkpoint as ckpt
 from lillm.config import INKUBA_PARAMS, get_preset
 from lillm.challenge import challenge_average, zindi_score
-from lillm.evaluate import classify_by_likelihood, evaluate_subset, match_option, option_scores
+from lillm.evaluate import (SCORINGS, classify_by_likelihood, content_free, evaluate_subset, match_option,
+                            option_logprobs, option_scores, scored_options)
 from lillm.metrics import bleu, chrf, tokenize_13a, weighted_f1
 from lillm.model import Transformer
 from lillm.sft import prompt_ids
@@ -87,6 +88,34 @@ def sentiment_row(text, label):
     return {"messages": [{"role": "user", "content": f"Hisia? {text}"}, {"role": "assistant", "content": label}],
             "task": "sentiment", "lang": "swa", "label": label, "options": ["Chanya", "Wastani", "Hasi"],
             "input": text}
+
+
+def test_content_free_replaces_the_input_in_the_user_turn_and_keeps_the_instruction():
+    row = sentiment_row("Watoto wanacheza", "Hasi")
+    free = content_free(row)
+    assert free["messages"][0]["content"] == "Hisia? N/A" and free["messages"][-1] == row["messages"][-1]
+    nli = {"messages": [{"role": "user", "content": "Jibu 0, 1 au 2.\n\nMsingi: Mvua ilinyesha.\nDhana: Jua kali."},
+                        {"role": "assistant", "content": "2"}], "input": "Mvua ilinyesha.\nJua kali.",
+           "options": ["0", "1", "2"]}
+    assert content_free(nli)["messages"][0]["content"] == "Jibu 0, 1 au 2.\n\nMsingi: N/A\nDhana: N/A"
+
+
+def test_every_scoring_is_its_formula_on_the_option_log_probabilities(tokenizer):
+    model = tiny_model()
+    rows = [sentiment_row(text, "Hasi") for text in ("Watoto wanacheza", "Habari za asubuhi", "mpira uwanjani")]
+    raw = option_logprobs(model, tokenizer, rows)
+    free = option_logprobs(model, tokenizer, [content_free(rows[0])])[0]  # one template for all three rows
+    scored = scored_options(model, tokenizer, rows)
+    assert set(scored) == set(SCORINGS)
+    normalised = torch.log_softmax(torch.tensor([[t for t, _ in r] for r in raw], dtype=torch.float64), dim=1)
+    prior = torch.log(normalised.exp().mean(dim=0))
+    for index, row in enumerate(raw):
+        assert scored["sum"][index] == pytest.approx([t for t, _ in row])
+        assert scored["mean"][index] == pytest.approx([t / n for t, n in row])
+        assert scored["calibrated"][index] == pytest.approx([t - p for (t, _), (p, _) in zip(row, free)])
+        assert scored["calibrated-mean"][index] == pytest.approx([(t - p) / n for (t, n), (p, _) in zip(row, free)])
+        assert scored["batch"][index] == pytest.approx((normalised[index] - prior).tolist())
+    assert [n for _, n in raw[0]] == [len(tokenizer.encode(o)) + 1 for o in rows[0]["options"]]
 
 
 def test_option_scores_are_summed_log_probs_of_option_tokens_and_eos(tokenizer):

@@ -69,7 +69,7 @@ def test_tiny_scratch_road_runs_end_to_end_and_its_submission_scores_back(tmp_pa
     assert stages == STAGES["scratch"]
     results = json.loads((out / "eval" / "eval_test.json").read_text())
     model = results["challenge"]["model, by likelihood"]
-    assert model["task_score"] is not None and model["params"] == results["summary"]["params"]
+    assert model["score"] is not None and model["params"] == results["summary"]["params"]
     rescored = score_submission((out / "eval" / "submission_test.csv").read_text(encoding="utf-8"))
     assert rescored == pytest.approx(model)
     with open(out / "eval" / "predictions_test.csv", encoding="utf-8") as f:
