@@ -25,11 +25,13 @@ from lillm.cli import (
     add_peft_args,
     add_training_args,
     apply_peft_from_args,
+    both_evaluators,
     check_finetuning_args,
     finish,
     load_finetuning_start,
     print_summary,
     run_main,
+    task_score_evaluator,
     train_config_from_args,
 )
 from lillm.dpo import (
@@ -95,6 +97,7 @@ def main(argv=None):
         with torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
             add_reference_logps(model, pairs + dev_pairs, args.micro_batch, tokenizer.pad_id, progress=env.is_main)
     evaluate = dpo_evaluator(dev_pairs, dpo, args.micro_batch, tokenizer.pad_id) if dev_pairs else None
+    evaluate = both_evaluators(evaluate, task_score_evaluator(args, tokenizer))
 
     accum = accumulation_steps(args.global_batch, args.micro_batch, env.world,
                                unit="packed rows" if args.batching == "pack" else "pairs")

@@ -3,11 +3,13 @@
     python data/prepare_sft.py --out out/sft
     python sft_train.py --init-from out/pretrain --data out/sft --out out/sft_run
     python sft_train.py --init-from out/pretrain --batching pack --neftune-alpha 5 --tasks sentiment nli
+    python sft_train.py --init-from out/pretrain --eval-tasks --keep-best   # the challenge's score on dev
     torchrun --nproc_per_node=2 sft_train.py --init-from out/pretrain --data out/sft
 
 Conversations come from lillm.sft (chat template, loss mask, padded or packed batches), the loop is
 lillm.train.train, shared with pretraining; evaluation during training is the dev loss per
-assistant token, in all and per task. --init-from takes a checkpoint folder or a run folder (its
+assistant token, in all and per task, and with --eval-tasks the challenge's own score on the dev
+split (--keep-best keeps its best checkpoint in --out/best). --init-from takes a checkpoint folder or a run folder (its
 latest step_N is used); training starts with a fresh optimizer.
 """
 from __future__ import annotations
@@ -16,7 +18,8 @@ import argparse
 from pathlib import Path
 
 from lillm.cli import (accumulation_steps, add_finetuning_data_args, check_finetuning_args, load_finetuning_start, add_peft_args, add_training_args, apply_peft_from_args,
-                       finish, need, print_summary, run_main, train_config_from_args)
+                       both_evaluators, finish, need, print_summary, run_main, task_score_evaluator,
+                       train_config_from_args)
 from lillm.peft import describe
 from lillm.sft import (cap_per_task, BATCHING_CHOICES, TOO_LONG_CHOICES, SFTBatches, SFTDataError, add_neftune, build_examples,
                        read_conversations, sft_evaluator)
@@ -67,6 +70,7 @@ def main(argv=None):
         dev_examples, _ = build_examples(tokenizer, cap_per_task(dev_rows, args.eval_limit), seq_len, "truncate",
                                          verbose=False)
         evaluate = sft_evaluator(dev_examples, args.micro_batch, tokenizer.pad_id) if dev_examples else None
+    evaluate = both_evaluators(evaluate, task_score_evaluator(args, tokenizer))
 
     accum = accumulation_steps(args.global_batch, args.micro_batch, env.world,
                                unit="packed rows" if args.batching == "pack" else "conversations")

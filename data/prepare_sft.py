@@ -20,8 +20,8 @@ Every row is one conversation, the format lillm/sft.py reads:
 "label" and "options" are set for classification tasks, where the answer is one of the options.
 
 Tasks (lillm/challenge.py has their sources, answer words and prompts): translation (English ->
-Swahili / Hausa, MAFAND-MT), sentiment (AfriSenti), nli (AfriXNLI, machine-translated; no dev
-split), news (MasakhaNEWS topics). Each row's instruction is one of several phrasings in the task's
+Swahili / Hausa, MAFAND-MT), sentiment (AfriSenti), nli (AfriXNLI, machine-translated; its dev
+split is one premise in ten of the source's dev, the rest is train), news (MasakhaNEWS topics). Each row's instruction is one of several phrasings in the task's
 language or in English, chosen by a seeded hash of the row, so re-runs give the same files.
 --alpaca renders the user turn with the Alpaca prompt (Taori et al., 2023) that the public
 Buzuzu-Mavi solutions used. Files are written to temporary names and renamed when complete;
@@ -199,8 +199,8 @@ def main(argv=None) -> dict:
     stats = {"tasks": tasks, "langs": args.langs, "alpaca": args.alpaca, "limit": args.limit, "seed": args.seed,
              "splits": {split: {"rows": len(rows), "by_task": split_stats(rows)} for split, rows in splits.items()},
              "skipped_rows": problems,
-             "notes": ["nli: AfriXNLI (machine-translated) has only dev and test: its dev is our train, "
-                       "its test our test; there is no nli dev split",
+             "notes": ["nli: AfriXNLI (machine-translated) has only dev and test: its test is our test; its dev is "
+                       "cut by premise, one in ten to our dev split, the rest to our train split",
                        "news: hau/swa train is MasakhaNEWS's 50-per-label few-shot file; answers are the "
                        "dataset's English category names"]}
     write_text_atomic(out / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")

@@ -11,7 +11,9 @@ Tasks, with the answers in the challenge's words (see SOURCES.md, "Buzuzu-Mavi c
 - nli: the machine-translated AfriXNLI files; answers 0 / 1 / 2 = entailment / neutral / contradiction.
   The premise and hypothesis files are joined to the English file's gold labels on pairID (Swahili)
   or on promptID + English hypothesis (Hausa, which has no pairID column). The source has only dev
-  and test: its dev goes to our train split, its test to our test split, and nli has no dev split.
+  and test: its test is our test split; its dev is cut by premise (a seeded hash of the promptID,
+  NLI_DEV_SHARE of the premises with all their hypotheses) into our dev split and our train split,
+  so a model can be chosen on NLI without seeing the test.
 - news (not scored by the challenge): MasakhaNEWS topics, answered with the dataset's own
   (English) category names; the hau/swa train split is the public 50-articles-per-label file.
 One label table, LABELS, holds each classification task's answer words in class order: position i
@@ -73,7 +75,7 @@ from .errors import InputFileError, SFTSourceError, SubmissionError
 from .evaluate import SCORINGS, evaluate_subset
 from .generate import generate
 from .metrics import chrf, macro_f1
-from .rows import evenly_spaced, need_columns, prompt_and_answer, read_csv_rows, render_user
+from .rows import by_task_and_lang, evenly_spaced, need_columns, prompt_and_answer, read_csv_rows, render_user
 from .sft import prompt_ids
 from .tokenizer import Tokenizer
 
@@ -92,7 +94,8 @@ SOURCE_CLASSES = {"sentiment": ("positive", "neutral", "negative"),
                   "nli": ("entailment", "neutral", "contradiction")}
 HINT = "see docs/DATA.md, or leave its task out with --tasks"
 XNLI_DIR = "afrixnli_mt_joynaomi81"
-XNLI_SPLIT = {"train": "dev", "test": "test"}  # our split -> the source's file; no dev on purpose
+XNLI_SPLIT = {"train": "dev", "dev": "dev", "test": "test"}  # our split -> the source's file
+NLI_DEV_SHARE = 10  # one premise in 10 of the source's dev goes to our dev split
 XNLI_FILES = {  # (english, sentence1, sentence2) per source split and language; names contain spaces
     ("dev", "swa"): ("dev/xnli.dev - eng_dataset.csv", "dev/swahili/sentence1_translations.csv",
                      "dev/swahili/sentence2_translations.csv"),
@@ -231,6 +234,8 @@ def read_nli(root: Path, lang: str, split: str) -> Iterator[tuple]:
             labels = {by_pair.get(r["pairID"])} - {None}
         else:
             labels = by_text.get((r["promptID"], r["sentence2"]), set())
+        if split != "test" and (seeded_choice(0, f"nli-dev|{r['promptID']}", NLI_DEV_SHARE) == 0) != (split == "dev"):
+            continue  # the other side of the dev/train cut
         premise, hypothesis = premise_of.get(r["promptID"], ""), r["sentence2_translated"].strip()
         classes = SOURCE_CLASSES["nli"]
         if len(labels) != 1 or not premise or not hypothesis or next(iter(labels)) not in classes:
@@ -472,13 +477,16 @@ def baseline_records(records: list[dict], subsets: dict) -> list[dict]:
 
 def evaluate_on_tasks(model, tokenizer: Tokenizer, groups: dict[tuple[str, str], list[dict]],
                       train_groups: dict | None = None, greedy: bool = True, scoring: str = "calibrated",
-                      batch_size: int = 16, max_new_tokens: int = 128, progress: bool = False) -> tuple[dict, list]:
+                      batch_size: int = 16, max_new_tokens: int = 128, progress: bool = False,
+                      translate: bool | None = None) -> tuple[dict, list]:
     """Score a model on conversation rows grouped by (task, language) (lillm/evaluate.py): the
-    subsets' results by "task/lang" and one prediction record per row (prediction_records)."""
+    subsets' results by "task/lang" and one prediction record per row (prediction_records).
+    `greedy` also answers classification rows by generation; translations are generated when
+    `translate` (default: greedy)."""
     subsets, records = {}, []
     for (task, lang), group in tqdm(groups.items(), desc="subsets", disable=not progress):
         result = evaluate_subset(model, tokenizer, group, (train_groups or {}).get((task, lang)), greedy, batch_size,
-                                 max_new_tokens, scoring)
+                                 max_new_tokens, scoring, translate)
         records += prediction_records(task, lang, group, result)
         subsets[f"{task}/{lang}"] = result
     return subsets, records
@@ -497,6 +505,32 @@ def challenge_summary(records: list[dict], subsets: dict, params: int, scoring: 
     summary["baseline: train majority, copy the source"] = challenge_from_records(
         baseline_records(records, subsets), params, "likelihood")
     return summary
+
+
+def challenge_evaluator(tokenizer: Tokenizer, rows: list[dict], train_rows: list[dict] | None = None,
+                        limit: int | None = 50, scoring: str = "calibrated", max_new_tokens: int = 96,
+                        batch_size: int = 16):
+    """evaluate(model) for the training loop (lillm/train.py): the organisers' score and its parts on
+    the challenge's subsets of `rows` (a dev split), `limit` evenly spaced rows of each; the loop logs
+    them as dev_score, dev_zindi, ... and can keep the best checkpoint by dev_score (--keep-best)."""
+    groups = {key: evenly_spaced(group, limit) for key, group in sorted(by_task_and_lang(rows).items())
+              if key in CHALLENGE_SUBSETS}
+    train_groups = by_task_and_lang(train_rows) if train_rows else None
+
+    def evaluate(model) -> dict:
+        was_training = model.training
+        model.eval()
+        try:
+            subsets, records = evaluate_on_tasks(model, tokenizer, groups, train_groups, greedy=False, scoring=scoring,
+                                                 batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                                 translate=True)
+        finally:
+            model.train(was_training)
+        scores = challenge_from_records(records, model.num_params(), "likelihood", scoring)
+        return {f"dev_{key}": None if scores[key] is None else round(scores[key], 5)
+                for key in ("score", "zindi", "sentiment_f1", "nli_f1", "mt_chrf", "mean_of_three")}
+
+    return evaluate
 
 
 # ---- pairs for preference tuning ---------------------------------------------------------------------

@@ -22,11 +22,13 @@ from typing import Callable
 import torch
 
 from . import checkpoint as ckpt
+from .challenge import CHALLENGE_SUBSETS, challenge_evaluator
 from .errors import FlagError, InputFileError, LillmError, TokenizerMismatchError
 from .folders import check_run_folder
 
 from .peft import METHODS as PEFT_METHODS
 from .peft import apply_peft
+from .sft import read_conversations
 from .tokenizer import Tokenizer
 from .train import Dist, TrainConfig
 
@@ -94,6 +96,7 @@ def train_config_from_args(args, **extra) -> TrainConfig:
         log_every=args.log_every, max_bad_steps=args.max_bad_steps, compile=args.compile,
         precision=args.precision, seed=args.seed, fsdp=args.fsdp, overwrite=getattr(args, "overwrite", False),
         extra=extra, activation_checkpointing=args.activation_checkpointing,
+        keep_best="dev_score" if getattr(args, "keep_best", False) else None,
     )
 
 
@@ -207,6 +210,13 @@ def add_finetuning_data_args(parser: argparse.ArgumentParser, maker: str, unit: 
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed row instead of skipping")
     parser.add_argument("--allow-tokenizer-change", action="store_true",
                         help="train with a --tokenizer other than the checkpoint's own (normally refused)")
+    g = parser.add_argument_group("the challenge's score during training (lillm/challenge.py)")
+    g.add_argument("--eval-tasks", nargs="?", const="", default=None, metavar="FOLDER",
+                   help="at each evaluation also score dev.jsonl of FOLDER (data/prepare_sft.py; default: --data) "
+                        "with the organisers' score: logged as dev_score, dev_zindi, ... and drawn in loss.png")
+    g.add_argument("--eval-tasks-limit", type=int, default=50, help="dev rows per task and language for --eval-tasks")
+    g.add_argument("--keep-best", action="store_true",
+                   help="keep the checkpoint with the best dev_score in --out/best (best.json names its step)")
     parser.set_defaults(data_maker=maker)
 
 
@@ -219,6 +229,16 @@ def check_finetuning_args(args) -> None:
     if args.max_per_task is not None:
         need(args.max_per_task >= 1, "--max-per-task", args.max_per_task, "must be at least 1")
     need(args.eval_limit >= 1, "--eval-limit", args.eval_limit, "must be at least 1")
+    need(args.eval_tasks_limit >= 1, "--eval-tasks-limit", args.eval_tasks_limit, "must be at least 1")
+    if args.keep_best and args.eval_tasks is None:
+        raise FlagError("--keep-best keeps the checkpoint with the best dev_score, which --eval-tasks computes: "
+                        "pass --eval-tasks too")
+    if args.eval_tasks is not None and args.fsdp:
+        raise FlagError("--eval-tasks generates translations, which needs whole weights on every process: "
+                        "leave out --fsdp or --eval-tasks")
+    tasks_dev = Path(args.eval_tasks or args.data) / "dev.jsonl"
+    if args.eval_tasks is not None and not tasks_dev.is_file():
+        raise InputFileError(f"--eval-tasks: {tasks_dev} not found; give the folder data/prepare_sft.py wrote")
     data = Path(args.data)
     if not (data / "train.jsonl").is_file():
         raise InputFileError(f"--data {data}: {data / 'train.jsonl'} not found; make the folder with "
@@ -244,6 +264,28 @@ def load_finetuning_start(args):
         raise FlagError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len} ({init}); "
                         f"use --seq-len {model.config.max_seq_len} or less")
     return init, model, tokenizer_path, tokenizer, seq_len
+
+
+def task_score_evaluator(args, tokenizer: Tokenizer):
+    """--eval-tasks: the organisers' score on the dev split at each evaluation (None without the flag)."""
+    if args.eval_tasks is None:
+        return None
+    folder = Path(args.eval_tasks or args.data)
+    rows, _ = read_conversations(folder / "dev.jsonl")
+    rows = [r for r in rows if (str(r.get("task")), str(r.get("lang"))) in CHALLENGE_SUBSETS]
+    if not rows:
+        raise InputFileError(f"--eval-tasks: {folder / 'dev.jsonl'} has no sentiment, nli or translation rows in "
+                             "Swahili or Hausa; give the folder data/prepare_sft.py wrote")
+    train = folder / "train.jsonl"
+    train_rows = read_conversations(train)[0] if train.is_file() else None
+    return challenge_evaluator(tokenizer, rows, train_rows, args.eval_tasks_limit)
+
+
+def both_evaluators(first, second):
+    """One evaluate(model) that returns the metrics of both (either may be None)."""
+    if first is None or second is None:
+        return first or second
+    return lambda model: {**first(model), **second(model)}
 
 
 def check_same_tokenizer(tokenizer: Tokenizer, init: Path, allow: bool) -> None:

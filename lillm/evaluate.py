@@ -166,9 +166,11 @@ def generate_answers(model, tokenizer: Tokenizer, rows: list[dict], max_new_toke
 
 def evaluate_subset(model, tokenizer: Tokenizer, rows: list[dict], train_rows: list[dict] | None = None,
                     greedy: bool = True, batch_size: int = 16, max_new_tokens: int = 128,
-                    scoring: str = "sum") -> dict:
+                    scoring: str = "sum", translate: bool | None = None) -> dict:
     """Scores of one (task, lang) subset: classification if rows have options, else translation.
-    Classification by likelihood uses `scoring` (SCORINGS); every scoring's F1 is reported beside."""
+    Classification by likelihood uses `scoring` (SCORINGS); every scoring's F1 is reported beside.
+    `greedy` adds classification by generated answers; translations are generated when `translate`
+    (default: greedy)."""
     references = [prompt_and_answer(row)[1] for row in rows]
     result: dict = {"n": len(rows)}
     per_row: list[dict] = [{} for _ in rows]  # predictions of each row, for the prediction files
@@ -199,7 +201,7 @@ def evaluate_subset(model, tokenizer: Tokenizer, rows: list[dict], train_rows: l
         result["baseline_name"] = f"majority ({majority}, from {'train' if train_rows else 'test'})"
     else:
         result["metric"] = "chrF"
-        if greedy:
+        if greedy if translate is None else translate:
             hypotheses = generate_answers(model, tokenizer, rows, max_new_tokens, batch_size)
             for record, hypothesis in zip(per_row, hypotheses):
                 record["greedy"] = hypothesis

@@ -44,12 +44,13 @@ OWN_FILES = {
                    "shrink_report.json", "shrink_report.md"},
     "export": {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                "tokenizer_config.json"},
-    "run": {"log.jsonl", "loss.png", "loss.tmp.png", "train.bin", "tokenizer.json"},
+    "run": {"log.jsonl", "loss.png", "loss.tmp.png", "train.bin", "tokenizer.json", "best", "best.json"},
     "bins": {"train.bin", "val.bin", "meta.json"},
     "sft-data": {"train.jsonl", "dev.jsonl", "test.jsonl", "stats.json"},
 }
 SHARD = re.compile(r"(train|val)-\d{5}\.bin")
-RUN_OUTPUTS = ("log.jsonl", "loss.png")  # with the step_N folders: what --overwrite removes from a run
+# With the step_N folders, what --overwrite removes from a run (best/: the checkpoint kept by --keep-best).
+RUN_OUTPUTS = ("log.jsonl", "loss.png", "best", "best.json")
 
 
 def is_own(name: str, kind: str) -> bool:

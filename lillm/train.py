@@ -67,6 +67,7 @@ class TrainConfig:
     seed: int = 1337
     overwrite: bool = False             # a new run may replace the old run's own outputs in out_dir
     flops_per_token: float | None = None
+    keep_best: str | None = None        # an evaluation metric to maximise: its best step is kept in out_dir/best
     extra: dict = field(default_factory=dict)  # stage-specific settings, recorded in checkpoints
 
 
@@ -77,6 +78,8 @@ class Progress:
     tokens: int = 0
     bad_in_row: int = 0     # non-finite steps in a row (the run stops at cfg.max_bad_steps)
     bad_total: int = 0
+    best_value: float | None = None   # the best value of cfg.keep_best so far, and its step
+    best_step: int = 0
 
 
 class BatchSource(Protocol):
@@ -186,7 +189,7 @@ class RunLog:
 
     def __init__(self, out_dir: Path, enabled: bool):
         self.path, self.enabled = out_dir / "log.jsonl", enabled
-        self.train_points, self.val_points = [], []
+        self.train_points, self.val_points, self.score_points = [], [], []
         if enabled and self.path.exists():  # a resumed run keeps its history in the plot
             for record in self.records():
                 self._remember(record)
@@ -211,6 +214,8 @@ class RunLog:
             self.train_points.append((record["tokens"], record["loss"]))
         if "val_loss" in record:
             self.val_points.append((record["tokens"], record["val_loss"]))
+        if record.get("dev_score") is not None:  # --eval-tasks: the challenge's score on the dev split
+            self.score_points.append((record["tokens"], record["dev_score"]))
 
     def truncate_after(self, step: int):
         """A killed run may have logged steps past its last checkpoint; they are redone, so drop them."""
@@ -218,7 +223,7 @@ class RunLog:
             return
         kept = [r for r in self.records() if r.get("step", 0) <= step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.train_points, self.val_points = [], []
+        self.train_points, self.val_points, self.score_points = [], [], []
         for record in kept:
             self._remember(record)
 
@@ -242,7 +247,12 @@ class RunLog:
         ax.set_xlabel("tokens seen")
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper left")
+        if self.score_points:
+            score_axis = ax.twinx()
+            score_axis.plot(*zip(*self.score_points), "s-", color="tab:green", label="dev score (challenge)")
+            score_axis.set_ylabel("the challenge's score on dev")
+            score_axis.legend(loc="upper right")
         fig.tight_layout()
         tmp = self.path.with_name("loss.tmp.png")
         fig.savefig(tmp, dpi=100)
@@ -337,7 +347,7 @@ def _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, i
         _load_optimizer(model, optimizer, state["optimizer"])
         source.load_state_dict(state["source"])
         set_rng_state(state["rng"])
-        progress = Progress(**{k: state[k] for k in asdict(progress)})
+        progress = Progress(**{k: state.get(k, v) for k, v in asdict(progress).items()})
         if env.is_main:
             print(f"resumed from {latest} at step {progress.step}")
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
@@ -357,6 +367,23 @@ def _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, i
                                  dict(info, step=tag_step, tokens=progress.tokens), state_dict=model_state,
                                  overwrite=True)  # a step folder of this locked run: lillm's own
             ckpt.prune_checkpoints(out, cfg.keep_last)
+        if env.world > 1:
+            dist.barrier()
+
+    def keep_if_best(metrics: dict) -> None:
+        """With cfg.keep_best, the checkpoint of the best evaluation so far in out/best (and out/best.json)."""
+        value = metrics.get(cfg.keep_best) if cfg.keep_best else None
+        if value is None or (progress.best_value is not None and value <= progress.best_value):
+            return
+        progress.best_value, progress.best_step = float(value), progress.step
+        model_state, _ = _full_states(model, optimizer, cfg)
+        if env.is_main:
+            ckpt.save_checkpoint(out / "best", model, tokenizer_path, None, dict(info, step=progress.step,
+                                 tokens=progress.tokens, best={cfg.keep_best: value}), state_dict=model_state,
+                                 overwrite=True)
+            ckpt.write_text_atomic(out / "best.json", json.dumps({"step": progress.step, "metric": cfg.keep_best,
+                                                                  "value": value, "folder": "best"}) + "\n")
+            log.write({"step": progress.step, "tokens": progress.tokens, "best": {cfg.keep_best: value}})
         if env.world > 1:
             dist.barrier()
 
@@ -438,6 +465,7 @@ def _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, i
         done = progress.step == cfg.max_steps
         if cfg.eval_every and (progress.step % cfg.eval_every == 0 or done):
             metrics = {**record, **run_eval()}
+            keep_if_best(metrics)
             if env.is_main and "val_loss" in metrics:
                 bar.write(json.dumps({k: metrics[k] for k in metrics if k.startswith("val") or k == "step"}))
         if (cfg.save_every and progress.step % cfg.save_every == 0) or done:

@@ -283,3 +283,51 @@ def test_sft_train_runs_end_to_end_in_two_stages(tmp_path, tokenizer):
     assert (tmp_path / "stage2" / "step_000003" / "model.safetensors").is_file()
     info = json.loads((tmp_path / "stage2" / "step_000003" / "lillm.json").read_text())
     assert info["stage"] == "sft" and info["origin"].endswith("step_000003")
+
+
+def challenge_rows():
+    """Rows of the challenge's subsets in data/prepare_sft.py's format (sentiment, nli, translation)."""
+    rows = []
+    for lang, words in (("swa", ["Chanya", "Wastani", "Hasi"]), ("hau", ["Kyakkyawa", "Tsaka-tsaki", "Korau"])):
+        for i, label in enumerate(words * 2):
+            rows.append({**conversation(f"Hisia? Watoto {i}", label, task="sentiment"), "lang": lang, "label": label,
+                         "options": words, "input": f"Watoto {i}"})
+            rows.append({**conversation(f"Jibu 0, 1 au 2.\nMvua {i}\nJua {i}", str(i % 3), task="nli"), "lang": lang,
+                         "label": str(i % 3), "options": ["0", "1", "2"], "input": f"Mvua {i}\nJua {i}"})
+        rows.append({**conversation("Translate: good morning", "Habari za asubuhi", task="translation"),
+                     "lang": lang, "input": "good morning"})
+    return rows
+
+
+def test_eval_tasks_logs_the_organisers_score_and_keep_best_keeps_its_best_step(tmp_path, tokenizer):
+    import sft_train
+
+    tokenizer.save(tmp_path / "tokenizer.json")
+    ckpt.save_checkpoint(tmp_path / "base", tiny_model(), tmp_path / "tokenizer.json")
+    data = tmp_path / "sft"
+    data.mkdir()
+    for split in ("train", "dev"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in challenge_rows()))
+    metrics = sft_train.main(["--init-from", str(tmp_path / "base"), "--out", str(tmp_path / "run"), "--data", str(data),
+                              "--max-steps", "4", "--global-batch", "4", "--micro-batch", "2", "--eval-every", "2",
+                              "--save-every", "4", "--warmup-steps", "1", "--eval-tasks", "--eval-tasks-limit", "3",
+                              "--keep-best"])
+    assert metrics["dev_score"] is not None and 0 <= metrics["dev_score"] <= 1
+    evaluations = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+                   if "dev_score" in json.loads(l)]
+    assert [r["step"] for r in evaluations] == [2, 4]
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert best["metric"] == "dev_score" and best["value"] == max(r["dev_score"] for r in evaluations)
+    info = json.loads((tmp_path / "run" / "best" / "lillm.json").read_text())
+    assert info["step"] == best["step"] and (tmp_path / "run" / "best" / "model.safetensors").is_file()
+
+
+def test_keep_best_without_eval_tasks_is_refused_in_one_line(tmp_path, tokenizer):
+    import sft_train
+    from lillm.errors import FlagError
+
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "train.jsonl").write_text(json.dumps(conversation()) + "\n")
+    with pytest.raises(FlagError, match="--keep-best .* --eval-tasks"):
+        sft_train.main(["--init-from", str(tmp_path / "base"), "--data", str(tmp_path / "sft"), "--out",
+                        str(tmp_path / "run"), "--keep-best"])
