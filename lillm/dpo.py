@@ -48,27 +48,25 @@ batch (one forward pass for both), or are packed end to end into rows of seq_len
 kept inside each sequence (lillm.sft's packing); `sequence_ids` tells which of the 2n sequences each
 token belongs to, so the summed log-probabilities are the same either way. A pair is never split
 between micro batches. The loop divides the summed loss by `loss_count`, the number of pairs.
+
+Preference rows are read and checked by lillm/rows.py (`pair_parts`); pairs made from the
+challenge's tasks come from lillm/challenge.py.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .errors import DPODataError
+from .rows import pair_parts
 from .sft import (
     IGNORE_INDEX,
     SFTBatches,
     SFTExample,
-    read_jsonl_rows,
+    fit_prompt,
     role_token_ids,
-    shorten_prompt,
 )
 from .tokenizer import Tokenizer
 
@@ -96,69 +94,6 @@ class DPOConfig:
         return self.loss_type == "dpo"
 
 
-# ---- reading preference rows ----------------------------------------------------------------------
-def _response_text(value, name: str) -> str:
-    """A response as a string, or as [{"role": "assistant", "content": ...}] (the TRL layout)."""
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
-        if value[0].get("role") != "assistant":
-            raise DPODataError(f"'{name}' as a message list must be one assistant message")
-        value = value[0].get("content")
-    if not isinstance(value, str):
-        raise DPODataError(f"'{name}' must be a string (or one assistant message), got {type(value).__name__}")
-    if not value.strip():
-        raise DPODataError(f"'{name}' is empty")
-    return value
-
-
-def pair_parts(row) -> tuple[list[dict], str, str]:
-    """(prompt messages, chosen text, rejected text) of a preference row; DPODataError says what is wrong.
-
-    A row is {"prompt": "...", "chosen": ..., "rejected": ...} or {"messages": [... ending with the
-    user's turn], "chosen": ..., "rejected": ...}.
-    """
-    if not isinstance(row, dict):
-        raise DPODataError(f"expected a JSON object with prompt/messages, chosen and rejected, got {type(row).__name__}")
-    missing = [k for k in ("chosen", "rejected") if k not in row]
-    if missing:
-        raise DPODataError(f"no {' or '.join(repr(m) for m in missing)} (a row needs prompt or messages, "
-                           f"chosen and rejected; it has {sorted(row)})")
-    if isinstance(row.get("messages"), list) and row["messages"]:
-        messages = row["messages"]
-        for index, message in enumerate(messages):
-            if not (isinstance(message, dict) and isinstance(message.get("content"), str)
-                    and message.get("role") in ("system", "user", "assistant")):
-                raise DPODataError(f"message {index} must be {{\"role\": system/user/assistant, \"content\": str}}")
-        if messages[-1]["role"] == "assistant":
-            raise DPODataError("'messages' ends with an assistant turn; it must end with the turn being answered")
-    elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
-        messages = [{"role": "user", "content": row["prompt"]}]
-    else:
-        raise DPODataError("no 'prompt' string or non-empty 'messages' list")
-    chosen, rejected = _response_text(row["chosen"], "chosen"), _response_text(row["rejected"], "rejected")
-    if chosen == rejected:
-        raise DPODataError("'chosen' and 'rejected' are the same text (nothing to prefer)")
-    return messages, chosen, rejected
-
-
-def read_pairs(paths: str | Path | Iterable[str | Path], strict: bool = False, tasks: Iterable[str] | None = None,
-               max_reported: int = 10) -> tuple[list[dict], list[str]]:
-    """Rows of preference JSON-lines files (see pair_parts), and the problems of the rows skipped.
-
-    Every problem names the file and line; strict=True raises DPODataError at the first one.
-    """
-    return read_jsonl_rows(paths, pair_problem, DPODataError, "preference file", "data/prepare_dpo.py",
-                           strict, tasks, max_reported)
-
-
-def pair_problem(row: dict) -> str | None:
-    """What is wrong with a preference row, or None."""
-    try:
-        pair_parts(row)
-    except DPODataError as error:
-        return str(error)
-    return None
-
-
 # ---- tokenizing --------------------------------------------------------------------------------------
 @dataclass
 class PreferencePair:
@@ -173,15 +108,6 @@ class PreferencePair:
         return len(self.chosen) + len(self.rejected)
 
 
-def _fit_prompt(prompt: list[int], max_tokens: int, role_ids: set[int]) -> list[int]:
-    """The middle of long contents first (lillm.sft.shorten_prompt), then from the left after <s>."""
-    if len(prompt) > max_tokens:
-        prompt, _ = shorten_prompt(prompt, [0] * len(prompt), max_tokens, role_ids)
-    if len(prompt) > max_tokens:
-        prompt = prompt[:1] + prompt[len(prompt) - max_tokens + 1:]
-    return prompt
-
-
 def tokenize_pair(tokenizer: Tokenizer, row: dict, seq_len: int | None = None, too_long: str = "drop",
                   role_ids: set[int] | None = None) -> PreferencePair | None:
     """Both answers after ONE prompt (ids ending in <|assistant|>); labels on the answer and its </s>.
@@ -192,14 +118,14 @@ def tokenize_pair(tokenizer: Tokenizer, row: dict, seq_len: int | None = None, t
     if too_long not in TOO_LONG_CHOICES:
         raise ValueError(f"too_long must be one of {TOO_LONG_CHOICES}, got {too_long!r}")
     messages, chosen, rejected = pair_parts(row)
-    prompt, _ = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    prompt, prompt_mask = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     answers = [tokenizer.encode(text) + [tokenizer.eos_id] for text in (chosen, rejected)]
     longest = max(map(len, answers))
     if seq_len is not None and len(prompt) + longest - 1 > seq_len:
         room = seq_len + 1 - longest
         if too_long == "drop" or room < 2:
             return None
-        prompt = _fit_prompt(prompt, room, role_ids if role_ids is not None else role_token_ids(tokenizer))
+        prompt = fit_prompt(prompt, prompt_mask, room, role_ids if role_ids is not None else role_token_ids(tokenizer))
     examples = []
     for answer in answers:
         ids = prompt + answer
@@ -461,126 +387,3 @@ def dpo_evaluator(pairs: list[PreferencePair], cfg: DPOConfig, batch_size: int =
             model.train(was_training)
 
     return evaluate
-
-
-# ---- preference pairs from the challenge tasks ------------------------------------------------------------
-def _choose(seed: int, key: str, count: int) -> int:
-    digest = hashlib.blake2b(f"{seed}|{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % count
-
-
-def _prompt_of(row: dict) -> list[dict]:
-    messages = row["messages"]
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:last]
-
-
-def _pair_row(row: dict, chosen: str, rejected: str, kind: str, **extra) -> dict:
-    out = {"messages": _prompt_of(row), "chosen": chosen, "rejected": rejected, "task": row.get("task", ""),
-           "lang": row.get("lang", ""), "source": row.get("source", ""), "pair": kind}
-    return out | extra
-
-
-def classification_pairs(rows: list[dict], seed: int = 0, negatives: str = "one") -> list[dict]:
-    """Gold label against a wrong option: one drawn by a seeded hash of the row (negatives="one"),
-    or every wrong option ("all"). Rows are SFT conversations with "label" and "options"."""
-    pairs = []
-    for row in rows:
-        wrong = [o for o in row["options"] if o != row["label"]]
-        if not wrong:
-            continue
-        if negatives == "one":
-            wrong = [wrong[_choose(seed, str(row.get("source", "")) + str(row["label"]), len(wrong))]]
-        pairs += [_pair_row(row, row["label"], option, "gold vs wrong label") for option in wrong]
-    return pairs
-
-
-def sentence_chrf(hypothesis: str, reference: str) -> float:
-    from .evaluate import chrf
-    return chrf([hypothesis], [reference])
-
-
-@torch.no_grad()
-def translation_pairs(model, tokenizer: Tokenizer, rows: list[dict], samples: int = 2, temperature: float = 0.8,
-                      top_k: int | None = 50, max_new_tokens: int = 96, batch_size: int = 16, seed: int = 0,
-                      progress: bool = False) -> tuple[list[dict], dict]:
-    """Reference translation against the model's own sampled translation, when the sample scores lower.
-
-    Per source sentence the model samples `samples` translations; the one with the lowest sentence
-    chrF against the reference becomes the rejected answer, unless it equals the reference (chrF 100,
-    nothing to prefer). Returns the pair rows and counts.
-    """
-    from tqdm import tqdm
-
-    from .evaluate import prompt_and_answer, prompt_ids
-    from .generate import generate
-
-    model.eval()
-    max_len = model.config.max_seq_len
-    budget = max(1, min(max_new_tokens, max_len // 2))
-    pairs, stats = [], {"sources": len(rows), "pairs": 0, "same_as_reference": 0, "empty": 0}
-    starts = range(0, len(rows), batch_size)
-    for start in tqdm(starts, desc="sampling translations", disable=not progress, dynamic_ncols=True):
-        chunk = rows[start:start + batch_size]
-        prompts = [prompt_ids(tokenizer, prompt_and_answer(row)[0], max_len - budget) for row in chunk]
-        candidates: list[list[str]] = [[] for _ in chunk]
-        for k in range(samples):
-            outputs = generate(model, prompts, budget, temperature=temperature, top_k=top_k, eos_id=tokenizer.eos_id,
-                               pad_id=tokenizer.pad_id, seed=seed * 1_000_003 + start * samples + k)
-            for i, ids in enumerate(outputs):
-                candidates[i].append(tokenizer.decode(ids).strip())
-        for row, texts in zip(chunk, candidates):
-            reference = prompt_and_answer(row)[1]
-            scored = sorted((sentence_chrf(t, reference), t) for t in texts if t)
-            if not scored:
-                stats["empty"] += 1
-                continue
-            score, worst = scored[0]
-            if worst == reference.strip():
-                stats["same_as_reference"] += 1
-                continue
-            pairs.append(_pair_row(row, reference, worst, "reference vs sampled translation",
-                                   rejected_chrf=round(score, 2)))
-    stats["pairs"] = len(pairs)
-    return pairs, stats
-
-
-def read_user_pairs(path: str | Path, strict: bool = False) -> tuple[list[dict], list[str]]:
-    """Preference rows from a user file: .jsonl read here; .parquet (how Hugging Face stores datasets)
-    through pyarrow; .json / .csv through the `datasets` library's local loaders. Same layout:
-    prompt (or messages), chosen, rejected."""
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        return read_pairs(path, strict=strict)
-    if path.suffix not in (".parquet", ".json", ".csv"):
-        raise DPODataError(f"{path}: unknown file type {path.suffix!r}; give .jsonl, .parquet, .json or .csv "
-                           "with prompt (or messages), chosen and rejected")
-    if not path.is_file():
-        raise FileNotFoundError(f"preference file {path} does not exist")
-    try:
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-            table = pq.read_table(path).to_pylist()
-        else:
-            import datasets
-            table = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
-    except ImportError as error:
-        raise DPODataError(f"{path}: reading {path.suffix} files needs {error.name} (pip install "
-                           f"{'pyarrow' if path.suffix == '.parquet' else 'datasets'}), or convert it to JSON lines") from None
-    rows, problems = [], []
-    for number, row in enumerate(table, start=1):
-        try:
-            pair_parts(row)
-            rows.append(dict(row))
-        except DPODataError as error:
-            message = f"{path}, row {number}: {error}"
-            if strict:
-                raise DPODataError(message + "; fix the row or run without --strict to skip it") from None
-            problems.append(message)
-    return rows, problems
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    from .checkpoint import write_text_atomic
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-

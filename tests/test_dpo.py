@@ -7,27 +7,25 @@ import torch
 import torch.nn.functional as F
 
 from lillm import checkpoint as ckpt
+from lillm.challenge import classification_pairs, translation_pairs
 from lillm.config import get_preset
 from lillm.dpo import (
     DPOConfig,
-    DPODataError,
     DPOLoss,
     PreferenceBatches,
     adapters_disabled,
     add_reference_logps,
     build_pairs,
-    classification_pairs,
     packed_pair_batch,
     pair_batch,
     preference_metrics,
-    read_pairs,
-    read_user_pairs,
     sequence_logps,
     tokenize_pair,
-    translation_pairs,
 )
+from lillm.errors import DPODataError
 from lillm.model import Transformer
 from lillm.peft import apply_peft
+from lillm.rows import read_pairs, read_user_pairs
 from lillm.sft import IGNORE_INDEX
 from lillm.tokenizer import train_bpe
 
