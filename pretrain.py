@@ -29,7 +29,8 @@ from lillm.model import Transformer
 from lillm.errors import InputFileError
 from lillm.mixture import TaskMixture, task_micro_batches
 from lillm.peft import describe
-from lillm.sft import LOSS_ON_CHOICES, SFTBatches, build_examples, read_conversations
+from lillm.rows import read_conversations
+from lillm.sft import LOSS_ON_CHOICES, SFTBatches, build_examples
 from lillm.tokenizer import Tokenizer
 from lillm.vocab import train_only_new_rows
 from lillm.perplexity import bin_evaluator, unigram_bits_per_byte

@@ -28,7 +28,7 @@ from .folders import check_run_folder
 
 from .peft import METHODS as PEFT_METHODS
 from .peft import apply_peft
-from .sft import read_conversations
+from .rows import read_conversations
 from .tokenizer import Tokenizer
 from .train import Dist, TrainConfig
 

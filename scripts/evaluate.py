@@ -43,8 +43,8 @@ from lillm.cli import check_device, need, run_main
 from lillm.errors import InputFileError, SFTDataError
 from lillm.evaluate import SCORINGS
 from lillm.outputs import check_writable, write_outputs
-from lillm.rows import by_task_and_lang, evenly_spaced
-from lillm.sft import assistant_loss, build_examples, read_conversations
+from lillm.rows import by_task_and_lang, evenly_spaced, jsonl_text, read_conversations
+from lillm.sft import assistant_loss, build_examples
 from lillm.tokenizer import Tokenizer
 
 
@@ -190,7 +190,7 @@ def main(argv=None) -> dict:
              f"classification by likelihood, {args.scoring} scoring)\n\n"
              + challenge_table(results["challenge"]) + "\n## Detail\n\n" + markdown(results))
     texts = [json.dumps(results, indent=2, ensure_ascii=False) + "\n", table, predictions_csv(records),
-             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+             jsonl_text(records),
              submission_csv(submission_rows(records, params))]
     written = write_outputs(dict(zip(outputs, texts)))
     print(table)
