@@ -17,7 +17,11 @@ and each new token replays it with one launch.
 
 Sampling: temperature scales the logits; top-k keeps the k most likely tokens;
 top-p (Holtzman et al., 2019, "The Curious Case of Neural Text Degeneration") keeps
-the smallest set whose probability reaches p. Temperature 0 is greedy.
+the smallest set whose probability reaches p. Temperature 0 is greedy. A small model's
+greedy output falls into loops ("na pia ni, na pia ni, ..."); `no_repeat_ngram=n` forbids a
+row to repeat any n-gram of its own output (Paulus et al., 2018; fairseq's and transformers'
+no_repeat_ngram_size), so a loop must move on. The prompt is not counted: a translation may copy
+names and numbers from its source as often as it likes.
 """
 from __future__ import annotations
 
@@ -49,6 +53,36 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class NoRepeatNgram:
+    """A sampler wrapper: before each choice, the tokens that would complete an n-gram the row has
+    already written get -inf; it remembers what it sampled, so it needs no other state."""
+
+    def __init__(self, sample: Callable[[torch.Tensor], torch.Tensor], n: int):
+        if n < 1:
+            raise ValueError(f"no_repeat_ngram must be at least 1, got {n}")
+        self.sample, self.n = sample, n
+        self.history: list[list[int]] = []
+        self.followers: list[dict[tuple, set[int]]] = []  # per row: (n-1)-gram -> tokens written after it
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.history:
+            self.history = [[] for _ in range(logits.shape[0])]
+            self.followers = [{} for _ in range(logits.shape[0])]
+        logits = logits.clone()
+        for row, written in enumerate(self.history):
+            if len(written) >= self.n - 1:
+                banned = self.followers[row].get(tuple(written[len(written) - self.n + 1:]), ())
+                if banned:
+                    logits[row, list(banned)] = float("-inf")
+        tokens = self.sample(logits)
+        for row, token in enumerate(tokens.tolist()):
+            written = self.history[row]
+            if len(written) >= self.n - 1:
+                self.followers[row].setdefault(tuple(written[len(written) - self.n + 1:]), set()).add(token)
+            written.append(token)
+        return tokens
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +149,9 @@ def cache_length(model: Transformer, needed: int) -> int:
 def generate_stream(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 128,
                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                     eos_id: int | None = None, pad_id: int = 0, seed: int | None = None,
-                    compile: bool | StaticDecoder = False) -> Iterator[torch.Tensor]:
+                    compile: bool | StaticDecoder = False, no_repeat_ngram: int = 0) -> Iterator[torch.Tensor]:
     """Yield a (B,) tensor of new token ids per step; rows that have emitted eos yield pad_id after.
+    no_repeat_ngram > 0: no row repeats an n-gram of its own output (NoRepeatNgram).
 
     compile: True decodes through the model's StaticDecoder (CUDA graphs on a GPU; the first call
     per batch size compiles for a minute), or pass a StaticDecoder of your own.
@@ -127,6 +162,8 @@ def generate_stream(model: Transformer, prompts: list[list[int]], max_new_tokens
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     sample = partial(sample_next, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    if no_repeat_ngram:
+        sample = NoRepeatNgram(sample, no_repeat_ngram)
     if compile:
         decoder = compile if isinstance(compile, StaticDecoder) else static_decoder(model)
         yield from _static_stream(decoder, ids, mask, positions, max_new_tokens, sample, eos_id, pad_id)
@@ -184,7 +221,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, pad_id: int = 0, seed: int | None = None,
              on_token: Callable[[int, int], None] | None = None,
-             compile: bool | StaticDecoder = False) -> list[list[int]]:
+             compile: bool | StaticDecoder = False, no_repeat_ngram: int = 0) -> list[list[int]]:
     """New tokens for each prompt (without the prompt), cut after the first eos (kept).
 
     on_token(row, token_id) is called as tokens arrive, for streaming to a terminal.
@@ -193,7 +230,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for step_tokens in generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p,
-                                       eos_id, pad_id, seed, compile):
+                                       eos_id, pad_id, seed, compile, no_repeat_ngram):
         for row, token in enumerate(step_tokens.tolist()):
             if done[row]:
                 continue

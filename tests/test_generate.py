@@ -82,3 +82,23 @@ def test_fixed_shape_step_traces_as_one_graph_without_host_reads():
     prompts = [[5, 9, 11, 3, 7], [8, 2]]
     assert generate(model, prompts, max_new_tokens=5, temperature=0, compile=decoder) == \
         generate(model, prompts, max_new_tokens=5, temperature=0)
+
+
+def test_no_repeat_ngram_never_repeats_an_ngram_of_the_rows_own_output():
+    model = make()
+    prompts = [[1, 5, 9, 2], [7, 7, 7]]
+    plain = generate(model, prompts, 60, temperature=0.0)
+    for n in (1, 2, 3):
+        outputs = generate(model, prompts, 60, temperature=0.0, no_repeat_ngram=n)
+        for row, out in enumerate(outputs):
+            grams = [tuple(out[i:i + n]) for i in range(len(out) - n + 1)]
+            assert len(grams) == len(set(grams)), (n, row)
+            # Until the plain output first repeats an n-gram, the two outputs are the same tokens.
+            seen, same = set(), 0
+            for i in range(len(plain[row])):
+                gram = tuple(plain[row][max(0, i - n + 1):i + 1])
+                if len(gram) == n and gram in seen:
+                    break
+                seen.add(gram)
+                same = i + 1
+            assert out[:same] == plain[row][:same]
