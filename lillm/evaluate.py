@@ -10,7 +10,7 @@ that needs no model: the majority class of the train split, or copying the Engli
 
 A small model's raw option likelihoods are biased: it prefers whichever label word it saw most, or
 has the fewest tokens, whatever the input (Zhao et al., 2021, "Calibrate before use"). So the
-option scores can be turned into a choice five ways (SCORINGS), all computed from one pass:
+option scores can be turned into a choice six ways (SCORINGS), all computed from one pass:
 - sum: the summed log-probability of the option's tokens and `</s>` (the challenge's starter);
 - mean: the same divided by the number of tokens (length-normalised, as lm-evaluation-harness's
   acc_norm does with bytes): a long label word is not punished for its length;
@@ -21,7 +21,9 @@ option scores can be turned into a choice five ways (SCORINGS), all computed fro
 - calibrated-mean: the calibrated score divided by the option's token count;
 - batch: batch calibration (Zhou et al., 2024): the prior is instead the mean, over the rows being
   scored, of each label's probability normalised over the options; it uses the inputs of the
-  batch but never their labels.
+  batch but never their labels. It pushes the predictions toward equal shares of the labels;
+- batch-prior: batch calibration that pushes toward the train split's label shares instead
+  (log p(y|x) - log mean p(y) + log train share of y), for tasks whose labels are not balanced.
 The submission file carries the scores its argmax is taken from.
 
 The rows are conversations (lillm/rows.py): the last assistant turn is the reference, the turns
@@ -45,7 +47,7 @@ from .sft import prompt_ids
 from .tokenizer import Tokenizer
 
 
-SCORINGS = ("sum", "mean", "calibrated", "calibrated-mean", "batch")
+SCORINGS = ("sum", "mean", "calibrated", "calibrated-mean", "batch", "batch-prior")
 CONTENT_FREE = "N/A"
 
 
@@ -101,9 +103,17 @@ def _log_normalised(scores: list[float]) -> list[float]:
     return torch.log_softmax(torch.tensor(scores, dtype=torch.float64), dim=0).tolist()
 
 
-def scored_options(model, tokenizer: Tokenizer, rows: list[dict], batch_size: int = 16) -> dict[str, list[list[float]]]:
+def label_shares(rows: list[dict], options: list[str]) -> list[float]:
+    """Each option's share of the rows' labels, add-one smoothed (never 0)."""
+    counts = Counter(row.get("label") for row in rows)
+    return [(counts[o] + 1) / (len(rows) + len(options)) for o in options]
+
+
+def scored_options(model, tokenizer: Tokenizer, rows: list[dict], batch_size: int = 16,
+                   train_rows: list[dict] | None = None) -> dict[str, list[list[float]]]:
     """Each scoring method's per-row option scores (higher wins), from one pass over the rows and one
-    over their distinct content-free prompts."""
+    over their distinct content-free prompts; batch-prior takes the label shares of `train_rows`
+    (uniform without them)."""
     raw = option_logprobs(model, tokenizer, rows, batch_size)
     templates: dict[str, int] = {}
     free_rows, template_of = [], []
@@ -117,6 +127,8 @@ def scored_options(model, tokenizer: Tokenizer, rows: list[dict], batch_size: in
     free = option_logprobs(model, tokenizer, free_rows, batch_size)
     normalised = torch.tensor([_log_normalised([t for t, _ in row]) for row in raw], dtype=torch.float64)
     batch_prior = torch.logsumexp(normalised, dim=0) - math.log(len(rows))  # log of the mean probability
+    shares = torch.tensor(label_shares(train_rows, rows[0]["options"]) if train_rows else
+                          [1 / len(rows[0]["options"])] * len(rows[0]["options"]), dtype=torch.float64).log()
     result: dict[str, list[list[float]]] = {m: [] for m in SCORINGS}
     for index, row in enumerate(raw):
         prior = free[template_of[index]]
@@ -125,6 +137,7 @@ def scored_options(model, tokenizer: Tokenizer, rows: list[dict], batch_size: in
         result["calibrated"].append([t - p for (t, _), (p, _) in zip(row, prior)])
         result["calibrated-mean"].append([(t - p) / n for (t, n), (p, _) in zip(row, prior)])
         result["batch"].append((normalised[index] - batch_prior).tolist())
+        result["batch-prior"].append((normalised[index] - batch_prior + shares).tolist())
     return result
 
 
@@ -185,7 +198,7 @@ def evaluate_subset(model, tokenizer: Tokenizer, rows: list[dict], train_rows: l
     if "options" in rows[0]:
         result["metric"] = "weighted F1"
         gold = [row["label"] for row in rows]
-        by_scoring = scored_options(model, tokenizer, rows, batch_size)
+        by_scoring = scored_options(model, tokenizer, rows, batch_size, train_rows)
         labels_by = {m: [argmax_option(row, s) for row, s in zip(rows, by_scoring[m])] for m in SCORINGS}
         result["scoring"] = scoring
         result["likelihood"] = weighted_f1(gold, labels_by[scoring])

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -115,6 +116,12 @@ def test_every_scoring_is_its_formula_on_the_option_log_probabilities(tokenizer)
         assert scored["calibrated"][index] == pytest.approx([t - p for (t, _), (p, _) in zip(row, free)])
         assert scored["calibrated-mean"][index] == pytest.approx([(t - p) / n for (t, n), (p, _) in zip(row, free)])
         assert scored["batch"][index] == pytest.approx((normalised[index] - prior).tolist())
+        uniform = math.log(1 / 3)  # no train rows: equal shares, the same choice as batch
+        assert scored["batch-prior"][index] == pytest.approx((normalised[index] - prior + uniform).tolist())
+    train = [sentiment_row("a", "Wastani")] * 6 + [sentiment_row("b", "Hasi")]  # shares 1/10, 7/10, 2/10
+    with_prior = scored_options(model, tokenizer, rows, train_rows=train)["batch-prior"]
+    shares = torch.tensor([1 / 10, 7 / 10, 2 / 10], dtype=torch.float64).log()
+    assert with_prior[0] == pytest.approx((normalised[0] - prior + shares).tolist())
     assert [n for _, n in raw[0]] == [len(tokenizer.encode(o)) + 1 for o in rows[0]["options"]]
 
 
