@@ -21,7 +21,7 @@ import torch
 from lillm import checkpoint as ckpt
 from lillm.cli import (accumulation_steps, add_peft_args, add_training_args, apply_peft_from_args,
                        check_training_args, finish, need, print_summary, run_main, train_config_from_args)
-from lillm.config import PRESETS, get_preset
+from lillm.config import PRESETS, get_preset, parse_overrides
 from lillm.errors import BinFormatError, FlagError, TokenizerMismatchError
 from lillm.folders import check_run_folder
 from lillm.data import BinLoader, StepBatches, check_bins, load_meta
@@ -49,11 +49,15 @@ def build_model(args, vocab_size: int) -> tuple[Transformer, str]:
                             f"max_position_embeddings {model.config.max_seq_len}; use --seq-len "
                             f"{model.config.max_seq_len} or less")
         return model, f"checkpoint {args.init_from}"
-    overrides = {"vocab_size": vocab_size}
+    overrides = {**parse_overrides(args.model), "vocab_size": vocab_size}
     if args.seq_len > PRESETS[args.preset].max_seq_len:
         overrides["max_seq_len"] = args.seq_len
     torch.manual_seed(args.seed)
-    return Transformer(get_preset(args.preset, **overrides)), f"preset {args.preset}"
+    try:
+        config = get_preset(args.preset, **overrides)
+    except ValueError as error:  # a shape that does not hold together, e.g. d_model not divisible by n_heads
+        raise FlagError(f"--preset {args.preset} --model {' '.join(args.model)}: {error}") from None
+    return Transformer(config), f"preset {args.preset}" + (f" with {' '.join(args.model)}" if args.model else "")
 
 
 def check_args(args) -> None:
@@ -65,6 +69,9 @@ def check_args(args) -> None:
          "use --eval-every 0 to train without evaluation")
     if args.train_new_rows_from is not None:
         need(args.train_new_rows_from >= 0, "--train-new-rows-from", args.train_new_rows_from, "must be 0 or more")
+    if args.init_from and args.model:
+        raise FlagError(f"--model {' '.join(args.model)} changes a preset's shape, but --init-from {args.init_from} "
+                        "brings its own: leave out --model")
     need(0 < args.task_share <= 1, "--task-share", args.task_share, "must be in (0, 1]")
     need(0 <= args.task_start < 1, "--task-start", args.task_start, "must be in [0, 1): a fraction of --max-steps")
     if args.task_data and not (Path(args.task_data) / "train.jsonl").is_file():
@@ -128,6 +135,8 @@ def main(argv=None):
     parser.add_argument("--data", default="out/data", help="folder with train.bin, val.bin, meta.json")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one meta.json names)")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--model", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="change the preset's shape, e.g. --model n_layers=6 d_ff=704 (lillm.config.ModelConfig)")
     parser.add_argument("--init-from", default=None,
                         help="start from this checkpoint (or run) folder's weights with a fresh optimizer (continued pretraining)")
     parser.add_argument("--seq-len", type=int, default=128)

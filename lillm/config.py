@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from .errors import FlagError
+
 
 def unsupported_hf_fields(hf: dict) -> list[str]:
     """What a Llama config.json asks for that lillm does not compute, each with its key named.
@@ -263,6 +265,32 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 INKUBA_PARAMS = 421_939_200
+
+
+def parse_overrides(items: list[str], flag: str = "--model") -> dict:
+    """KEY=VALUE strings -> ModelConfig field values of the field's type ("n_layers=6 d_ff=704")."""
+    types = {f.name: f.type for f in fields(ModelConfig)}
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in types:
+            raise FlagError(f"{flag} {item!r}: give KEY=VALUE with KEY one of {', '.join(types)}")
+        kind = str(types[key])
+        try:
+            if "bool" in kind:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(text)
+                value = text.lower() in ("true", "1")
+            elif "int" in kind and "None" not in kind:
+                value = int(text)
+            elif "float" in kind:
+                value = float(text)
+            else:
+                value = None if text.lower() == "none" else int(text)
+        except ValueError:
+            raise FlagError(f"{flag} {item!r}: {text!r} is not a {kind} for {key}") from None
+        overrides[key] = value
+    return overrides
 
 
 def get_preset(name: str, **overrides) -> ModelConfig:

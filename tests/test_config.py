@@ -55,3 +55,14 @@ def test_flops_count_attention_by_query_heads_not_kv_heads():
     assert mha.flops_per_token(T) - gqa.flops_per_token(T) == 6 * removed
     attention = 3 * 2 * 2 * T * mha.n_heads * mha.head_dim * mha.n_layers
     assert mha.flops_per_token(T) - mha.flops_per_token(0 or 1) == pytest.approx(attention * (T - 1) / T)
+
+
+def test_model_overrides_are_typed_and_unknown_keys_are_refused():
+    from lillm.config import parse_overrides
+    from lillm.errors import FlagError
+
+    assert parse_overrides(["n_layers=6", "d_ff=704", "rope_theta=5e5", "tie_embeddings=false", "head_dim=none"]) == {
+        "n_layers": 6, "d_ff": 704, "rope_theta": 5e5, "tie_embeddings": False, "head_dim": None}
+    for bad in (["layers=6"], ["n_layers"], ["n_layers=six"], ["tie_embeddings=maybe"]):
+        with pytest.raises(FlagError, match="--model"):
+            parse_overrides(bad)

@@ -120,3 +120,17 @@ def test_pretrain_with_task_data_runs_end_to_end(tmp_path, tokenizer):
     assert metrics is not None
     record = json.loads((tmp_path / "run" / "step_000004" / "lillm.json").read_text())
     assert record["train_config"]["extra"]["task_share"] == 0.5
+
+
+def test_pretrain_model_overrides_change_the_presets_shape(tmp_path, tokenizer):
+    tokenizer.save(tmp_path / "tokenizer.json")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"{t} {i}" for i, t in enumerate(TEXTS * 3)) + "\n", encoding="utf-8")
+    from data import prepare_pretrain
+    prepare_pretrain.main(["--tokenizer", str(tmp_path / "tokenizer.json"), "--files", str(corpus),
+                           "--out", str(tmp_path / "bins"), "--val-fraction", "0.1"])
+    pretrain.main(["--data", str(tmp_path / "bins"), "--out", str(tmp_path / "run"), "--preset", "tiny", "--model",
+                   "n_layers=3", "d_ff=96", "--seq-len", str(SEQ), "--global-batch-tokens", str(SEQ * MICRO),
+                   "--micro-batch", str(MICRO), "--max-steps", "1", "--eval-every", "0", "--save-every", "1"])
+    config = json.loads((tmp_path / "run" / "step_000001" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and config["intermediate_size"] == 96
