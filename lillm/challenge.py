@@ -479,7 +479,7 @@ def evaluate_on_tasks(model, tokenizer: Tokenizer, groups: dict[tuple[str, str],
                       train_groups: dict | None = None, greedy: bool = True, scoring: str = "calibrated",
                       batch_size: int = 16, max_new_tokens: int = 128, progress: bool = False,
                       translate: bool | None = None, no_repeat_ngram: int = 0,
-                      length_ratio: float | None = None) -> tuple[dict, list]:
+                      length_ratio: float | None = None, beam: int = 1) -> tuple[dict, list]:
     """Score a model on conversation rows grouped by (task, language) (lillm/evaluate.py): the
     subsets' results by "task/lang" and one prediction record per row (prediction_records).
     `greedy` also answers classification rows by generation; translations are generated when
@@ -487,7 +487,7 @@ def evaluate_on_tasks(model, tokenizer: Tokenizer, groups: dict[tuple[str, str],
     subsets, records = {}, []
     for (task, lang), group in tqdm(groups.items(), desc="subsets", disable=not progress):
         result = evaluate_subset(model, tokenizer, group, (train_groups or {}).get((task, lang)), greedy, batch_size,
-                                 max_new_tokens, scoring, translate, no_repeat_ngram, length_ratio)
+                                 max_new_tokens, scoring, translate, no_repeat_ngram, length_ratio, beam)
         records += prediction_records(task, lang, group, result)
         subsets[f"{task}/{lang}"] = result
     return subsets, records
@@ -510,7 +510,8 @@ def challenge_summary(records: list[dict], subsets: dict, params: int, scoring: 
 
 def challenge_evaluator(tokenizer: Tokenizer, rows: list[dict], train_rows: list[dict] | None = None,
                         limit: int | None = 50, scoring: str = "calibrated", max_new_tokens: int = 96,
-                        batch_size: int = 16, no_repeat_ngram: int = 0, length_ratio: float | None = None):
+                        batch_size: int = 16, no_repeat_ngram: int = 0, length_ratio: float | None = None,
+                        beam: int = 1):
     """evaluate(model) for the training loop (lillm/train.py): the organisers' score and its parts on
     the challenge's subsets of `rows` (a dev split), `limit` evenly spaced rows of each; the loop logs
     them as dev_score, dev_zindi, ... and can keep the best checkpoint by dev_score (--keep-best)."""
@@ -525,7 +526,7 @@ def challenge_evaluator(tokenizer: Tokenizer, rows: list[dict], train_rows: list
             subsets, records = evaluate_on_tasks(model, tokenizer, groups, train_groups, greedy=False, scoring=scoring,
                                                  batch_size=batch_size, max_new_tokens=max_new_tokens,
                                                  translate=True, no_repeat_ngram=no_repeat_ngram,
-                                                 length_ratio=length_ratio)
+                                                 length_ratio=length_ratio, beam=beam)
         finally:
             model.train(was_training)
         scores = challenge_from_records(records, model.num_params(), "likelihood", scoring)

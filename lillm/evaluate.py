@@ -40,6 +40,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .beam import beam_search
 from .generate import generate
 from .metrics import bleu, chrf, weighted_f1
 from .rows import prompt_and_answer
@@ -164,21 +165,30 @@ def match_option(text: str, options: Sequence[str]) -> str | None:
 
 @torch.no_grad()
 def generate_answers(model, tokenizer: Tokenizer, rows: list[dict], max_new_tokens: int = 128,
-                     batch_size: int = 16, no_repeat_ngram: int = 0, length_ratio: float | None = None) -> list[str]:
-    """Greedy answers, decoded without special tokens. no_repeat_ngram: lillm.generate.NoRepeatNgram;
-    length_ratio: an answer stops after length_ratio x its row's input tokens (+ 4), so a loop cannot
-    run on to max_new_tokens (a translation is rarely twice its source's length)."""
+                     batch_size: int = 16, no_repeat_ngram: int = 0, length_ratio: float | None = None,
+                     beam: int = 1) -> list[str]:
+    """Greedy answers (or beam > 1: lillm.beam.beam_search's best), decoded without special tokens.
+    no_repeat_ngram: lillm.generate.NoRepeatNgram; length_ratio: an answer stops after length_ratio x
+    its row's input tokens (+ 4), so a loop cannot run on to max_new_tokens (a translation is rarely
+    twice its source's length)."""
     max_len = model.config.max_seq_len
     budget = max(1, min(max_new_tokens, max_len // 2))
     prompts = [prompt_ids(tokenizer, prompt_and_answer(row)[0], max_len - budget) for row in rows]
     caps = [budget if length_ratio is None else min(budget, math.ceil(length_ratio * len(tokenizer.encode(
         str(row.get("input", ""))))) + 4) for row in rows]
     answers = []
+    if beam > 1:  # beams multiply the batch: keep the rows per forward pass about the same
+        batch_size = max(1, batch_size // beam)
     for start in range(0, len(prompts), batch_size):
-        outputs = generate(model, prompts[start:start + batch_size], max(caps[start:start + batch_size]),
-                           temperature=0.0, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                           no_repeat_ngram=no_repeat_ngram)
-        # Greedy decoding is causal per row: stopping a row at its cap is cutting its output there.
+        chunk, longest = prompts[start:start + batch_size], max(caps[start:start + batch_size])
+        if beam > 1:
+            outputs = beam_search(model, chunk, longest, beam, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                  no_repeat_ngram=no_repeat_ngram)
+        else:
+            outputs = generate(model, chunk, longest, temperature=0.0, eos_id=tokenizer.eos_id,
+                               pad_id=tokenizer.pad_id, no_repeat_ngram=no_repeat_ngram)
+        # Greedy decoding is causal per row: stopping a row at its cap is cutting its output there
+        # (for a beam's best output the cut is an approximation: a shorter hypothesis might have won).
         answers += [tokenizer.decode(ids[:cap]).strip() for ids, cap in zip(outputs, caps[start:start + batch_size])]
     return answers
 
@@ -186,7 +196,7 @@ def generate_answers(model, tokenizer: Tokenizer, rows: list[dict], max_new_toke
 def evaluate_subset(model, tokenizer: Tokenizer, rows: list[dict], train_rows: list[dict] | None = None,
                     greedy: bool = True, batch_size: int = 16, max_new_tokens: int = 128,
                     scoring: str = "sum", translate: bool | None = None, no_repeat_ngram: int = 0,
-                    length_ratio: float | None = None) -> dict:
+                    length_ratio: float | None = None, beam: int = 1) -> dict:
     """Scores of one (task, lang) subset: classification if rows have options, else translation.
     Classification by likelihood uses `scoring` (SCORINGS); every scoring's F1 is reported beside.
     `greedy` adds classification by generated answers; translations are generated when `translate`
@@ -223,7 +233,7 @@ def evaluate_subset(model, tokenizer: Tokenizer, rows: list[dict], train_rows: l
         result["metric"] = "chrF"
         if greedy if translate is None else translate:
             hypotheses = generate_answers(model, tokenizer, rows, max_new_tokens, batch_size, no_repeat_ngram,
-                                          length_ratio)
+                                          length_ratio, beam)
             for record, hypothesis in zip(per_row, hypotheses):
                 record["greedy"] = hypothesis
             result["greedy"] = chrf(hypotheses, references)

@@ -138,6 +138,7 @@ def main(argv=None) -> dict:
                         help="how option log-likelihoods become a class (lillm/evaluate.py); all are reported")
     parser.add_argument("--no-repeat-ngram", type=int, default=0,
                         help="translations never repeat an n-gram of their own (0 = off; lillm/generate.py)")
+    parser.add_argument("--beam", type=int, default=1, help="beam search width for translations (1 = greedy)")
     parser.add_argument("--length-ratio", type=float, default=None,
                         help="a translation stops after this many times its source's tokens, + 4 (default: off)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="longest generated translation")
@@ -149,6 +150,7 @@ def main(argv=None) -> dict:
     need(args.limit >= 0, "--limit", args.limit, "must be 0 (all) or more")
     need(args.max_new_tokens >= 1, "--max-new-tokens", args.max_new_tokens, "must be at least 1")
     need(args.batch_size >= 1, "--batch-size", args.batch_size, "must be at least 1")
+    need(args.beam >= 1, "--beam", args.beam, "must be at least 1 (1 = greedy)")
     need(args.no_repeat_ngram >= 0, "--no-repeat-ngram", args.no_repeat_ngram, "must be 0 (off) or more")
     if args.length_ratio is not None:
         need(args.length_ratio > 0, "--length-ratio", args.length_ratio, "must be above 0")
@@ -181,13 +183,14 @@ def main(argv=None) -> dict:
     start, params = time.perf_counter(), model.num_params()
     subsets, records = evaluate_on_tasks(model, tokenizer, groups, train_groups, not args.no_greedy, args.scoring,
                                          args.batch_size, args.max_new_tokens, progress=True,
-                                         no_repeat_ngram=args.no_repeat_ngram, length_ratio=args.length_ratio)
+                                         no_repeat_ngram=args.no_repeat_ngram, length_ratio=args.length_ratio,
+                                         beam=args.beam)
     for (task, lang), group in groups.items():
         subsets[f"{task}/{lang}"].update(loss_and_bpb(model, tokenizer, group, model.config.max_seq_len,
                                                       args.batch_size))
         subsets[f"{task}/{lang}"].pop("rows")
     results = {"checkpoint": str(folder), "split": args.split, "limit": args.limit, "scoring": args.scoring,
-               "no_repeat_ngram": args.no_repeat_ngram, "length_ratio": args.length_ratio,
+               "no_repeat_ngram": args.no_repeat_ngram, "length_ratio": args.length_ratio, "beam": args.beam,
                "subsets": subsets,
                "challenge": challenge_summary(records, subsets, params, args.scoring, not args.no_greedy)}
     scores = {tuple(k.split("/")): subset_score(r) for k, r in subsets.items()}
