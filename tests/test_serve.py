@@ -605,3 +605,16 @@ def test_the_chat_page_streams_a_reply_in_headless_chromium(server, tmp_path):
             driver.save_screenshot(os.environ["LILLM_CHAT_SCREENSHOT"])
     finally:
         driver.quit()
+
+
+# ----------------------------------------------------------------------------- the load test's client side
+def test_the_load_test_counts_every_request_and_stops_by_itself(server):
+    """bench.serve's clients against the test server: a short round, every request answered and
+    timed, nothing failed, and the round ends on its own."""
+    from bench.serve import Load, run_load
+    port = server.httpd.server_address[1]
+    load = Load(clients=3, seconds=1.0, max_tokens=4, think=0.05, spread=0.2, max_requests=20)
+    row = run_load(port, load, memory_of=lambda: 1 << 20)
+    assert row["requests"] == len(load.results) > 3 and row["failed"] == 0
+    assert all(r.first is not None and 1 <= r.tokens <= 4 for r in load.results)
+    assert row["first_token_ms_p99"] >= row["first_token_ms_median"] > 0 and row["memory_mib_peak"] == 1
