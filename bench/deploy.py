@@ -1,8 +1,15 @@
 """CPU decoding for deployment, side by side in one run: lillm fp32, lillm int8 (lillm/quant.py),
-transformers fp32 eager, and llama.cpp running the same weights as a q8_0 GGUF (lillm/gguf.py).
+each eager and compiled, transformers fp32 eager, and llama.cpp running the same weights as a q8_0
+GGUF (lillm/gguf.py).
 
-    python -m bench.deploy --threads 1                                  # lillm-39m, random weights
+    python -m bench.deploy --threads 1 2                                # lillm-39m, random weights
     python -m bench.deploy --threads 1 --checkpoint CKPT --val-bin DATA/val.bin   # + quality
+
+Compiled ("compiled" rows): the fixed-shape decoding step (lillm.generate.StaticDecoder) through
+torch.compile's inductor, which writes C++ kernels for the CPU, so a token no longer walks the
+model's Python code: the prefill stays eager, the step is one compiled call. It compiles once per
+batch size and thread count, in the warm-up (minutes on 2 cores, not counted); the bench checks
+that its greedy tokens equal the eager path's and says so.
 
 Speed: greedy decoding of `--new-tokens` after a `--prompt-len` random prompt at each batch size,
 no eos stop, tokens/s = batch * new tokens / seconds of the whole call (prefill included), the
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import json
 import os
 import platform
@@ -33,13 +41,14 @@ import torch.nn.functional as F
 from bench.harness import hf_model_like, time_alternating
 from lillm import checkpoint as ckpt
 from lillm.config import get_preset
-from lillm.generate import generate
+from lillm.generate import StaticDecoder, generate
 from lillm.gguf import export_gguf
 from lillm.model import Transformer
 from lillm.quant import quantize_int8
 from lillm.tokenizer import train_bpe
 
-SIDES = ("lillm fp32", "lillm int8", "transformers fp32", "llama.cpp q8_0")
+SIDES = ("lillm fp32", "lillm int8", "lillm fp32 compiled", "lillm int8 compiled", "transformers fp32",
+         "llama.cpp q8_0")
 
 
 # ---- the models --------------------------------------------------------------------------------
@@ -77,6 +86,9 @@ class LlamaCppGreedy:
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.batch = llama_cpp.llama_batch_init(max_batch * max_len, 0, max_batch)
+
+    def set_threads(self, threads: int) -> None:
+        self.lib.llama_set_n_threads(self.ctx, threads, threads)
 
     def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
         """entries: (token, position, sequence, wants logits)."""
@@ -117,7 +129,13 @@ class LlamaCppGreedy:
 
 
 # ---- timing ---------------------------------------------------------------------------------------
-def speed(model, int8, theirs, llama, args) -> list[dict]:
+def speed(model, int8, theirs, llama, args, threads: int) -> list[dict]:
+    torch.set_num_threads(threads)
+    if llama is not None:
+        llama.set_threads(threads)
+    # One compiled step per model and thread count (inductor's kernels are built for a thread count).
+    compiled = {name: StaticDecoder(m, backend="inductor") for name, m in (("fp32", model), ("int8", int8))} \
+        if args.compile else {}
     rows = []
     for batch in args.batches:
         generator = torch.Generator().manual_seed(2)
@@ -128,17 +146,27 @@ def speed(model, int8, theirs, llama, args) -> list[dict]:
             return theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
                                    do_sample=False, eos_token_id=None, pad_token_id=0)
 
-        def ours(model, prompts=prompts):
-            return generate(model, prompts, args.new_tokens, temperature=0, eos_id=None)
+        def ours(model, prompts=prompts, decoder=False):
+            return generate(model, prompts, args.new_tokens, temperature=0, eos_id=None, compile=decoder)
         calls = {"lillm fp32": lambda: ours(model), "lillm int8": lambda: ours(int8), "transformers fp32": hf}
+        same = {}
+        for name, decoder in compiled.items():
+            eager = model if name == "fp32" else int8
+            calls[f"lillm {name} compiled"] = lambda eager=eager, decoder=decoder: ours(eager, decoder=decoder)
+            with torch.no_grad():  # compiles now (outside the timing) and proves the tokens equal eager's
+                same[f"lillm {name} compiled tokens equal eager"] = \
+                    calls[f"lillm {name} compiled"]() == calls[f"lillm {name}"]()
         if llama is not None:
             calls["llama.cpp q8_0"] = lambda prompts=prompts: llama(prompts, args.new_tokens)
         with torch.no_grad():
             seconds = {name: statistics.median(times)
                        for name, times in time_alternating(calls, args.repeats, args.warmup).items()}
         tokens = batch * args.new_tokens
-        rows.append({"batch": batch, **{f"{name} tokens/s": tokens / s for name, s in seconds.items()}})
+        rows.append({"threads": threads, "batch": batch, **same,
+                     **{f"{name} tokens/s": tokens / s for name, s in seconds.items()}})
         print(json.dumps(rows[-1]), flush=True)
+    for decoder in compiled.values():
+        decoder.model.clear_cache()
     return rows
 
 
@@ -196,27 +224,33 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts, one after another")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled rows")
     parser.add_argument("--windows", type=int, default=20, help="held-out windows for the loss")
     parser.add_argument("--continuations", type=int, default=8, help="greedy continuations compared")
     parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[0])
     load_before = os.getloadavg()
 
     model, folder = load_or_build(args)
     int8 = quantize_int8(model)
     theirs = hf_model_like(model.config, model.state_dict()).eval()
     llama = None
-    if args.llama_cpp:
+    if args.llama_cpp and importlib.util.find_spec("llama_cpp") is None:
+        print("# llama.cpp skipped: llama_cpp is not importable (the [llama] extra: llama-cpp-python; or its "
+              "python package on PYTHONPATH with LLAMA_CPP_LIB_PATH naming a built libllama, see docs/DEPLOY.md)")
+    elif args.llama_cpp:
         gguf_dir = Path(tempfile.mkdtemp(prefix="bench_deploy_gguf_"))
         path = export_gguf(folder, gguf_dir / "model-q8_0.gguf", "q8_0")
         llama = LlamaCppGreedy(path, max(args.batches + [args.continuations]),
-                               max(args.prompt_len + args.new_tokens, model.config.max_seq_len) + 1, args.threads)
+                               max(args.prompt_len + args.new_tokens, model.config.max_seq_len) + 1,
+                               args.threads[0])
     result = {"model": str(args.checkpoint or args.preset), "params": model.num_params(), "threads": args.threads,
               "int8 kernel": int8.lm_head.kernel, "torch": torch.__version__, "machine": platform.processor(),
-              "load average before": load_before, "speed": speed(model, int8, theirs, llama, args)}
+              "load average before": load_before,
+              "speed": [row for threads in args.threads for row in speed(model, int8, theirs, llama, args, threads)]}
     if args.val_bin:
         result["quality"] = quality(model, int8, llama, args)
         print(json.dumps(result["quality"], indent=1))
@@ -227,11 +261,13 @@ def main(argv=None) -> None:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| batch | " + " | ".join(SIDES) + " | int8 / transformers |", "| --- |" + " ---: |" * (len(SIDES) + 1)]
+    lines = ["| threads | batch | " + " | ".join(SIDES) + " | int8 / transformers | int8 compiled / llama.cpp |",
+             "| --- | --- |" + " ---: |" * (len(SIDES) + 2)]
     for row in result["speed"]:
         cells = [f"{row.get(f'{name} tokens/s', float('nan')):,.1f}" for name in SIDES]
         ratio = row["lillm int8 tokens/s"] / row["transformers fp32 tokens/s"]
-        lines.append(f"| {row['batch']} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+        versus = row.get("lillm int8 compiled tokens/s", float("nan")) / row.get("llama.cpp q8_0 tokens/s", float("nan"))
+        lines.append(f"| {row['threads']} | {row['batch']} | " + " | ".join(cells) + f" | {ratio:.2f}x | {versus:.2f}x |")
     return "\n".join(lines)
 
 
