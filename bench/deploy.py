@@ -44,7 +44,7 @@ from lillm.config import get_preset
 from lillm.generate import StaticDecoder, generate
 from lillm.gguf import export_gguf
 from lillm.model import Transformer
-from lillm.quant import quantize_int8
+from lillm.quant import Int8Linear, quantize_int8
 from lillm.tokenizer import train_bpe
 
 SIDES = ("lillm fp32", "lillm int8", "lillm fp32 compiled", "lillm int8 compiled", "transformers fp32",
@@ -170,6 +170,49 @@ def speed(model, int8, theirs, llama, args, threads: int) -> list[dict]:
     return rows
 
 
+# ---- int8 kernels ---------------------------------------------------------------------------------
+def onednn_int8_linear(weight_int8: torch.Tensor, scales: torch.Tensor, rows: int):
+    """oneDNN's int8 linear (the kernel inductor's PT2E quantization lowers to) on plain int8 tensors,
+    activations rounded per call to 7-bit unsigned (as fbgemm does on AVX2, whose 16-bit pair sums
+    would saturate at 8 bits): the same arithmetic as lillm's fbgemm layer."""
+    packed = torch.ops.onednn.qlinear_prepack(weight_int8, [rows, weight_int8.shape[1]])
+    zeros = torch.zeros(len(scales), dtype=torch.int32)
+
+    def linear(x):
+        low, high = x.amin().clamp(max=0), x.amax().clamp(min=0)
+        step = ((high - low) / 127).clamp(min=1e-12)
+        zero = torch.round(-low / step).to(torch.int32)
+        quantized = torch.clamp(torch.round(x / step) + zero, 0, 127).to(torch.uint8)
+        return torch.ops.onednn.qlinear_pointwise.tensor(quantized, step, zero, packed, scales, zeros, None, 1.0, 0,
+                                                         torch.float32, "none", [], "")
+    return linear
+
+
+def kernel_calls(weight: torch.Tensor, x: torch.Tensor) -> dict:
+    fbgemm, weight_only = Int8Linear(weight, "fbgemm"), Int8Linear(weight, "weight-only")
+    onednn = onednn_int8_linear(fbgemm.weight_int8, fbgemm.scales, x.shape[0])
+    assert torch.allclose(onednn(x), fbgemm(x), atol=1e-5), "oneDNN and fbgemm should agree"
+    return {"fp32": lambda: F.linear(x, weight), "fbgemm": lambda: fbgemm(x),
+            "weight-only (_weight_int8pack_mm)": lambda: weight_only(x), "onednn qlinear": lambda: onednn(x)}
+
+
+def kernels(model, args, threads: int) -> list[dict]:
+    """Microseconds per call of each int8 kernel torch offers, at the model's projection shapes."""
+    torch.set_num_threads(threads)
+    cfg = model.config
+    shapes = {"q/o": (cfg.d_model, cfg.n_heads * cfg.head_dim), "gate/up": (cfg.d_model, cfg.d_ff),
+              "down": (cfg.d_ff, cfg.d_model), "head": (cfg.d_model, cfg.vocab_size)}
+    rows = []
+    for batch in args.batches:
+        for name, (inputs, outputs) in shapes.items():
+            seconds = time_alternating(kernel_calls(torch.randn(outputs, inputs) * 0.02, torch.randn(batch, inputs)),
+                                       repeats=50, warmup=5)
+            rows.append({"threads": threads, "batch": batch, "shape": name,
+                         **{kernel: 1e6 * statistics.median(times) for kernel, times in seconds.items()}})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 # ---- quality --------------------------------------------------------------------------------------
 def mean_loss(logits_of, windows: list[list[int]]) -> float:
     losses = [F.cross_entropy(torch.as_tensor(logits_of(w))[:-1].double(), torch.tensor(w[1:])).item() for w in windows]
@@ -226,6 +269,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts, one after another")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled rows")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also time each int8 kernel torch offers at the model's shapes (microseconds per call)")
     parser.add_argument("--windows", type=int, default=20, help="held-out windows for the loss")
     parser.add_argument("--continuations", type=int, default=8, help="greedy continuations compared")
     parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
@@ -251,11 +296,15 @@ def main(argv=None) -> None:
               "int8 kernel": int8.lm_head.kernel, "torch": torch.__version__, "machine": platform.processor(),
               "load average before": load_before,
               "speed": [row for threads in args.threads for row in speed(model, int8, theirs, llama, args, threads)]}
+    if args.kernels:
+        result["kernels"] = [row for threads in args.threads for row in kernels(model, args, threads)]
     if args.val_bin:
         result["quality"] = quality(model, int8, llama, args)
         print(json.dumps(result["quality"], indent=1))
     result["load average after"] = os.getloadavg()
     print(markdown(result))
+    if args.kernels:
+        print(kernel_markdown(result["kernels"]))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
 
@@ -268,6 +317,16 @@ def markdown(result: dict) -> str:
         ratio = row["lillm int8 tokens/s"] / row["transformers fp32 tokens/s"]
         versus = row.get("lillm int8 compiled tokens/s", float("nan")) / row.get("llama.cpp q8_0 tokens/s", float("nan"))
         lines.append(f"| {row['threads']} | {row['batch']} | " + " | ".join(cells) + f" | {ratio:.2f}x | {versus:.2f}x |")
+    return "\n".join(lines)
+
+
+def kernel_markdown(rows: list[dict]) -> str:
+    names = [key for key in rows[0] if key not in ("threads", "batch", "shape")]
+    lines = ["| threads | batch | shape | " + " | ".join(f"{name} (us)" for name in names) + " |",
+             "| --- | --- | --- |" + " ---: |" * len(names)]
+    for row in rows:
+        lines.append(f"| {row['threads']} | {row['batch']} | {row['shape']} | "
+                     + " | ".join(f"{row[name]:,.0f}" for name in names) + " |")
     return "\n".join(lines)
 
 

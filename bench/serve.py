@@ -7,7 +7,10 @@
 Each server runs as a process of its own on 127.0.0.1 (a free port), with the same threads and
 slots: lillm as `inference.py CKPT --serve --slots S [--quantize int8]`, llama.cpp as
 `llama-server -np S` on the same checkpoint exported to GGUF (lillm/gguf.py; q8_0 beside int8,
-f32 beside fp32). Without a llama-server its rows are skipped, with the reason printed.
+f32 beside fp32). Without a llama-server, llama-cpp-python's own server (`python -m
+llama_cpp.server`, the [llama] extra with its server dependencies) stands in: it decodes one
+request at a time (no slots), so it shows what continuous batching is worth rather than
+llama-server's level. Without either, the llama.cpp rows are skipped with the reason printed.
 
 The load: N clients (threads of this process, plain http.client) each wait a random time (so
 arrivals spread out instead of landing at once), send a streaming greedy /v1/completions request
@@ -22,12 +25,15 @@ text: queueing, prefill, one step) as median and p99; tokens/s per request (its 
 the first over the time since the first: the speed one user sees); tokens/s in all (every token
 over the wall time); and the server process's resident memory after the warm-up, at the end and
 at its peak (flat means no leak). Prompts cycle through a few short texts, so llama.cpp's prompt
-cache may reuse a slot's prefix; lillm prefills every prompt.
+cache may reuse a slot's prefix; lillm prefills every prompt. Without --checkpoint the model is
+the preset's shape with random weights and a small tokenizer's vocabulary (300 tokens; the work
+per token depends on the shape only, less the output head's rows).
 """
 from __future__ import annotations
 
 import argparse
 import http.client
+import importlib.util
 import json
 import os
 import platform
@@ -203,7 +209,7 @@ class Server:
                 raise RuntimeError(f"{self.name} exited ({self.process.returncode}); its log: {self.log}")
             try:
                 connection = http.client.HTTPConnection(LOOPBACK, self.port, timeout=5)
-                connection.request("GET", "/health")
+                connection.request("GET", "/v1/models")  # all three servers have it
                 if connection.getresponse().status == 200:
                     return
             except OSError:
@@ -235,6 +241,15 @@ def llama_server_path(flag: str | None) -> tuple[str | None, str]:
                   "built from the llama-cpp-python sdist's vendored llama.cpp: see docs/DEPLOY.md)")
 
 
+def llama_cpp_python_server() -> bool:
+    """Whether llama-cpp-python's server (and the packages it needs) can be imported."""
+    try:
+        return importlib.util.find_spec("llama_cpp.server.app") is not None and all(
+            importlib.util.find_spec(name) for name in ("uvicorn", "fastapi", "sse_starlette", "pydantic_settings"))
+    except ImportError:
+        return False
+
+
 def build_checkpoint(args, work: Path) -> Path:
     """The checkpoint folder to serve: --checkpoint, or the preset with random weights and a small tokenizer."""
     from lillm import checkpoint as ckpt
@@ -246,9 +261,11 @@ def build_checkpoint(args, work: Path) -> Path:
     from lillm.model import Transformer
     from lillm.tokenizer import train_bpe
     text = ["Habari za asubuhi, rafiki yangu.", "Ina kwana? Lafiya lau.", "Sawubona, unjani namhlanje?"] * 20
-    train_bpe(text, vocab_size=300, show_progress=False).save(work / "tokenizer.json")
+    tokenizer = train_bpe(text, vocab_size=300, show_progress=False)
+    tokenizer.save(work / "tokenizer.json")
     torch.manual_seed(0)
-    model = Transformer(get_preset(args.preset)).eval()
+    # The tokenizer's vocabulary, so every token the random model picks is text both servers can send.
+    model = Transformer(get_preset(args.preset, vocab_size=tokenizer.vocab_size)).eval()
     return ckpt.save_checkpoint(work / "ckpt", model, tokenizer_path=work / "tokenizer.json")
 
 
@@ -262,6 +279,12 @@ def lillm_command(args, folder: Path, port: int) -> list[str]:
 def llama_command(path: str, gguf: Path, args, context: int, port: int) -> list[str]:
     return [path, "-m", str(gguf), "--host", LOOPBACK, "--port", str(port), "-np", str(args.slots),
             "-c", str(args.slots * context), "-t", str(args.threads), "-tb", str(args.threads), "--no-webui"]
+
+
+def llama_python_command(gguf: Path, args, context: int, port: int) -> list[str]:
+    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", LOOPBACK, "--port", str(port),
+            "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", str(context),
+            "--interrupt_requests", "False"]  # its default: a new request interrupts the one streaming
 
 
 def markdown(rows: list[dict]) -> str:
@@ -298,13 +321,20 @@ def main(argv=None) -> list[dict]:
     llama_path, why_not = llama_server_path(args.llama_server) if args.llama_cpp else (None, "--no-llama-cpp")
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     folder = build_checkpoint(args, work)
-    context = json.loads((folder / "config.json").read_text())["max_seq_len"]
+    from lillm.checkpoint import read_config
+    context = read_config(folder).max_seq_len
     servers = [("lillm " + args.precision, lambda port: lillm_command(args, folder, port))]
-    if llama_path:
+    python_server = args.llama_cpp and not llama_path and llama_cpp_python_server()
+    if llama_path or python_server:
         from lillm.gguf import export_gguf
         kind = "q8_0" if args.precision == "int8" else "f32"
         gguf = export_gguf(folder, work / f"model-{kind}.gguf", kind)
-        servers.append((f"llama.cpp {kind}", lambda port: llama_command(llama_path, gguf, args, context, port)))
+        if llama_path:
+            servers.append((f"llama.cpp {kind}", lambda port: llama_command(llama_path, gguf, args, context, port)))
+        else:
+            print(f"# {why_not}; llama-cpp-python's server stands in (one request at a time)", flush=True)
+            servers.append((f"llama-cpp-python server {kind}",
+                            lambda port: llama_python_command(gguf, args, context, port)))
     else:
         print(f"# llama.cpp skipped: {why_not}", flush=True)
     load_before = os.getloadavg()

@@ -618,3 +618,16 @@ def test_the_load_test_counts_every_request_and_stops_by_itself(server):
     assert row["requests"] == len(load.results) > 3 and row["failed"] == 0
     assert all(r.first is not None and 1 <= r.tokens <= 4 for r in load.results)
     assert row["first_token_ms_p99"] >= row["first_token_ms_median"] > 0 and row["memory_mib_peak"] == 1
+
+
+@pytest.mark.slow
+def test_the_load_test_runs_lillm_and_llama_server_side_by_side(tmp_path):
+    """bench.serve end to end on the tiny preset: both servers as processes, no request failed."""
+    from bench.serve import llama_cpp_python_server, llama_server_path, main
+    path, why_not = llama_server_path(None)
+    if path is None and not llama_cpp_python_server():
+        pytest.skip(f"{why_not}; nor llama-cpp-python's server (the [llama] extra)")
+    rows = main(["--preset", "tiny", "--clients", "2", "--seconds", "3", "--max-tokens", "8", "--threads", "1",
+                 "--slots", "2", "--json", str(tmp_path / "load.json")])
+    assert rows[0]["server"] == "lillm int8" and rows[1]["server"].startswith(("llama.cpp", "llama-cpp-python"))
+    assert all(row["requests"] > 0 and row["failed"] == 0 for row in rows)
