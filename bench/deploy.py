@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from bench.harness import hf_model_like, time_alternating
 from lillm import checkpoint as ckpt
 from lillm.config import get_preset
+from lillm.errors import FlagError
 from lillm.generate import StaticDecoder, generate
 from lillm.gguf import export_gguf
 from lillm.model import Transformer
@@ -284,9 +285,10 @@ def main(argv=None) -> None:
     theirs = hf_model_like(model.config, model.state_dict()).eval()
     llama = None
     if args.llama_cpp and importlib.util.find_spec("llama_cpp") is None:
-        print("# llama.cpp skipped: llama_cpp is not importable (the [llama] extra: llama-cpp-python; or its "
-              "python package on PYTHONPATH with LLAMA_CPP_LIB_PATH naming a built libllama, see docs/DEPLOY.md)")
-    elif args.llama_cpp:
+        raise FlagError("llama.cpp's side needs llama-cpp-python: pip install -e '.[llama]', or its bindings on "
+                        "PYTHONPATH with LLAMA_CPP_LIB_PATH naming a built libllama (docs/DEPLOY.md), or pass "
+                        "--no-llama-cpp")
+    if args.llama_cpp:
         gguf_dir = Path(tempfile.mkdtemp(prefix="bench_deploy_gguf_"))
         path = export_gguf(folder, gguf_dir / "model-q8_0.gguf", "q8_0")
         llama = LlamaCppGreedy(path, max(args.batches + [args.continuations]),

@@ -66,11 +66,10 @@ import torch
 from .errors import ChatTemplateError, LillmError
 from .generate import sample_next
 from .model import Transformer
-from .tokenizer import Tokenizer
+from .tokenizer import ROLES, Tokenizer
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any context this model has holds as JSON
-ROLES = ("system", "user", "assistant")
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "stream_options",
                    "n", "user", "stop"}
 MAX_STOPS = 4  # OpenAI's limit on stop strings
