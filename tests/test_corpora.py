@@ -108,7 +108,7 @@ def test_unknown_corpus_name_lists_known_names():
 
 
 def test_registry_names_splits_and_formats_are_consistent():
-    assert {c.lang for c in CORPORA.values()} == {"swa", "hau", "zul", "xho"}
+    assert {c.lang for c in CORPORA.values()} == {"swa", "hau", "zul", "xho", "eng"}  # eng: translation sources
     for name, corpus in CORPORA.items():
         assert corpus.name == name and corpus.lang in name
         assert corpus.split in ("train", "dev", "test") and corpus.fmt in corpora.FORMATS
