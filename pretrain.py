@@ -21,7 +21,8 @@ from lillm.cli import (accumulation_steps, add_peft_args, add_training_args, app
 from lillm.config import PRESETS, get_preset
 from lillm.errors import BinFormatError, FlagError, TokenizerMismatchError
 from lillm.folders import check_run_folder
-from lillm.data import BinLoader, StepBatches, check_bins, load_meta
+from lillm.bin_format import check_bins, load_meta
+from lillm.data import BinLoader, StepBatches
 from lillm.model import Transformer
 from lillm.peft import describe
 from lillm.tokenizer import Tokenizer

@@ -30,7 +30,8 @@ import torch
 from bench import harness
 from lillm import checkpoint as ckpt
 from lillm.corpora import documents_for
-from lillm.data import BinLoader, iter_eval_batches, load_meta
+from lillm.bin_format import load_meta
+from lillm.data import BinLoader, iter_eval_batches
 from lillm.loss import causal_lm_loss
 from lillm.nf4 import NF4Linear, dequantize_nf4, error_bound, quantize_nf4
 from lillm.peft import METHODS, apply_peft, describe

@@ -32,7 +32,8 @@ from lillm.cli import (accumulation_steps, add_training_args, check_training_arg
                        train_config_from_args)
 from lillm.config import INKUBA_PARAMS
 from lillm.corpora import documents_for
-from lillm.data import BinLoader, StepBatches, token_dtype
+from lillm.bin_format import token_dtype
+from lillm.data import BinLoader, StepBatches
 from lillm.distill import distillation_loss
 from lillm.errors import InputFileError
 from lillm.folders import check_not_inside, check_output, check_run_folder, mark

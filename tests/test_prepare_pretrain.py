@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from lillm import bins
-from lillm.data import BinLoader, check_bins
+from lillm.bin_format import check_bins
+from lillm.data import BinLoader
 from lillm.tokenizer import Tokenizer, train_bpe
 
 from data import prepare_pretrain
