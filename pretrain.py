@@ -26,7 +26,7 @@ from lillm.data import BinLoader, StepBatches
 from lillm.model import Transformer
 from lillm.peft import describe
 from lillm.tokenizer import Tokenizer
-from lillm.vocab import train_only_new_rows
+from lillm.vocab_expand import train_only_new_rows
 from lillm.perplexity import bin_evaluator, unigram_bits_per_byte
 from lillm.train import setup_distributed, train
 
