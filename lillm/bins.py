@@ -52,16 +52,12 @@ import numpy as np
 from tqdm import tqdm
 
 from .bin_format import META_NAME, bin_name, token_dtype
-from .errors import BinFormatError, LillmError, SourceError
+from .errors import BinFormatError, EmptyCorpusError, SourceError
 from .sources import DEFAULT_KINDS, Source, open_dataset, parse_mix, require_columns, resolve_sources
 from .tokenizer import Tokenizer
 
 CHUNK_BYTES = 1 << 20   # text per task sent to a worker: big enough to hide pickling, small for memory
 DIGEST_BYTES = 16
-
-
-class EmptyCorpusError(LillmError):
-    """A source that gives no document once empty and duplicate ones are dropped."""
 
 
 # ---- encoding (in worker processes) ---------------------------------------------------------------

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .errors import ChatTemplateError, LillmError
+from .errors import ChatTemplateError, RequestError
 from .generate import generate_stream
 from .model import Transformer
 from .tokenizer import ROLES, Tokenizer
@@ -61,18 +61,6 @@ SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed
                    "n", "user"}
 CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt"}
-
-
-class RequestError(LillmError):
-    """A request the server refuses, with the HTTP status and the OpenAI error fields."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error", code: str | None = None):
-        super().__init__(message)
-        self.param, self.status, self.kind, self.code = param, status, kind, code
-
-    def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
 
 # ----------------------------------------------------------------------------- requests
