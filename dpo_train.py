@@ -14,10 +14,7 @@ evaluation the log gets the held-out pairs' loss, implicit rewards, margin and p
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
 from pathlib import Path
-
-import torch
 
 from lillm.cli import (
     accumulation_steps,
@@ -43,6 +40,7 @@ from lillm.dpo import (
     dpo_evaluator,
 )
 from lillm.errors import DPODataError, FlagError
+from lillm.memory import autocast_for
 from lillm.peft import describe
 from lillm.rows import cap_per_task, read_pairs
 from lillm.sft import BATCHING_CHOICES
@@ -90,8 +88,7 @@ def main(argv=None):
         dev_pairs, _ = build_pairs(tokenizer, cap_per_task(dev_rows, args.eval_limit), seq_len, "truncate", verbose=False)
     if dpo.needs_reference:  # the --init-from model (adapters off) IS the reference, before any step
         # In the precision the loop will run the policy in, so that policy = reference gives h = 0 exactly.
-        bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
-        with torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+        with autocast_for(args.precision, env.device):
             add_reference_logps(model, pairs + dev_pairs, args.micro_batch, tokenizer.pad_id, progress=env.is_main)
     evaluate = dpo_evaluator(dev_pairs, dpo, args.micro_batch, tokenizer.pad_id) if dev_pairs else None
 

@@ -24,6 +24,7 @@ import torch
 from . import checkpoint as ckpt
 from .errors import FlagError, InputFileError, LillmError, TokenizerMismatchError
 from .folders import check_run_folder
+from .memory import PRECISION_HELP, PRECISIONS
 
 from .peft import METHODS as PEFT_METHODS
 from .peft import apply_peft
@@ -47,9 +48,7 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--keep-last", type=int, default=2, help="step checkpoints to keep")
     g.add_argument("--log-every", type=int, default=10)
     g.add_argument("--max-bad-steps", type=int, default=5, help="non-finite steps in a row before stopping")
-    g.add_argument("--precision", choices=["auto", "bf16", "fp32", "bf16-true"], default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast over fp32 weights; bf16-true: "
-                        "weights, gradients and AdamW moments in bf16, stochastic rounding (half the memory)")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each transformer block in the backward pass: much less activation memory "
                         "for about a third more compute; losses and gradients unchanged")

@@ -40,7 +40,7 @@ from . import checkpoint as ckpt
 from .errors import TrainingDiverged
 from .folders import open_run_folder
 from .loss import causal_lm_loss  # the default loss_fn; SFT and distillation pass their own
-from .memory import BF16AdamW, checkpoint_blocks
+from .memory import BF16AdamW, autocast_for, checkpoint_blocks
 from .model import Transformer
 from .moe import router_metrics
 
@@ -340,8 +340,7 @@ def _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, i
         progress = Progress(**{k: state[k] for k in asdict(progress)})
         if env.is_main:
             print(f"resumed from {latest} at step {progress.step}")
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
-    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    autocast = autocast_for(cfg.precision, env.device)
     peak = device_peak_flops(env.device)
     log = RunLog(out, env.is_main)
     if resume:
