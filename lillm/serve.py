@@ -51,7 +51,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from .errors import ChatTemplateError, RequestError
-from .generate import generate_stream
+from .generate import TextStream, generate_stream
 from .model import Transformer
 from .tokenizer import ROLES, Tokenizer
 
@@ -236,23 +236,6 @@ def parse_request(body: dict, kind: str, tokenizer: Tokenizer, context: int, voc
 
 
 # ----------------------------------------------------------------------------- the worker
-class TextStream:
-    """Turns one row's token ids into text pieces. Decoding the whole row and sending the new suffix
-    keeps multi-byte characters whole (a byte-level token may hold half of one)."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
-
-    def piece(self, token: int | None = None, final: bool = False) -> str:
-        if token is not None:
-            self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd") and not final:  # wait for the rest of a split character
-            return ""
-        new, self.shown = text[len(self.shown):], text
-        return new
-
-
 class Engine:
     """The one thread that runs the model: requests queue up, greedy ones waiting together are batched."""
 
