@@ -392,7 +392,7 @@ def build_meta(tokenizer: Tokenizer, sources: list[Source], stats: dict, setting
     return meta
 
 
-def write_outputs(out_dir: Path, writers: dict, meta_for) -> dict:
+def publish_bins(out_dir: Path, writers: dict, meta_for) -> dict:
     """Bins then meta.json; the old meta.json goes first, so a crash in between leaves none."""
     for writer in writers.values():
         writer.close()
@@ -453,8 +453,8 @@ def write_bins(tokenizer_path, out_dir, sources: list[Source], val_fraction: flo
             results.close()
         check_counts(sources, stats, val_fraction)
         mixture = None if mix is None else achieved_mixture(sources, mix, stats, writer.ended_by)
-        return write_outputs(out_dir, writers,
-                             lambda shards: build_meta(tokenizer, sources, stats, settings, shards, mixture))
+        return publish_bins(out_dir, writers,
+                            lambda shards: build_meta(tokenizer, sources, stats, settings, shards, mixture))
     finally:
         for split_writer in writers.values():
             split_writer.discard()
