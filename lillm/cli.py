@@ -233,7 +233,8 @@ def load_finetuning_start(args):
     tokenizer_path = args.tokenizer or init / "tokenizer.json"
     tokenizer = Tokenizer.from_file(tokenizer_path)
     if args.tokenizer:
-        check_same_tokenizer(tokenizer, init, args.allow_tokenizer_change)
+        check_tokenizer_change(init, tokenizer.sha256, f"--tokenizer {tokenizer.source}",
+                               "leave --tokenizer out to use the checkpoint's", args.allow_tokenizer_change)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise TokenizerMismatchError(
             f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but {init} has vocab_size "
@@ -245,15 +246,15 @@ def load_finetuning_start(args):
     return init, model, tokenizer_path, tokenizer, seq_len
 
 
-def check_same_tokenizer(tokenizer: Tokenizer, init: Path, allow: bool) -> None:
-    """--tokenizer must be the checkpoint's own tokenizer (same hash), unless the change is asked for."""
+def check_tokenizer_change(init: Path, sha256: str, given: str, fix: str, allow: bool) -> None:
+    """A run from --init-from must use the tokenizer the checkpoint was trained with (same hash), unless
+    the change is asked for (--allow-tokenizer-change): `given` names the other tokenizer, `fix` the way back."""
     own = init / "tokenizer.json"
     theirs = ckpt.tokenizer_sha256(own) if own.is_file() else None
-    if theirs is None or theirs == tokenizer.sha256:
+    if theirs is None or theirs == sha256:
         return
-    message = (f"--tokenizer {tokenizer.source} (sha256 {tokenizer.sha256[:16]}...) is not the tokenizer {init} "
-               f"was trained with ({own}, sha256 {theirs[:16]}...)")
+    message = (f"{given} (sha256 {sha256[:16]}...) is not the tokenizer --init-from {init} was trained with "
+               f"({own}, sha256 {theirs[:16]}...)")
     if not allow:
-        raise TokenizerMismatchError(f"{message}; leave --tokenizer out to use the checkpoint's, or pass "
-                                     "--allow-tokenizer-change if the change is deliberate")
+        raise TokenizerMismatchError(f"{message}; {fix}, or pass --allow-tokenizer-change if the change is deliberate")
     print(f"warning: {message}; continuing because --allow-tokenizer-change was given", file=sys.stderr)
