@@ -14,6 +14,7 @@ evaluation the log gets the held-out pairs' loss, implicit rewards, margin and p
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from lillm.cli import (
@@ -28,6 +29,7 @@ from lillm.cli import (
     print_summary,
     run_main,
     train_config_from_args,
+    FinetuningRun,
 )
 from lillm.dpo import (
     LOSS_TYPES,
@@ -45,6 +47,13 @@ from lillm.peft import describe
 from lillm.rows import cap_per_task, read_pairs
 from lillm.sft import BATCHING_CHOICES
 from lillm.train import setup_distributed, train
+
+
+@dataclass
+class DPORun(FinetuningRun):
+    """What a DPO checkpoint records of its stage (TrainConfig.settings)."""
+    objective: DPOConfig
+    pairs: dict  # rows read, kept and dropped (lillm.dpo.build_pairs)
 
 
 def main(argv=None):
@@ -96,11 +105,9 @@ def main(argv=None):
                                unit="packed rows" if args.batching == "pack" else "pairs")
     source = PreferenceBatches(pairs, args.micro_batch, accum, args.batching, seq_len, tokenizer.pad_id,
                                seed=args.seed, rank=env.rank, world=env.world)
-    cfg = train_config_from_args(args, stage="dpo", data=str(data), init_from=str(init), tasks=args.tasks,
-                                 seq_len=seq_len, batching=args.batching, global_batch=args.global_batch,
-                                 loss=dpo.loss_type, beta=dpo.beta, label_smoothing=dpo.label_smoothing,
-                                 gamma=dpo.gamma, too_long=args.too_long, pairs=stats)
-    cfg.flops_per_token = model.config.flops_per_token(seq_len)
+    settings = DPORun(str(data), str(init), args.tasks, seq_len, args.batching, args.global_batch, args.too_long,
+                      dpo, stats)
+    cfg = train_config_from_args(args, seq_len, settings)
     if env.is_main:
         print(f"model: {init}, {model.num_params():,} parameters; {len(pairs):,} pairs ({args.batching}, seq_len "
               f"{seq_len}), {len(dev_pairs):,} dev pairs; {dpo.loss_type} beta {dpo.beta}; micro batch "

@@ -10,6 +10,7 @@ Batches come from lillm.data.BinLoader, the loop is lillm.train.train (shared wi
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +30,15 @@ from lillm.tokenizer import Tokenizer
 from lillm.vocab_expand import train_only_new_rows
 from lillm.perplexity import bin_evaluator, unigram_bits_per_byte
 from lillm.train import setup_distributed, train
+
+
+@dataclass
+class PretrainRun:
+    """What a pretraining checkpoint records of its stage (TrainConfig.settings)."""
+    data: str
+    preset: str
+    seq_len: int
+    global_batch_tokens: int
 
 
 def build_model(args, vocab_size: int) -> tuple[Transformer, str]:
@@ -136,9 +146,7 @@ def main(argv=None):
                              meta["splits"]["val"]["bytes_per_token"], env.device) if evaluating else None
     # the baseline is computed now, not after training, so a problem with it costs no training time
     baseline = {"unigram_val_bpb": round(unigram_bits_per_byte(data, meta), 5)} if "val" in meta["splits"] else {}
-    cfg = train_config_from_args(args, stage="pretrain", data=str(data), preset=args.preset, seq_len=seq_len,
-                                 global_batch_tokens=args.global_batch_tokens)
-    cfg.flops_per_token = model.config.flops_per_token(seq_len)
+    cfg = train_config_from_args(args, seq_len, PretrainRun(str(data), args.preset, seq_len, args.global_batch_tokens))
     if env.is_main:
         active = model.config.active_params() if model.config.n_experts else None  # a mixture of experts
         print(f"model: {origin}, {model.num_params():,} parameters{f' ({active:,} active)' if active else ''}; "
