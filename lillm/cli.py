@@ -30,7 +30,8 @@ from .options import add_flags, at_least, check_flags, from_flags
 from .peft import METHODS as PEFT_METHODS
 from .peft import apply_peft
 from .tokenizer import Tokenizer
-from .train import Dist, TrainConfig
+from .muon import muon_conflict
+from .train import Dist, TrainConfig, decay_start
 
 
 def add_training_args(parser: argparse.ArgumentParser, **defaults) -> None:
@@ -123,6 +124,15 @@ def check_training_args(args, allow_zero_steps: bool = False) -> None:
     """Every flag of add_training_args checked before the first step, each refusal naming its flag."""
     check_flags(TrainConfig, args, {"max_steps": at_least(0)} if allow_zero_steps else None)
     need(args.micro_batch >= 1, "--micro-batch", args.micro_batch, "must be at least 1")
+    if args.schedule == "wsd":  # a check across two flags
+        stable_end = decay_start(args.max_steps, args.decay_fraction)
+        need(args.warmup_steps <= stable_end, "--warmup-steps", args.warmup_steps,
+             f"must end before the decay begins (step {stable_end} of --max-steps {args.max_steps} with "
+             f"--decay-fraction {args.decay_fraction})", "lower --warmup-steps or --decay-fraction")
+    if args.optimizer == "muon":
+        conflict = muon_conflict(args.precision, getattr(args, "peft", "none"))
+        if conflict:
+            raise FlagError(conflict)
     check_device(args.device)
     if getattr(args, "peft", "none") != "none":
         need(args.lora_rank >= 1, "--lora-rank", args.lora_rank, "must be at least 1")
