@@ -20,7 +20,7 @@ top-p (Holtzman et al., 2019, "The Curious Case of Neural Text Degeneration") ke
 the smallest set whose probability reaches p. Temperature 0 is greedy.
 
 Streaming: `TextStream` turns the tokens of a row into text as they arrive (inference.py prints
-them, lillm/serve.py sends them), never splitting a character.
+them, lillm/batching.py streams them to the server), never splitting a character.
 """
 from __future__ import annotations
 
