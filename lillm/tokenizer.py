@@ -163,7 +163,10 @@ class Tokenizer:
         eos = self._require(self.eos_id, "</s>")
         ids, mask = [bos], [0]
         for index, message in enumerate(messages):
-            role, content = _check_message(index, message)
+            problem = message_problem(index, message)
+            if problem is not None:
+                raise ChatTemplateError(problem)
+            role, content = message["role"], message["content"]
             content_ids = self.encode(content)
             trained = 1 if role == "assistant" else 0
             ids += [self.role_id(role)] + content_ids + [eos]
@@ -174,16 +177,19 @@ class Tokenizer:
         return ids, mask
 
 
-def _check_message(index: int, message) -> tuple[str, str]:
-    if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-        raise ChatTemplateError(f"message {index} must be a dict with 'role' and 'content', got {message!r}")
-    role, content = message["role"], message["content"]
-    if role not in ROLES:
-        raise ChatTemplateError(f"message {index} has role {role!r}; the roles are {', '.join(ROLES)}")
-    if not isinstance(content, str):
-        raise ChatTemplateError(f"message {index} ({role}) has content of type {type(content).__name__}; "
-                                f"content must be a string")
-    return role, content
+def message_problem(index: int, message) -> str | None:
+    """What is wrong with one chat message, {"role": one of ROLES, "content": a string}, or None.
+    The one check of a message: the chat template, every reader of rows and the server use it."""
+    if not isinstance(message, Mapping):
+        return f"message {index} is not an object with 'role' and 'content'"
+    if "role" not in message:
+        return f"message {index} has no 'role' (one of {', '.join(ROLES)})"
+    if message["role"] not in ROLES:
+        return f"message {index} has unknown role {message['role']!r} (roles: {', '.join(ROLES)})"
+    if not isinstance(message.get("content"), str):
+        kind = type(message.get("content")).__name__
+        return f"message {index} ({message['role']}) has content of type {kind}, not a string"
+    return None
 
 
 # ----------------------------------------------------------------------------- training
