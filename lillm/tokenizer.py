@@ -192,6 +192,22 @@ def message_problem(index: int, message) -> str | None:
     return None
 
 
+def bpe_json(backend: tokenizers.Tokenizer) -> tuple[dict, str | None]:
+    """A tokenizer's JSON, and why lillm cannot change its vocabulary (None when it can): growing and
+    shrinking work on a plain BPE model (words start from plain characters) with ids 0..n-1."""
+    data = json.loads(backend.to_str())
+    model = data.get("model", {})
+    if model.get("type") != "BPE":
+        return data, f"this tokenizer's model is {model.get('type')!r}; use a BPE tokenizer.json"
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return data, ("BPE with continuing_subword_prefix / end_of_word_suffix is not supported (its words do not "
+                      "start from plain characters)")
+    ids = sorted(set(model["vocab"].values()) | {t["id"] for t in data.get("added_tokens", [])})
+    if ids != list(range(len(ids))):
+        return data, f"token ids are not contiguous 0..{len(ids) - 1}; renumber the tokenizer first"
+    return data, None
+
+
 # ----------------------------------------------------------------------------- training
 
 def _empty_byte_level_bpe() -> tokenizers.Tokenizer:
