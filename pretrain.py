@@ -10,24 +10,35 @@ Batches come from lillm.data.BinLoader, the loop is lillm.train.train (shared wi
 from __future__ import annotations
 
 import argparse
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lillm import checkpoint as ckpt
 from lillm.cli import (accumulation_steps, add_peft_args, add_training_args, apply_peft_from_args,
-                       check_training_args, finish, need, print_summary, run_main, train_config_from_args)
+                       check_tokenizer_change, check_training_args, finish, need, print_summary, run_main,
+                       train_config_from_args)
 from lillm.config import PRESETS, get_preset
 from lillm.errors import BinFormatError, FlagError, TokenizerMismatchError
 from lillm.folders import check_run_folder
-from lillm.data import BinLoader, StepBatches, check_bins, load_meta
+from lillm.bin_format import check_bins, load_meta
+from lillm.data import BinLoader, StepBatches
 from lillm.model import Transformer
 from lillm.peft import describe
 from lillm.tokenizer import Tokenizer
-from lillm.vocab import train_only_new_rows
+from lillm.vocab_expand import train_only_new_rows
 from lillm.perplexity import bin_evaluator, unigram_bits_per_byte
 from lillm.train import setup_distributed, train
+
+
+@dataclass
+class PretrainRun:
+    """What a pretraining checkpoint records of its stage (TrainConfig.settings)."""
+    data: str
+    preset: str
+    seq_len: int
+    global_batch_tokens: int
 
 
 def build_model(args, vocab_size: int) -> tuple[Transformer, str]:
@@ -82,20 +93,6 @@ def check_splits(data: Path, meta: dict, tokenizer: Tokenizer, args) -> bool:
     return args.eval_every > 0
 
 
-def check_init_tokenizer(args, meta: dict) -> None:
-    """--init-from's tokenizer must be the bins' one (same hash), unless the change is asked for."""
-    folder = ckpt.resolve_checkpoint(args.init_from)
-    theirs = ckpt.tokenizer_sha256(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
-    if theirs is None or theirs == meta["tokenizer_sha256"]:
-        return
-    message = (f"--init-from {folder} was trained with tokenizer sha256 {theirs[:16]}..., but the bins in "
-               f"{args.data} were made with sha256 {meta['tokenizer_sha256'][:16]}... ({meta.get('tokenizer_path')})")
-    if not args.allow_tokenizer_change:
-        raise TokenizerMismatchError(f"{message}; prepare the bins with {folder / 'tokenizer.json'}, or pass "
-                                     "--allow-tokenizer-change if the change is deliberate")
-    print(f"warning: {message}; continuing because --allow-tokenizer-change was given", file=sys.stderr)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="out/data", help="folder with train.bin, val.bin, meta.json")
@@ -128,8 +125,11 @@ def main(argv=None):
     tokenizer = Tokenizer.from_file(tokenizer_path)
     check_bins(data, tokenizer)
     evaluating = check_splits(data, meta, tokenizer, args)
-    if args.init_from:
-        check_init_tokenizer(args, meta)
+    if args.init_from:  # the bins' tokenizer must be the one the checkpoint was trained with
+        init = ckpt.resolve_checkpoint(args.init_from)
+        check_tokenizer_change(init, meta["tokenizer_sha256"], f"the tokenizer of the bins in {args.data} "
+                               f"({meta.get('tokenizer_path')})", f"prepare the bins with {init / 'tokenizer.json'}",
+                               args.allow_tokenizer_change)
     model, origin = build_model(args, tokenizer.vocab_size)
     model = apply_peft_from_args(model, args)
     if args.train_new_rows_from is not None:
@@ -146,9 +146,7 @@ def main(argv=None):
                              meta["splits"]["val"]["bytes_per_token"], env.device) if evaluating else None
     # the baseline is computed now, not after training, so a problem with it costs no training time
     baseline = {"unigram_val_bpb": round(unigram_bits_per_byte(data, meta), 5)} if "val" in meta["splits"] else {}
-    cfg = train_config_from_args(args, stage="pretrain", data=str(data), preset=args.preset, seq_len=seq_len,
-                                 global_batch_tokens=args.global_batch_tokens)
-    cfg.flops_per_token = model.config.flops_per_token(seq_len)
+    cfg = train_config_from_args(args, seq_len, PretrainRun(str(data), args.preset, seq_len, args.global_batch_tokens))
     if env.is_main:
         active = model.config.active_params() if model.config.n_experts else None  # a mixture of experts
         print(f"model: {origin}, {model.num_params():,} parameters{f' ({active:,} active)' if active else ''}; "

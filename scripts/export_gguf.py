@@ -14,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from lillm.gguf import TYPES, GGUFExportError, export_gguf
+from lillm.errors import GGUFExportError
+from lillm.gguf import TYPES, export_gguf
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,7 @@ from lillm import checkpoint as ckpt
 from lillm import folders
 from lillm.cli import run_main
 from lillm.config import get_preset
-from lillm.data import check_bins, load_meta
+from lillm.bin_format import check_bins, load_meta
 from lillm.errors import MissingMetaError, OutputFolderError, RunLockedError
 from lillm.model import Transformer
 from lillm.tokenizer import train_bpe
