@@ -25,7 +25,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from lillm.checkpoint import write_text_atomic
+from lillm.folders import write_text_atomic
 from lillm.corpora import CORPORA, FORMATS, HUB_CORPORA, LANGS, data_dir, documents_for, read_documents
 from lillm.cli import need, run_main
 from lillm.errors import InputFileError, OutputFolderError

@@ -13,17 +13,19 @@ our train pairs, their dev split our held-out pairs):
 User files: .jsonl rows {"prompt" or "messages", "chosen", "rejected"}, or .parquet / .json / .csv
 in the same layout read through the `datasets` library's local loaders (a Hugging Face preference
 dataset downloaded as files). The logic is lillm.dpo's; this script only chooses and writes.
-Files are written to temporary names and renamed; stats.json counts pairs per split and task.
+--out is a lillm DPO data folder (lillm/folders.py): a folder holding other files, or any other
+lillm folder (the --sft-data folder included), is refused; an earlier DPO folder is replaced only
+with --overwrite. Files are written to temporary names and renamed; stats.json counts pairs per
+split and task.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from lillm import checkpoint as ckpt
-from lillm.errors import LillmError
+from lillm.cli import run_main
 from lillm.dpo import (
     DPODataError,
     classification_pairs,
@@ -31,6 +33,8 @@ from lillm.dpo import (
     translation_pairs,
     write_jsonl_atomic,
 )
+from lillm.errors import FlagError
+from lillm.folders import check_output, claim_output, write_text_atomic
 from lillm.sft import read_conversations
 from lillm.tokenizer import Tokenizer
 
@@ -68,9 +72,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed row of --files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an earlier DPO data folder (replaces only its .jsonl files and stats.json)")
     args = parser.parse_args(argv)
     if not args.sft_data and not args.files:
-        parser.error("nothing to build from: give --sft-data (challenge conversations) and/or --files")
+        raise FlagError("nothing to build from: give --sft-data (challenge conversations) and/or --files")
+    reads = {"--sft-data": args.sft_data, "--model": args.model, "--files": args.files, "--dev-files": args.dev_files}
+    check_output(args.out, "dpo-data", overwrite=args.overwrite, reads=reads)  # before any reading or sampling
 
     model = tokenizer = None
     if args.model:
@@ -105,8 +113,7 @@ def main(argv=None) -> dict:
     if not any(splits.values()):
         raise DPODataError("no preference pairs were made: check --sft-data, --tasks, --model and --files")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output(args.out, "dpo-data", overwrite=args.overwrite, reads=reads)
     for split, rows in splits.items():
         write_jsonl_atomic(out / f"{split}.jsonl", rows)
         counts: dict[str, int] = {}
@@ -117,13 +124,9 @@ def main(argv=None) -> dict:
         print(f"{split}: {len(rows):,} pairs -> {out / (split + '.jsonl')}")
     stats.update(sft_data=args.sft_data, model=args.model, seed=args.seed, negatives=args.negatives,
                  samples=args.samples, temperature=args.temperature, files=args.files, dev_files=args.dev_files)
-    ckpt.write_text_atomic(out / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     return stats
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (LillmError, FileNotFoundError) as error:  # bad input: one line, status 2
-        print(f"prepare_dpo.py: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

@@ -45,10 +45,10 @@ from pathlib import Path
 from typing import Iterator
 
 
-from lillm.checkpoint import write_text_atomic
+from lillm.folders import write_text_atomic
 from lillm.corpora import CORPORA, data_dir as resolve_data_dir
 from lillm.cli import run_main
-from lillm.errors import LillmError
+from lillm.errors import InputFileError, LillmError
 from lillm.folders import check_output, claim_output
 from lillm.sft import row_problem
 from lillm.sources import ColumnMap, conversations, file_source, hub_source
@@ -128,7 +128,7 @@ class SFTSourceError(LillmError):
 # ---- reading the sources: each yields (row id, input, answer, label or None) ---------------------
 def _table(path: Path, delimiter: str = ",") -> list[dict]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; see docs/DATA.md, or leave its task out with --tasks")
+        raise InputFileError(f"{path} not found; see docs/DATA.md, or leave its task out with --tasks")
     csv.field_size_limit(2**31 - 1)
     with open(path, encoding="utf-8-sig", newline="") as f:
         return list(csv.DictReader(f, delimiter=delimiter))
@@ -145,7 +145,7 @@ def read_translation(root: Path, lang: str, split: str) -> Iterator[tuple]:
     source = target.with_suffix(".en")
     for path in (source, target):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found; see docs/DATA.md, or leave translation out with --tasks")
+            raise InputFileError(f"{path} not found; see docs/DATA.md, or leave translation out with --tasks")
     english = source.read_text(encoding="utf-8-sig").splitlines()
     translated = target.read_text(encoding="utf-8-sig").splitlines()
     if len(english) != len(translated):

@@ -94,19 +94,6 @@ def load_weights(model: Transformer, tensors: dict[str, torch.Tensor], source: s
             target.copy_(tensors[name])
 
 
-# ---- atomic files and folders -----------------------------------------------------------
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a text file (a report, a JSON file) so that readers see the old or the new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
 # ---- atomic folders ---------------------------------------------------------------
 def replace_folder(tmp: Path, final: Path, kind: str = "checkpoint", overwrite: bool = False) -> None:
     """Move a finished tmp folder into place. An existing `final` is replaced only when it is lillm's

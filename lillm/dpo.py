@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import DPODataError
+from .errors import DPODataError, InputFileError
 from .sft import (
     IGNORE_INDEX,
     SFTBatches,
@@ -556,7 +556,7 @@ def read_user_pairs(path: str | Path, strict: bool = False) -> tuple[list[dict],
         raise DPODataError(f"{path}: unknown file type {path.suffix!r}; give .jsonl, .parquet, .json or .csv "
                            "with prompt (or messages), chosen and rejected")
     if not path.is_file():
-        raise FileNotFoundError(f"preference file {path} does not exist")
+        raise InputFileError(f"preference file {path} does not exist; check the path given to --files")
     try:
         if path.suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -581,6 +581,6 @@ def read_user_pairs(path: str | Path, strict: bool = False) -> tuple[list[dict],
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    from .checkpoint import write_text_atomic
+    from .folders import write_text_atomic
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 

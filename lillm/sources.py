@@ -30,7 +30,7 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 from .corpora import CORPORA, HUB_CORPORA, data_dir as resolve_data_dir, read_documents, select_corpora
-from .errors import CorpusFormatError, HubUnavailableError, SourceError
+from .errors import CorpusFormatError, HubUnavailableError, InputFileError, SourceError
 
 TEXT_FORMATS = {".txt": "txt", ".tsv": "tsv", ".csv": "csv", ".conll": "conll"}
 DATASET_FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json",
@@ -252,18 +252,18 @@ def resolve_sources(langs=(), corpora=None, files=None, text_column=None, data_d
         if source.reads_with_datasets or source.path.exists():
             continue
         if source.name in CORPORA:
-            raise FileNotFoundError(f"corpus {source.name}: {source.path} not found; check --data-dir / "
+            raise InputFileError(f"corpus {source.name}: {source.path} not found; check --data-dir / "
                                     f"$LILLM_DATA_DIR (the data folder, see SOURCES.md there)")
-        raise FileNotFoundError(f"{source.path} not found (given with --files); check the path")
+        raise InputFileError(f"{source.path} not found (given with --files); check the path")
     for source in chosen:
         if source.fmt in ("json", "parquet", "arrow", "disk") and not source.needs_network and not source.path.exists():
-            raise FileNotFoundError(f"{source.path} not found (given with --files); check the path")
+            raise InputFileError(f"{source.path} not found (given with --files); check the path")
     names = [source.name for source in chosen]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise SourceError(f"source(s) {repeated} given twice; name each corpus or file once")
     if not chosen:
-        raise FileNotFoundError(f"no corpus file found for langs={langs}; check --data-dir / $LILLM_DATA_DIR")
+        raise InputFileError(f"no corpus file found for langs={langs}; check --data-dir / $LILLM_DATA_DIR")
     doc_limits = parse_budgets(max_docs, "--max-docs", names)
     token_limits = parse_budgets(max_tokens, "--max-tokens", names)
     return [Source(**{**source.__dict__, "max_docs": doc_limits.get(source.name, source.max_docs),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -29,6 +28,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from .errors import ChatTemplateError, InputFileError, TokenizerFileError
+from .folders import write_text_atomic
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 ROLES = ("system", "user", "assistant")
@@ -68,17 +68,10 @@ class Tokenizer:
         return cls(backend, str(path))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write tokenizer.json atomically (temporary file, then os.replace)."""
+        """Write tokenizer.json atomically (a hidden temporary file, then a rename: lillm.folders)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.backend.to_str(pretty=True))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, self.backend.to_str(pretty=True))
 
     @property
     def sha256(self) -> str:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .errors import TrainingDiverged
+from .errors import FlagError, TrainingDiverged
 from .folders import open_run_folder
 from .loss import causal_lm_loss  # the default loss_fn; SFT and distillation pass their own
 from .memory import BF16AdamW, checkpoint_blocks
@@ -272,7 +272,7 @@ def _wrap(model: torch.nn.Module, env: Dist, cfg: TrainConfig) -> torch.nn.Modul
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
         if env.world == 1:
-            raise ValueError("--fsdp shards a model across processes: launch with torchrun --nproc_per_node=N (N > 1)")
+            raise FlagError("--fsdp shards a model across processes: launch with torchrun --nproc_per_node=N (N > 1)")
         if not model.config.shared_mlp:  # a module shared by every block can only be sharded once, at the root
             for block in model.model.layers:
                 fully_shard(block)

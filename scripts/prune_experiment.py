@@ -37,7 +37,9 @@ from lillm.prune import buzuzu_random_prune, first_n, prune_to_shape
 from lillm.loss import causal_lm_loss
 from lillm.perplexity import bin_evaluator
 from lillm.train import Dist, TrainConfig, train
-from lillm.cli import run_main
+from lillm.cli import need, run_main
+from lillm.errors import TokenizerMismatchError
+from lillm.folders import claim_output, write_text_atomic
 
 ARMS = ("buzuzu", "random", "importance", "scratch")
 
@@ -69,12 +71,15 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (1 is often fastest on a CPU shared with other jobs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run again in an earlier experiment folder (replaces its runs and results, nothing else)")
     return p.parse_args(argv)
 
 
 def train_config(args, out: Path, steps: int) -> TrainConfig:
     return TrainConfig(out_dir=str(out), max_steps=steps, lr=args.lr, warmup_steps=args.warmup_steps,
-                       eval_every=steps, save_every=0, keep_last=1, log_every=10, seed=args.seed)
+                       eval_every=steps, save_every=0, keep_last=1, log_every=10, seed=args.seed,
+                       overwrite=args.overwrite)
 
 
 def batches(args, meta: dict, data: Path, device) -> StepBatches:
@@ -86,11 +91,10 @@ def batches(args, meta: dict, data: Path, device) -> StepBatches:
 
 def load_or_pretrain_teacher(args, meta: dict, data: Path, env: Dist, evaluate) -> Transformer:
     if args.teacher:
-        folder = Path(args.teacher)
-        folder = folder if (folder / "config.json").is_file() else ckpt.list_checkpoints(folder)[-1]
+        folder = ckpt.resolve_checkpoint(args.teacher)
         teacher = ckpt.load_model(folder)
         if teacher.config.vocab_size != meta["vocab_size"]:
-            raise ValueError(f"--teacher {folder} has vocab_size {teacher.config.vocab_size} but the bins in {data} "
+            raise TokenizerMismatchError(f"--teacher {folder} has vocab_size {teacher.config.vocab_size} but the bins in {data} "
                              f"have {meta['vocab_size']}; use bins made with the teacher's tokenizer.json")
         return teacher
     torch.manual_seed(args.seed)
@@ -136,12 +140,12 @@ def markdown_table(results: dict, teacher_row: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.batch % args.micro_batch:
-        raise ValueError(f"--batch {args.batch} must be a multiple of --micro-batch {args.micro_batch}")
+    need(args.batch % args.micro_batch == 0, "--batch", args.batch, f"must be a multiple of --micro-batch "
+         f"{args.micro_batch}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    data, out, env = Path(args.data), Path(args.out), Dist(device=torch.device(args.device))
-    out.mkdir(parents=True, exist_ok=True)
+    data, env = Path(args.data), Dist(device=torch.device(args.device))
+    out = claim_output(args.out, "experiment", overwrite=args.overwrite, reads={"--data": data, "--teacher": args.teacher})
     meta = load_meta(data)
     evaluate = bin_evaluator(data / "val.bin", args.seq_len, args.micro_batch, args.eval_batches,
                              meta["splits"]["val"]["bytes_per_token"], env.device)
@@ -171,10 +175,10 @@ def main(argv=None) -> dict:
                                         "val_loss_after": metrics["val_loss"],
                                         "minutes": (time.perf_counter() - start) / 60}
             print(json.dumps({f"{arm}/{heal}": results[f"{arm}/{heal}"]}))
-            ckpt.write_text_atomic(path, json.dumps({"args": vars(args), "teacher": teacher_row, "target": target.to_dict(),
+            write_text_atomic(path, json.dumps({"args": vars(args), "teacher": teacher_row, "target": target.to_dict(),
                                            "results": results}, indent=2) + "\n")
     table = markdown_table(results, teacher_row)
-    ckpt.write_text_atomic(out / "results.md", table)
+    write_text_atomic(out / "results.md", table)
     print(table)
     return results
 

@@ -35,7 +35,7 @@ from lillm.corpora import documents_for
 from lillm.data import BinLoader, StepBatches, token_dtype
 from lillm.distill import distillation_loss
 from lillm.errors import InputFileError
-from lillm.folders import check_not_inside, check_output, check_run_folder, mark
+from lillm.folders import check_not_inside, check_output, check_run_folder, mark, write_text_atomic
 from lillm.hf import import_llama
 from lillm.importance import (activation_importance, block_influence, random_importance, top_layers,
                               weight_importance)
@@ -317,8 +317,8 @@ def main(argv=None) -> dict:
     report = shrinker.report
     ckpt.save_checkpoint(out, shrinker.model.cpu(), tokenizer_path, info={"stage": "shrink", "report": report},
                          overwrite=args.overwrite)
-    ckpt.write_text_atomic(out / "shrink_report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    ckpt.write_text_atomic(out / "shrink_report.md", render_report(report))
+    write_text_atomic(out / "shrink_report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "shrink_report.md", render_report(report))
     print(render_report(report))
     return report
 
