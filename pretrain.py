@@ -58,7 +58,8 @@ def check_args(args) -> None:
          "use --eval-every 0 to train without evaluation")
     if args.train_new_rows_from is not None:
         need(args.train_new_rows_from >= 0, "--train-new-rows-from", args.train_new_rows_from, "must be 0 or more")
-    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite,
+                     reads={"--data": args.data, "--init-from": args.init_from, "--tokenizer": args.tokenizer})
 
 
 def check_splits(data: Path, meta: dict, tokenizer: Tokenizer, args) -> bool:

@@ -25,10 +25,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from lillm.folders import write_text_atomic
+from lillm.folders import check_output_file, write_text_atomic
 from lillm.corpora import CORPORA, FORMATS, HUB_CORPORA, LANGS, data_dir, documents_for, read_documents
 from lillm.cli import need, run_main
-from lillm.errors import InputFileError, OutputFolderError
+from lillm.errors import InputFileError
 from lillm.sources import TEXT_FORMATS, budgeted, file_source, hub_source, registered_source
 from lillm.tokenizer import Tokenizer, fertility_report, load_lenient, train_bpe
 
@@ -151,13 +151,14 @@ def check_args(args: argparse.Namespace) -> None:
                                  f"list the files in it instead")
         if not path.exists():
             raise InputFileError(f"--files {path} does not exist; check the path")
-    out = Path(args.out)
-    if out.is_dir():
-        raise OutputFolderError(f"--out {out} is a folder; give the path of the tokenizer.json file to write, "
-                                f"e.g. {out / 'tokenizer.json'}")
-    if out.exists() and not args.overwrite:
-        raise OutputFolderError(f"--out {out} already exists; pass --overwrite to replace it (token bins and "
-                                "checkpoints made with it will no longer match it), or choose another --out")
+    out, reads = Path(args.out), {"--files": args.files, "--compare": args.compare}
+    check_output_file(out, "tokenizer", overwrite=args.overwrite, reads=reads, fix="tokenizer.json")
+    check_output_file(report_path(out), "tokenizer-report", overwrite=args.overwrite, flag="--out's report",
+                      reads=reads)
+
+
+def report_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".report.json")
 
 
 def main(argv=None) -> None:
@@ -201,9 +202,8 @@ def main(argv=None) -> None:
         rows = {name: fertility_report(t, docs) for name, t in candidates.items()}
         print_table(lang, rows, vocab)
         report["languages"][lang] = rows
-    report_path = out.with_name(out.stem + ".report.json")
-    write_text_atomic(report_path, json.dumps(report, indent=2, ensure_ascii=False))
-    print(f"\nreport written to {report_path}; total time {time.time() - started:.1f}s")
+    write_text_atomic(report_path(out), json.dumps(report, indent=2, ensure_ascii=False))
+    print(f"\nreport written to {report_path(out)}; total time {time.time() - started:.1f}s")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from lillm.bins import META_NAME, prepare, summary
 from lillm.cli import run_main
-from lillm.folders import SHARD, claim_output, discard
+from lillm.folders import SHARD, claimed_output, discard
 from lillm.sources import DEFAULT_KINDS, resolve_sources
 
 __all__ = ["prepare", "resolve_sources", "main"]
@@ -73,11 +73,14 @@ def discard_stale_bins(out: Path, meta: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    claim_output(args.out, "bins", overwrite=args.overwrite)  # a folder of other files is refused by name
     start = time.perf_counter()
-    meta = prepare(args.tokenizer, args.out, args.langs, args.corpora, args.files, args.text_column, args.data_dir,
-                   args.val_fraction, args.workers, args.seed, kinds=args.kinds, hf=args.hf, hf_split=args.hf_split,
-                   max_docs=args.max_docs, max_tokens=args.max_tokens, mix=args.mix, shard_tokens=args.shard_tokens)
+    # a folder of other files is refused by name; a refused input leaves no marked folder behind
+    with claimed_output(args.out, "bins", overwrite=args.overwrite,
+                        reads={"--tokenizer": args.tokenizer, "--files": args.files}):
+        meta = prepare(args.tokenizer, args.out, args.langs, args.corpora, args.files, args.text_column,
+                       args.data_dir, args.val_fraction, args.workers, args.seed, kinds=args.kinds, hf=args.hf,
+                       hf_split=args.hf_split, max_docs=args.max_docs, max_tokens=args.max_tokens, mix=args.mix,
+                       shard_tokens=args.shard_tokens)
     print(summary(meta, time.perf_counter() - start))
     discard_stale_bins(Path(args.out), meta)
     print(f"wrote the bins listed in {Path(args.out) / META_NAME}")

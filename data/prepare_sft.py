@@ -385,7 +385,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an existing SFT data folder (replaces only its .jsonl files and stats.json)")
     args = parser.parse_args(argv)
-    check_output(args.out, "sft-data", overwrite=args.overwrite)  # refused before any reading, by name
+    reads = {"--files": args.files, "--dev-files": args.dev_files, "--test-files": args.test_files}
+    check_output(args.out, "sft-data", overwrite=args.overwrite, reads=reads)  # refused before any reading, by name
 
     tasks = [] if args.tasks == ["none"] else args.tasks
     unknown = sorted(set(tasks) - set(TASKS))
@@ -417,7 +418,7 @@ def main(argv=None) -> dict:
     if not any(splits.values()):
         raise SFTSourceError("no rows: choose --tasks, or give --files or --hf")
 
-    out = claim_output(args.out, "sft-data", overwrite=args.overwrite)  # a folder of other files is refused
+    out = claim_output(args.out, "sft-data", overwrite=args.overwrite, reads=reads)  # checked again: time passed
     for split, rows in splits.items():
         write_text_atomic(out / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     stats = {"tasks": tasks, "langs": args.langs, "alpaca": args.alpaca, "limit": args.limit, "seed": args.seed,

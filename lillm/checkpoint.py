@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, unsupported_hf_fields
 from .errors import CheckpointError, InputFileError
-from .folders import check_replaceable, discard, hidden_tmp, mark, publish_folder
+from .folders import check_replaceable, discard, hidden_tmp, mark, publish_folder, write_file_atomic
 from .model import Transformer
 
 WEIGHTS = "model.safetensors"
@@ -120,7 +120,8 @@ def save_checkpoint(folder: str | Path, model: Transformer, tokenizer_path: str 
     weights = {k: v.detach().contiguous().cpu() for k, v in unique_state_dict(model, state_dict).items()}
     config["torch_dtype"] = str(next(iter(weights.values())).dtype).removeprefix("torch.")
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    # through write_file_atomic: safetensors' own writer would create the file with mode 0600
+    write_file_atomic(tmp / WEIGHTS, lambda path: save_file(weights, str(path), metadata={"format": "pt"}))
     info = dict(info or {})
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")

@@ -223,7 +223,8 @@ def check_finetuning_args(args) -> None:
     if not (data / "train.jsonl").is_file():
         raise InputFileError(f"--data {data}: {data / 'train.jsonl'} not found; make the folder with "
                              f"{args.data_maker} --out {data}")
-    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite,
+                     reads={"--data": args.data, "--init-from": args.init_from, "--tokenizer": args.tokenizer})
 
 
 def load_finetuning_start(args):

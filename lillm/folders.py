@@ -189,8 +189,10 @@ def write_file_atomic(final: str | Path, write: Callable[[Path], None]) -> Path:
     file or the new one, never half; a failure removes the temporary file."""
     final = Path(final)
     tmp = new_file(final)
+    mode = tmp.stat().st_mode & 0o777  # what the umask gives; kept even if `write` replaces the file
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # safetensors, for one, writes a new file of mode 0600 over the one given
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)

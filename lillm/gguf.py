@@ -329,8 +329,6 @@ def export_gguf(checkpoint: str | Path, out: str | Path, kind: str = "f16", over
     out = Path(out)
     reads = {"the checkpoint": checkpoint, "--sentencepiece": sentencepiece}
     check_output_file(out, "gguf", overwrite=overwrite, flag="out", reads=reads)
-    if not out.parent.is_dir():
-        raise GGUFExportError(f"{out.parent} does not exist; create it first")
     try:
         folder = ckpt.resolve_checkpoint(checkpoint)
         model = ckpt.load_model(folder)
@@ -351,4 +349,5 @@ def export_gguf(checkpoint: str | Path, out: str | Path, kind: str = "f16", over
         writer.write_tensors_to_file(progress=progress)
         writer.close()
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     return write_file_atomic(out, write)

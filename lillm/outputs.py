@@ -40,6 +40,8 @@ def _manifest(folder: Path) -> dict[str, str]:
 def check_writable(paths: list[Path]) -> None:
     """Raise OutputConflict naming the first path that exists and is not lillm's unchanged output."""
     for path in map(Path, paths):
+        if path.parent.exists() and not path.parent.is_dir():
+            raise OutputConflict(f"--out {path.parent} is a file, not a folder; choose a folder for the results")
         if not path.exists():
             continue
         recorded = _manifest(path.parent).get(path.name)

@@ -19,7 +19,7 @@ from pathlib import Path
 from lillm import checkpoint as ckpt
 from lillm.cli import need, run_main
 from lillm.corpora import documents_for
-from lillm.folders import check_not_inside, check_output
+from lillm.folders import check_output
 from lillm.tokenizer import Tokenizer
 from lillm.vocab import expand_vocabulary, fertility_change
 
@@ -55,8 +55,8 @@ def main(argv=None) -> dict:
          "every n-th document is held out, so 1 would hold out all of them")
 
     base_folder = ckpt.resolve_checkpoint(args.base)
-    check_not_inside(args.out, base_folder, "--out", "--base")
-    check_output(args.out, "checkpoint", overwrite=args.overwrite)
+    check_output(args.out, "checkpoint", overwrite=args.overwrite,
+                 reads={"--base": base_folder, "--base (run folder)": args.base, "--tokenizer": args.tokenizer})
     tokenizer_path = Path(args.tokenizer) if args.tokenizer else base_folder / "tokenizer.json"
     base_tokenizer = Tokenizer.from_file(tokenizer_path)
     model = ckpt.load_model(base_folder)

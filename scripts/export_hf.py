@@ -16,7 +16,7 @@ import torch
 
 from lillm import checkpoint as ckpt
 from lillm.cli import run_main
-from lillm.folders import check_not_inside, check_output
+from lillm.folders import check_output
 from lillm.hf import export_llama
 
 DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,8 +32,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     source = ckpt.resolve_checkpoint(args.checkpoint)  # a checkpoint folder, or a run folder's latest step
     out = args.out or Path("out/exported") / source.name
-    check_not_inside(out, source, "out", "the checkpoint")
-    check_output(out, "export", overwrite=args.overwrite, flag="out")
+    check_output(out, "export", overwrite=args.overwrite, flag="out",
+                 reads={"the checkpoint": source, "the run folder": args.checkpoint})
 
     dtype = DTYPES[args.dtype]
     ckpt.read_config(source)  # refuses a corrupt or unsupported config.json by name

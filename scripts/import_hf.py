@@ -20,7 +20,7 @@ import torch
 from lillm import checkpoint as ckpt
 from lillm.checkpoint import need_folder
 from lillm.cli import run_main
-from lillm.folders import check_not_inside, check_output
+from lillm.folders import check_output
 from lillm.hf import import_llama
 from lillm.spm import load_tokenizer, save_tokenizer
 
@@ -38,8 +38,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     need_folder(args.src, "Hugging Face model folder")
     out = args.out or Path("out/imported") / args.src.name
-    check_not_inside(out, args.src, "out", "the source folder")
-    check_output(out, "checkpoint", overwrite=args.overwrite, flag="out")
+    check_output(out, "checkpoint", overwrite=args.overwrite, flag="out", reads={"the source folder": args.src})
 
     start, notes = time.perf_counter(), []
     model = import_llama(args.src, dtype=DTYPES[args.dtype], shared_mlp=False if args.unroll_mlp else None,

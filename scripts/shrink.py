@@ -35,7 +35,7 @@ from lillm.corpora import documents_for
 from lillm.data import BinLoader, StepBatches, token_dtype
 from lillm.distill import distillation_loss
 from lillm.errors import InputFileError
-from lillm.folders import check_not_inside, check_output, check_run_folder, mark, write_text_atomic
+from lillm.folders import check_output, check_run_folder, mark, write_text_atomic
 from lillm.hf import import_llama
 from lillm.importance import (activation_importance, block_influence, random_importance, top_layers,
                               weight_importance)
@@ -280,9 +280,9 @@ def check_args(args) -> None:
     if not source.exists():
         raise InputFileError(f"--source {source} does not exist, so it is neither a model folder (config.json) nor a "
                              "run folder; pass an InkubaLM folder or a lillm checkpoint")
-    check_not_inside(args.out, source, "--out", "--source")
-    check_output(args.out, "checkpoint", overwrite=args.overwrite)
-    check_run_folder(heal_folder(args), resume=args.resume, overwrite=args.overwrite)
+    check_output(args.out, "checkpoint", overwrite=args.overwrite, reads={"--source": source})
+    check_run_folder(heal_folder(args), resume=args.resume, overwrite=args.overwrite, flag="--heal-dir",
+                     reads={"--source": source, "--out": args.out})
 
 
 def heal_folder(args) -> Path:

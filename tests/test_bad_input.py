@@ -86,6 +86,7 @@ def world(tmp_path_factory):
                         {"role": "assistant", "content": "mpira uwanjani"}], "task": "chat"}
     (sft / "train.jsonl").write_text((json.dumps(row) + "\n") * 8)
     (sft / "stats.json").write_text("{}\n")
+    shutil.copytree(sft, root / "sft_copy")
 
     user = root / "user"
     user.mkdir()
@@ -97,7 +98,7 @@ def world(tmp_path_factory):
     shutil.copytree(models / "ckpt", run / "step_000002", dirs_exist_ok=True)
     (run / "log.jsonl").write_text('{"step": 1, "tokens": 10, "loss": 5.0}\n')
     paths = {name: str(root / name) for name in ("corpus.txt", "tokA.json", "tokB.json", "bins", "bins_noval",
-                                                   "bins_badvocab", "hf_randombin", "sft", "user", "afile.txt",
+                                                   "bins_badvocab", "hf_randombin", "sft", "sft_copy", "user", "afile.txt",
                                                    "empty", "run")}
     paths.update({name: str(models / name) for name in ("ckpt", "ckpt_tokB", "ckpt_bigtok", "ckpt_rope",
                                                           "ckpt_bias", "ckpt_gelu", "ckpt_badjson", "ckpt_notok",
@@ -152,7 +153,8 @@ CASES = [
     ("pretrain", PRE.replace("{new}", "{user}"), 2, ["--out", "user", "thesis.txt", "choose another --out"]),
     ("pretrain", PRE.replace("{new}", "{run}"), 2, ["--out", "run", "step_000002", "--resume", "--overwrite"]),
     ("pretrain", PRE + " --resume --overwrite", 2, ["--resume", "--overwrite", "pass one"]),
-    ("pretrain", PRE.replace("{new}", "{bins}"), 2, ["lillm bins folder", "choose another --out"]),
+    ("pretrain", PRE.replace("{new}", "{bins_noval}"), 2, ["lillm bins folder", "choose another --out"]),
+    ("pretrain", PRE.replace("{new}", "{bins}"), 2, ["--out", "contains --data", "outside it"]),
     ("pretrain", PRE.replace("{new}", "{afile}"), 2, ["afile.txt", "is a file, not a folder"]),
     # ---- sft_train.py
     ("sft_train", SFT + " --global-batch 0", 2, ["--global-batch 0", "at least 1"]),
@@ -200,7 +202,8 @@ CASES = [
      ["--out", "bins", "--overwrite"]),
     ("data.prepare_pretrain", "--tokenizer {tokA} --files {corpus} --out {run}", 2, ["lillm run folder"]),
     ("data.prepare_sft", "--tasks none --files {sft}/train.jsonl --out {user}", 2, ["thesis.txt", "another --out"]),
-    ("data.prepare_sft", "--tasks none --files {sft}/train.jsonl --out {sft}", 2, ["--out", "sft", "--overwrite"]),
+    ("data.prepare_sft", "--tasks none --files {sft}/train.jsonl --out {sft_copy}", 2, ["--out", "sft", "--overwrite"]),
+    ("data.prepare_sft", "--tasks none --files {sft}/train.jsonl --out {sft} --overwrite", 2, ["contains --files"]),
     # ---- scripts/export_hf.py and scripts/import_hf.py
     ("scripts.export_hf", "{ckpt} {user}", 2, ["user", "thesis.txt", "choose another out"]),
     ("scripts.export_hf", "{ckpt} {user} --overwrite", 2, ["user", "thesis.txt"]),
@@ -225,6 +228,24 @@ CASES = [
     ("scripts.shrink", "--source {ckpt} --out {new} --seq-len 0", 2, ["--seq-len 0"]),
     ("scripts.shrink", "--source {ckpt} --out {new} --heal-steps -1", 2, ["--heal-steps (--max-steps) -1", "0 (no healing)"]),
     ("scripts.evaluate", "--checkpoint {ckpt} --data {sft} --batch-size 0 --device cpu", 2, ["--batch-size 0"]),
+    ("scripts.evaluate", "--checkpoint {ckpt} --data {sft} --device cpu --out {corpus}", 2, ["corpus.txt", "is a file"]),
+    # ---- every writer through lillm/folders.py: what it reads is never its output
+    ("sft_train", SFT.replace("{ckpt}", "{run}/step_000002").replace("{new}", "{run}") + " --overwrite", 2,
+     ["contains --init-from", "outside it"]),
+    ("train_tokenizer", "--files {corpus} --out {corpus} --overwrite", 2, ["--out", "contains --files"]),
+    ("train_tokenizer", "--files {corpus} --out {ckpt}/tokenizer.json --overwrite", 2,
+     ["inside a lillm checkpoint folder", "outside it"]),
+    ("data.prepare_dpo", "--files {sft}/train.jsonl --out {user}", 2, ["thesis.txt", "choose another --out"]),
+    ("data.prepare_dpo", "--sft-data {sft} --out {sft} --overwrite", 2, ["contains --sft-data"]),
+    ("data.prepare_dpo", "--files {sft}/train.jsonl --out {bins} --overwrite", 2, ["lillm bins folder"]),
+    ("data.prepare_dpo", "--out {new}", 2, ["nothing to build from", "--sft-data", "--files"]),
+    ("data.prepare_dpo", "--files {missing}.jsonl --out {new}", 2, ["no_such_thing", "does not exist"]),
+    ("scripts.export_gguf", "{ckpt} {ckpt}/model.safetensors --overwrite", 2, ["inside the checkpoint", "outside it"]),
+    ("scripts.export_gguf", "{ckpt} {user}/thesis.txt --overwrite", 2, ["thesis.txt", "not a GGUF file"]),
+    ("scripts.export_gguf", "{ckpt} {user}", 2, ["is a folder", "GGUF file"]),
+    ("scripts.export_gguf", "{missing} {new}.gguf", 2, ["no_such_thing"]),
+    ("scripts.prune_experiment", "--teacher {ckpt} --data {bins} --out {user}", 2, ["thesis.txt", "another --out"]),
+    ("scripts.prune_experiment", "--teacher {ckpt} --data {bins} --out {bins} --overwrite", 2, ["contains --data"]),
     ("scripts.evaluate", "--checkpoint {missing} --data {sft} --device cpu", 2, ["no_such_thing", "does not exist"]),
 ]
 if not CUDA:  # on a machine with a GPU these are not bad input

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -296,3 +297,166 @@ def test_a_bug_keeps_its_traceback():
 
     with pytest.raises(KeyError):
         run_main(buggy, [])
+
+
+# ---- the output mechanism, as a property: every script that writes, every kind of dangerous --out -------
+WORDS = ["watoto", "wanacheza", "mpira", "gwamnati", "jihar", "kano", "mvua", "kubwa", "serikali", "afya"]
+
+
+@pytest.fixture(scope="module")
+def writers_world(tmp_path_factory):
+    """What the writers read, each in a folder of its own (so that its parent is an ancestor holding it),
+    a user's folder and file, and lillm folders of every kind."""
+    from data import prepare_dpo, prepare_pretrain
+
+    root = tmp_path_factory.mktemp("writers")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + f" {i}" for i in range(300)]
+    for name in ("text", "tok", "data", "models", "hf", "rows", "pairs", "user", "dpo_data"):
+        (root / name).mkdir()
+    (root / "text" / "corpus.txt").write_text("\n".join(docs) + "\n")
+    train_bpe(docs, vocab_size=320, show_progress=False).save(root / "tok" / "tok.json")
+    prepare_pretrain.prepare(root / "tok" / "tok.json", root / "data" / "bins", files=[root / "text" / "corpus.txt"],
+                             val_fraction=0.05, progress=False)
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", vocab_size=320, max_seq_len=64))
+    ckpt.save_checkpoint(root / "models" / "ckpt", model, root / "tok" / "tok.json")
+    for name in ("config.json", "model.safetensors"):
+        (root / "hf" / name).write_bytes((root / "models" / "ckpt" / name).read_bytes())
+    chat = {"messages": [{"role": "user", "content": "watoto wanacheza?"},
+                         {"role": "assistant", "content": "mpira"}], "task": "chat"}
+    (root / "rows" / "rows.jsonl").write_text((json.dumps(chat) + "\n") * 4)
+    (root / "data" / "sft").mkdir()
+    (root / "data" / "sft" / "train.jsonl").write_text((json.dumps(chat) + "\n") * 4)
+    (root / "data" / "sft" / "test.jsonl").write_text((json.dumps(chat) + "\n") * 2)
+    folders.mark(root / "data" / "sft", "sft-data")
+    pair = {"prompt": "watoto wanacheza?", "chosen": "mpira", "rejected": "mvua", "task": "chat"}
+    (root / "pairs" / "pairs.jsonl").write_text((json.dumps(pair) + "\n") * 4)
+    prepare_dpo.main(["--files", str(root / "pairs" / "pairs.jsonl"), "--out", str(root / "dpo_data" / "dpo")])
+    (root / "user" / "thesis.txt").write_bytes(b"\x00\xffyears of work\n")
+    return root
+
+
+# (script, arguments with {out}, the path it reads that --out must keep away from, a lillm folder of another
+# kind, whether --out is a file). Paths are relative to the world; --overwrite is given wherever it exists.
+TINY_RUN = "--max-steps 1 --micro-batch 2 --eval-every 0"
+WRITERS = [
+    ("train_tokenizer", "--files {text/corpus.txt} --vocab-size 300 --out {out} --overwrite", "text/corpus.txt",
+     "models/ckpt", True),
+    ("pretrain", "--data {data/bins} --preset tiny --seq-len 16 --global-batch-tokens 32 " + TINY_RUN +
+     " --out {out} --overwrite", "data/bins", "models/ckpt", False),
+    ("sft_train", "--init-from {models/ckpt} --data {data/sft} --global-batch 2 " + TINY_RUN + " --out {out} --overwrite",
+     "data/sft", "data/bins", False),
+    ("dpo_train", "--init-from {models/ckpt} --data {dpo_data/dpo} --global-batch 2 " + TINY_RUN +
+     " --out {out} --overwrite", "dpo_data/dpo", "data/bins", False),
+    ("data.prepare_pretrain", "--tokenizer {tok/tok.json} --files {text/corpus.txt} --workers 1 --out {out} --overwrite",
+     "text/corpus.txt", "models/ckpt", False),
+    ("data.prepare_sft", "--tasks none --files {rows/rows.jsonl} --out {out} --overwrite", "rows/rows.jsonl",
+     "models/ckpt", False),
+    ("data.prepare_dpo", "--files {pairs/pairs.jsonl} --out {out} --overwrite", "pairs/pairs.jsonl", "data/sft", False),
+    ("data.prepare_dpo", "--sft-data {data/sft} --out {out} --overwrite", "data/sft", "models/ckpt", False),
+    ("scripts.export_hf", "{models/ckpt} {out} --overwrite", "models/ckpt", "data/bins", False),
+    ("scripts.import_hf", "{hf} {out} --overwrite", "hf", "data/bins", False),
+    ("scripts.expand_vocab", "--base {models/ckpt} --out {out} --overwrite", "models/ckpt", "data/bins", False),
+    ("scripts.shrink", "--source {models/ckpt} --out {out} --overwrite", "models/ckpt", "data/bins", False),
+    ("scripts.export_gguf", "{models/ckpt} {out} --overwrite", "models/ckpt/model.safetensors", "data/bins", True),
+    ("scripts.evaluate", "--checkpoint {models/ckpt} --data {data/sft} --limit 1 --no-greedy --device cpu --out {out}",
+     "data/sft", "data/bins", False),
+    ("scripts.prune_experiment", "--teacher {models/ckpt} --data {data/bins} --out {out} --overwrite", "data/bins",
+     "models/ckpt", False),
+]
+PLACES = ("a user's folder", "a user's file", "what it reads", "an ancestor of what it reads",
+          "lillm's folder of another kind")
+
+
+def dangerous_out(world: Path, place: str, reads: str, other: str, is_file: bool) -> Path:
+    return {"a user's folder": world / "user",
+            "a user's file": world / "user" / "thesis.txt",
+            "what it reads": world / reads,
+            "an ancestor of what it reads": (world / reads).parent,
+            "lillm's folder of another kind": world / other / "out.file" if is_file else world / other}[place]
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("script, template, reads, other, is_file", WRITERS, ids=[f"{w[0]}-{w[2]}" for w in WRITERS])
+def test_no_out_of_any_script_changes_anything_a_user_had(writers_world, capsys, script, template, reads, other,
+                                                          is_file, place):
+    import importlib
+    import re as regex
+
+    out = dangerous_out(writers_world, place, reads, other, is_file)
+    argv = [str(out) if word == "{out}" else regex.sub(r"\{(.+?)\}", lambda m: str(writers_world / m[1]), word)
+            for word in template.split()]
+    before = files_of(writers_world)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(importlib.import_module(script).main, argv)
+    err = capsys.readouterr().err
+    after = files_of(writers_world)
+    changed = [name for name, data in before.items() if after.get(name) != data]
+    assert not changed, f"{script} with --out at {place} ({out}) changed {changed}: {err}"
+    if script == "scripts.evaluate" and exit_info.value.code == 0:
+        return  # evaluate writes its reports beside a user's files (lillm/outputs.py) and replaces none of them
+    assert exit_info.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+
+
+def test_a_run_whose_out_holds_the_checkpoint_it_starts_from_is_refused_and_the_checkpoint_kept(writers_world,
+                                                                                                  tmp_path, capsys):
+    import sft_train
+
+    run = tmp_path / "run"
+    shutil.copytree(writers_world / "models" / "ckpt", run / "step_000002")
+    folders.mark(run, "run")
+    before = files_of(run)
+    argv = ["--init-from", str(run / "step_000002"), "--data", str(writers_world / "data" / "sft"), "--out", str(run),
+            "--overwrite", *TINY_RUN.split()]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(sft_train.main, argv)
+    assert exit_info.value.code == 2 and "contains --init-from" in capsys.readouterr().err
+    assert files_of(run) == before
+
+
+def test_a_refused_prepare_pretrain_leaves_no_marked_folder_and_the_corrected_command_runs(writers_world, tmp_path,
+                                                                                          capsys):
+    from data import prepare_pretrain
+
+    out = tmp_path / "new" / "bins"
+    command = ["--tokenizer", str(writers_world / "tok" / "tok.json"), "--out", str(out), "--workers", "1"]
+    for bad in (["--files", str(tmp_path / "missing.txt")], ["--files", str(writers_world / "text" / "corpus.txt"),
+                                                            "--shard-tokens", "-5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(prepare_pretrain.main, command + bad)
+        assert exit_info.value.code == 2, capsys.readouterr().err
+        assert not (tmp_path / "new").exists()  # neither the folder nor the parent the claim created
+    (tmp_path / "empty").mkdir()  # a folder that was there and empty stays, empty (no marker left)
+    with pytest.raises(SystemExit):
+        run_main(prepare_pretrain.main, command[:3] + [str(tmp_path / "empty"), "--files", str(tmp_path / "missing")])
+    assert list((tmp_path / "empty").iterdir()) == []
+    prepare_pretrain.main(command + ["--files", str(writers_world / "text" / "corpus.txt")])  # no --overwrite needed
+    check_bins(out)
+
+
+def test_files_written_through_a_temporary_name_get_the_mode_the_umask_asks_for(writers_world, tmp_path):
+    from data import prepare_pretrain
+    from lillm.gguf import export_gguf
+    from lillm.peft import apply_peft, save_peft
+    from lillm.tokenizer import Tokenizer
+
+    old = os.umask(0o022)
+    try:
+        export_gguf(writers_world / "models" / "ckpt", tmp_path / "model.gguf", "f32")
+        Tokenizer.from_file(writers_world / "tok" / "tok.json").save(tmp_path / "tok" / "tokenizer.json")
+        prepare_pretrain.main(["--tokenizer", str(writers_world / "tok" / "tok.json"), "--workers", "1", "--files",
+                               str(writers_world / "text" / "corpus.txt"), "--out", str(tmp_path / "bins"),
+                               "--shard-tokens", "1000"])
+        save_peft(apply_peft(tiny(), "lora"), tmp_path / "adapter")
+        folders.write_text_atomic(tmp_path / "report.json", "{}")
+        ckpt.save_checkpoint(tmp_path / "ckpt", tiny())
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert len(modes) > 10 and set(modes.values()) == {0o644}, modes
