@@ -45,6 +45,7 @@ from lillm.dpo import (
     read_pairs,
 )
 from lillm.errors import FlagError
+from lillm.resume import check_resume
 from lillm.peft import describe
 from lillm.sft import BATCHING_CHOICES, cap_per_task
 from lillm.train import setup_distributed, train
@@ -89,6 +90,12 @@ def main(argv=None):
     if (data / "dev.jsonl").is_file():
         dev_rows, _ = read_pairs(data / "dev.jsonl", strict=args.strict, tasks=args.tasks)
         dev_pairs, _ = build_pairs(tokenizer, cap_per_task(dev_rows, args.eval_limit), seq_len, "truncate", verbose=False)
+    cfg = train_config_from_args(args, stage="dpo", data=str(data), init_from=str(init), tasks=args.tasks,
+                                 seq_len=seq_len, batching=args.batching, global_batch=args.global_batch,
+                                 loss=dpo.loss_type, beta=dpo.beta, label_smoothing=dpo.label_smoothing,
+                                 gamma=dpo.gamma, too_long=args.too_long, pairs=stats)
+    if args.resume:  # before the reference pass over every pair: every difference from the run's settings
+        check_resume(cfg, model)
     if dpo.needs_reference:  # the --init-from model (adapters off) IS the reference, before any step
         # In the precision the loop will run the policy in, so that policy = reference gives h = 0 exactly.
         bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
@@ -100,10 +107,6 @@ def main(argv=None):
                                unit="packed rows" if args.batching == "pack" else "pairs")
     source = PreferenceBatches(pairs, args.micro_batch, accum, args.batching, seq_len, tokenizer.pad_id,
                                seed=args.seed, rank=env.rank, world=env.world)
-    cfg = train_config_from_args(args, stage="dpo", data=str(data), init_from=str(init), tasks=args.tasks,
-                                 seq_len=seq_len, batching=args.batching, global_batch=args.global_batch,
-                                 loss=dpo.loss_type, beta=dpo.beta, label_smoothing=dpo.label_smoothing,
-                                 gamma=dpo.gamma, too_long=args.too_long, pairs=stats)
     cfg.flops_per_token = model.config.flops_per_token(seq_len)
     if env.is_main:
         print(f"model: {init}, {model.num_params():,} parameters; {len(pairs):,} pairs ({args.batching}, seq_len "

@@ -21,12 +21,13 @@ from lillm.cli import (accumulation_steps, add_peft_args, add_training_args, app
 from lillm.config import PRESETS, get_preset
 from lillm.errors import BinFormatError, FlagError, TokenizerMismatchError
 from lillm.folders import check_run_folder
-from lillm.data import BinLoader, StepBatches, check_bins, load_meta
+from lillm.data import BinLoader, StepBatches, check_bins, load_meta, split_files
 from lillm.model import Transformer
 from lillm.peft import describe
 from lillm.tokenizer import Tokenizer
 from lillm.vocab import train_only_new_rows
 from lillm.perplexity import bin_evaluator, unigram_bits_per_byte
+from lillm.resume import check_resume
 from lillm.train import setup_distributed, train
 
 
@@ -78,7 +79,8 @@ def check_splits(data: Path, meta: dict, tokenizer: Tokenizer, args) -> bool:
     for split in ("train", "val") if args.eval_every > 0 else ("train",):
         tokens = splits[split]["tokens"]
         if tokens < args.seq_len + 1:
-            raise BinFormatError(f"{data / splits[split]['file']} holds {tokens} tokens, fewer than one window of "
+            files = ", ".join(name for name, _ in split_files(splits[split]))
+            raise BinFormatError(f"{data} ({split}: {files}) holds {tokens} tokens, fewer than one window of "
                                  f"--seq-len {args.seq_len} + 1; use a smaller --seq-len or prepare more data")
     return args.eval_every > 0
 
@@ -141,14 +143,16 @@ def main(argv=None):
         raise FlagError(f"--global-batch-tokens {args.global_batch_tokens} must be a multiple of --seq-len {seq_len}; "
                         f"use {max(1, args.global_batch_tokens // seq_len) * seq_len}")
     accum = accumulation_steps(args.global_batch_tokens // seq_len, args.micro_batch, env.world)
+    cfg = train_config_from_args(args, stage="pretrain", data=str(data), preset=args.preset, seq_len=seq_len,
+                                 global_batch_tokens=args.global_batch_tokens)
+    if args.resume:  # before the baseline scans the data: every difference from the run's settings, named
+        check_resume(cfg, model)
     loader = BinLoader(data / "train.bin", seq_len, args.micro_batch * accum, seed=args.seed,
                        rank=env.rank, world_size=env.world, device=env.device, sequential=args.curriculum)
     evaluate = bin_evaluator(data / "val.bin", seq_len, args.micro_batch, args.eval_batches,
                              meta["splits"]["val"]["bytes_per_token"], env.device) if evaluating else None
     # the baseline is computed now, not after training, so a problem with it costs no training time
     baseline = {"unigram_val_bpb": round(unigram_bits_per_byte(data, meta), 5)} if "val" in meta["splits"] else {}
-    cfg = train_config_from_args(args, stage="pretrain", data=str(data), preset=args.preset, seq_len=seq_len,
-                                 global_batch_tokens=args.global_batch_tokens)
     cfg.flops_per_token = model.config.flops_per_token(seq_len)
     if env.is_main:
         active = model.config.active_params() if model.config.n_experts else None  # a mixture of experts

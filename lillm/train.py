@@ -43,6 +43,7 @@ from .loss import causal_lm_loss  # the default loss_fn; SFT and distillation pa
 from .memory import BF16AdamW, checkpoint_blocks
 from .model import Transformer
 from .moe import router_metrics
+from .resume import adapt_optimizer_state, check_resume
 
 
 @dataclass
@@ -297,15 +298,12 @@ def _full_states(model, optimizer, cfg: TrainConfig) -> tuple[dict | None, dict]
 
 def _load_optimizer(model, optimizer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    state = adapt_optimizer_state(state, optimizer)  # a run resumed in another precision (lillm.resume)
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def _load_latest(out: Path, model: Transformer) -> tuple[Path, dict]:
-    checkpoints = ckpt.list_checkpoints(out)
-    if not checkpoints:
-        raise ckpt.CheckpointError(f"--resume: no complete checkpoint (step_N folder) in {out}; "
-                                   "start without --resume, or point --out at the run to continue")
-    latest = checkpoints[-1]
+def _load_latest(cfg: TrainConfig, model: Transformer) -> tuple[Path, dict]:
+    latest, _ = check_resume(cfg, model)  # every difference from the run's recorded settings, named
     state = ckpt.load_train_state(latest)
     ckpt.load_weights(model, ckpt.read_weights(latest / ckpt.WEIGHTS), source=str(latest))
     return latest, state
@@ -330,7 +328,7 @@ def _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, i
     model.to(env.device, dtype=torch.bfloat16 if cfg.precision == "bf16-true" else None)
     progress = Progress()
     if resume:  # weights go in before sharding; optimizer state once the optimizer exists
-        latest, state = _load_latest(out, model)
+        latest, state = _load_latest(cfg, model)
     wrapped = _wrap(model, env, cfg)
     optimizer = make_optimizer(model, cfg, env.device)
     if resume:
