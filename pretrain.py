@@ -88,7 +88,7 @@ def check_splits(data: Path, meta: dict, tokenizer: Tokenizer, args) -> bool:
 def check_init_tokenizer(args, meta: dict) -> None:
     """--init-from's tokenizer must be the bins' one (same hash), unless the change is asked for."""
     folder = ckpt.resolve_checkpoint(args.init_from)
-    theirs = ckpt.tokenizer_sha256(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
+    theirs = ckpt.own_tokenizer_sha256(folder)
     if theirs is None or theirs == meta["tokenizer_sha256"]:
         return
     message = (f"--init-from {folder} was trained with tokenizer sha256 {theirs[:16]}..., but the bins in "

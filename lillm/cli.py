@@ -250,7 +250,7 @@ def load_finetuning_start(args):
 def check_same_tokenizer(tokenizer: Tokenizer, init: Path, allow: bool) -> None:
     """--tokenizer must be the checkpoint's own tokenizer (same hash), unless the change is asked for."""
     own = init / "tokenizer.json"
-    theirs = ckpt.tokenizer_sha256(own) if own.is_file() else None
+    theirs = ckpt.own_tokenizer_sha256(init)
     if theirs is None or theirs == tokenizer.sha256:
         return
     message = (f"--tokenizer {tokenizer.source} (sha256 {tokenizer.sha256[:16]}...) is not the tokenizer {init} "

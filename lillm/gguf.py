@@ -44,6 +44,7 @@ from . import checkpoint as ckpt
 from .errors import LillmError
 from .folders import check_output_file, write_file_atomic
 from .model import Transformer
+from .tokenizer import Tokenizer
 from .spm import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, SentencePieceModel
 
 ARCH = "llama"
@@ -249,6 +250,7 @@ def checkpoint_vocab(folder: Path, sentencepiece: Path | None = None) -> GGUFVoc
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GGUFExportError(f"{path} is not valid JSON ({e})") from None
+    Tokenizer.from_file(path)  # loads, and is the tokenizer the checkpoint was saved with (its recorded hash)
     return byte_level_vocab(data, str(path))
 
 

@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from .checkpoint import fsync_tree, load_weights, replace_folder, unique_state_dict
+from .checkpoint import check_config_fits, fsync_tree, load_weights, replace_folder, unique_state_dict
 from .config import ModelConfig, unsupported_hf_fields
 from .errors import CheckpointError, HFError, HFFileNotFoundError
 from .folders import check_replaceable, hidden_tmp, mark
@@ -209,8 +209,13 @@ def import_llama(folder: str | Path, dtype: torch.dtype = torch.float32, device:
     """
     folder = Path(folder)
     hf = read_hf_config(folder)
-    config_from_hf(hf, str(folder / "config.json"))  # refuse unsupported fields before reading weights
+    asked = config_from_hf(hf, str(folder / "config.json"))  # refuse unsupported fields before reading weights
     weights = WeightFiles(folder)
+    try:  # the sizes config.json asks for against the weights' headers and this machine, before building
+        check_config_fits(asked, weights.shapes, f"{folder} ({weights.description})",
+                          torch.empty((), dtype=dtype).element_size())
+    except CheckpointError as e:
+        raise HFError(str(e)) from None
     n_layers = hf["num_hidden_layers"]
     layout, owner = _mlp_layout(weights, n_layers)
     flagged = bool(hf.get("lillm_shared_mlp"))

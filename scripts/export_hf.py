@@ -18,6 +18,7 @@ from lillm import checkpoint as ckpt
 from lillm.cli import run_main
 from lillm.folders import check_output
 from lillm.hf import export_llama
+from lillm.tokenizer import Tokenizer
 
 DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,6 +43,8 @@ def main(argv=None) -> None:
         dtype = DTYPES.get(saved, torch.float32)
     model = ckpt.load_model(source, dtype=dtype)
     tokenizer = source / "tokenizer.json"
+    if tokenizer.exists():
+        Tokenizer.from_file(tokenizer)  # the checkpoint's own (its recorded hash), before anything is written
     export_llama(model, out, tokenizer_path=tokenizer if tokenizer.exists() else None, overwrite=args.overwrite)
     cfg = model.config
     element = next(model.parameters()).element_size()
