@@ -19,19 +19,9 @@ from pathlib import Path
 
 import torch
 
-from lillm.cli import (
-    accumulation_steps,
-    add_finetuning_data_args,
-    add_peft_args,
-    add_training_args,
-    apply_peft_from_args,
-    check_finetuning_args,
-    finish,
-    load_finetuning_start,
-    print_summary,
-    run_main,
-    train_config_from_args,
-)
+from lillm.cli import (ArgumentParser, accumulation_steps, add_finetuning_data_args, add_peft_args,
+                       add_training_args, apply_peft_from_args, check_finetuning_args, finish, load_finetuning_start,
+                       number, print_summary, run_main, train_config_from_args)
 from lillm.dpo import (
     LOSS_TYPES,
     TOO_LONG_CHOICES,
@@ -52,15 +42,15 @@ from lillm.train import setup_distributed, train
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init-from", default="out/sft_run", help="SFT checkpoint folder, or run folder (latest step)")
     parser.add_argument("--data", default="out/dpo", help="folder with train.jsonl and dev.jsonl (data/prepare_dpo.py)")
     add_finetuning_data_args(parser, "data/prepare_dpo.py", "pairs")
     parser.add_argument("--loss", choices=LOSS_TYPES, default="dpo", help="dpo (with a reference) or simpo (without)")
-    parser.add_argument("--beta", type=float, default=None, help="reward scale (default 0.1 for dpo, 2.0 for simpo)")
-    parser.add_argument("--label-smoothing", type=float, default=0.0,
+    parser.add_argument("--beta", type=number(0, kind=float, above=True), default=None, help="reward scale (default 0.1 for dpo, 2.0 for simpo)")
+    parser.add_argument("--label-smoothing", type=number(0, 0.5, float, below=True), default=0.0,
                         help="conservative DPO: assumed probability that a pair's preference is flipped")
-    parser.add_argument("--gamma", type=float, default=0.5, help="SimPO's target margin")
+    parser.add_argument("--gamma", type=number(0, kind=float, rule="must be 0 or more (the margin SimPO asks of the chosen answer)"), default=0.5, help="SimPO's target margin")
     parser.add_argument("--too-long", choices=TOO_LONG_CHOICES, default="truncate",
                         help="pairs that do not fit: drop them, or shorten the prompt's middle")
     parser.add_argument("--batching", choices=BATCHING_CHOICES, default="pad",

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from lillm import checkpoint as ckpt
 from lillm.challenge import classification_pairs, translation_pairs
-from lillm.cli import run_main
+from lillm.cli import ArgumentParser, number, run_main
 from lillm.dpo import DPODataError, read_user_pairs, write_jsonl_atomic
 from lillm.errors import FlagError
 from lillm.folders import check_output, claim_output, write_text_atomic
@@ -39,24 +39,24 @@ SPLITS = {"train": "train", "dev": "dev"}  # our split -> the SFT split it is bu
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/dpo", help="folder for train.jsonl, dev.jsonl and stats.json")
     parser.add_argument("--sft-data", default=None, help="folder of data/prepare_sft.py (train.jsonl, dev.jsonl)")
     parser.add_argument("--tasks", nargs="+", default=None, help="tasks of --sft-data to use (default: all)")
     parser.add_argument("--model", default=None, help="SFT checkpoint that samples the rejected translations")
-    parser.add_argument("--limit", type=int, default=None, help="at most N source rows per task, language and split")
-    parser.add_argument("--translation-limit", type=int, default=200,
+    parser.add_argument("--limit", type=number(1), default=None, help="at most N source rows per task, language and split")
+    parser.add_argument("--translation-limit", type=number(1), default=200,
                         help="at most N translations sampled per language and split (sampling is the slow part)")
     parser.add_argument("--negatives", choices=["one", "all"], default="one", help="wrong labels per classification row")
-    parser.add_argument("--samples", type=int, default=2, help="sampled translations per source sentence")
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--samples", type=number(1), default=2, help="sampled translations per source sentence")
+    parser.add_argument("--temperature", type=number(0, kind=float, rule="must be 0 (greedy) or more"), default=0.8)
+    parser.add_argument("--top-k", type=number(0, rule="must be 0 (off) or more"), default=50)
+    parser.add_argument("--max-new-tokens", type=number(1), default=96)
+    parser.add_argument("--batch-size", type=number(1), default=16)
     parser.add_argument("--files", nargs="*", default=[], help="your own preference files for the train split")
     parser.add_argument("--dev-files", nargs="*", default=[], help="your own preference files for the dev split")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=number(0), default=0)
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed row of --files")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an earlier DPO data folder (replaces only its .jsonl files and stats.json)")

@@ -34,7 +34,7 @@ import json
 from pathlib import Path
 
 from lillm.challenge import LANGS, SPLITS, TASKS, task_rows
-from lillm.cli import run_main
+from lillm.cli import ArgumentParser, number, run_main
 from lillm.corpora import data_dir as resolve_data_dir
 from lillm.errors import SFTSourceError
 from lillm.folders import check_output, claim_output, write_text_atomic
@@ -134,7 +134,7 @@ def split_stats(rows: list[dict]) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/sft", help="folder for train.jsonl, dev.jsonl, test.jsonl, stats.json")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), help=f"of {', '.join(TASKS)}, or 'none'")
     parser.add_argument("--langs", nargs="+", default=list(LANGS), choices=LANGS)
@@ -143,9 +143,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--dev-files", nargs="*", default=[], help="your own files for the dev split")
     parser.add_argument("--test-files", nargs="*", default=[], help="your own files for the test split")
     parser.add_argument("--alpaca", action="store_true", help="render user turns with the Alpaca prompt")
-    parser.add_argument("--limit", type=int, default=None, help="at most N rows per task, language and split")
-    parser.add_argument("--max-chars", type=int, default=2000, help="cut news articles to about this many characters")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the instruction choice")
+    parser.add_argument("--limit", type=number(1), default=None, help="at most N rows per task, language and split")
+    parser.add_argument("--max-chars", type=number(1), default=2000, help="cut news articles to about this many characters")
+    parser.add_argument("--seed", type=number(0), default=0, help="seed of the instruction choice")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed row of --files")
     parser.add_argument("--hf", nargs="+", default=[], metavar="NAME[:CONFIG]",
                         help="Hugging Face datasets of instructions (streamed) for the train split")
@@ -156,7 +156,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--messages-column", help="column with the whole conversation in the chat format")
     parser.add_argument("--lang-column", help="column with each row's language (copied into 'lang')")
     parser.add_argument("--keep-langs", nargs="+", help="keep only rows whose --lang-column is one of these")
-    parser.add_argument("--max-rows", type=int, default=None, help="at most N conversations per table")
+    parser.add_argument("--max-rows", type=number(1), default=None, help="at most N conversations per table")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an existing SFT data folder (replaces only its .jsonl files and stats.json)")
     args = parser.parse_args(argv)

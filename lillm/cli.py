@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -31,22 +32,86 @@ from .tokenizer import Tokenizer
 from .train import Dist, TrainConfig
 
 
+# ---- one parser for every script: usage mistakes in one line, every number checked ---------------
+class Number:
+    """The argparse type of a numeric flag, declaring its range where the flag is declared:
+    number(1) is an int of at least 1, number(0, 1, float, below=True) a float in [0, 1). The
+    parser checks every parsed value (defaults too) against it: one check for every number of every
+    script, with the message `need` gives ("--workers -1: must be at least 1")."""
+
+    def __init__(self, low=None, high=None, kind=int, above: bool = False, below: bool = False,
+                 rule: str = "", fix: str = ""):
+        self.low, self.high, self.kind, self.above, self.below, self.fix = low, high, kind, above, below, fix
+        self.__name__ = kind.__name__  # argparse names the type in "invalid int value: 'x'"
+        self.rule = rule or self.default_rule()
+
+    def default_rule(self) -> str:
+        low, high = self.low, self.high
+        if high is None:
+            return "must be positive" if self.above and low == 0 else \
+                f"must be above {low}" if self.above else "must be 0 or more" if low == 0 else f"must be at least {low}"
+        if not (self.above or self.below):
+            return f"must be between {low} and {high}"
+        return f"must be in {'(' if self.above else '['}{low}, {high}{')' if self.below else ']'}"
+
+    def __call__(self, text: str):
+        return self.kind(text)
+
+    def allows(self, value) -> bool:
+        low_ok = self.low is None or (value > self.low if self.above else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.below else value <= self.high)
+        return low_ok and high_ok and (self.kind is not float or math.isfinite(value))
+
+
+number = Number
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with lillm's two rules for every script: a usage mistake (an unknown flag, a
+    value of the wrong type) is one line, a FlagError that run_main prints with exit status 2; and
+    every number is checked against the range its flag declares (Number), before anything is read."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise FlagError(f"{message}; see {self.prog} --help")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        by_dest: dict[str, list] = {}
+        for action in self._actions:
+            if isinstance(action.type, Number):
+                by_dest.setdefault(action.dest, []).append(action)
+        for dest, actions in by_dest.items():  # two flags for one value: the later (a script's own) rules
+            flags = [a.option_strings[-1] if a.option_strings else dest for a in actions]
+            flag = flags[-1] + (f" ({', '.join(flags[:-1])})" if len(flags) > 1 else "")
+            rule = actions[-1].type
+            value = getattr(parsed, dest, None)
+            for item in value if isinstance(value, list) else [value]:
+                if item is not None:
+                    need(rule.allows(item), flag, item, rule.rule, rule.fix)
+        return parsed
+
+
 def add_training_args(parser: argparse.ArgumentParser, **defaults) -> None:
     g = parser.add_argument_group("training loop")
     g.add_argument("--out", default=defaults.get("out", "out/run"), help="run folder: checkpoints, log.jsonl, loss.png")
-    g.add_argument("--max-steps", type=int, default=defaults.get("max_steps", 1000))
-    g.add_argument("--micro-batch", type=int, default=defaults.get("micro_batch", 8),
+    min_steps = 0 if defaults.get("max_steps", 1000) == 0 else 1  # a stage whose training is optional (healing)
+    g.add_argument("--max-steps", type=number(min_steps), default=defaults.get("max_steps", 1000))
+    g.add_argument("--micro-batch", type=number(1), default=defaults.get("micro_batch", 8),
                    help="sequences per forward pass on each process (lower it if memory runs out)")
-    g.add_argument("--lr", type=float, default=defaults.get("lr", 3e-4), help="peak learning rate")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
-    g.add_argument("--warmup-steps", type=int, default=defaults.get("warmup_steps", 100))
-    g.add_argument("--weight-decay", type=float, default=defaults.get("weight_decay", 0.1))
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--eval-every", type=int, default=defaults.get("eval_every", 200))
-    g.add_argument("--save-every", type=int, default=defaults.get("save_every", 200))
-    g.add_argument("--keep-last", type=int, default=2, help="step checkpoints to keep")
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--max-bad-steps", type=int, default=5, help="non-finite steps in a row before stopping")
+    g.add_argument("--lr", type=number(0, kind=float, above=True), default=defaults.get("lr", 3e-4), help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=number(0, 1, float), default=0.1, help="cosine floor as a fraction of --lr")
+    g.add_argument("--warmup-steps", type=number(0), default=defaults.get("warmup_steps", 100))
+    g.add_argument("--weight-decay", type=number(0, kind=float), default=defaults.get("weight_decay", 0.1))
+    g.add_argument("--grad-clip", type=number(0, kind=float, above=True), default=1.0)
+    g.add_argument("--eval-every", type=number(0, rule="must be 0 (never) or more"), default=defaults.get("eval_every", 200))
+    g.add_argument("--save-every", type=number(0, rule="must be 0 (only at the end) or more"), default=defaults.get("save_every", 200))
+    g.add_argument("--keep-last", type=number(0, rule="must be 0 (keep all) or more"), default=2, help="step checkpoints to keep")
+    g.add_argument("--log-every", type=number(1), default=10)
+    g.add_argument("--max-bad-steps", type=number(1), default=5, help="non-finite steps in a row before stopping")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32", "bf16-true"], default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast over fp32 weights; bf16-true: "
                         "weights, gradients and AdamW moments in bf16, stochastic rounding (half the memory)")
@@ -57,7 +122,7 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--fsdp", action="store_true",
                    help="shard the model over torchrun processes (FSDP2) instead of replicating it (DDP)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--seed", type=number(0), default=1337)
     g.add_argument("--resume", action="store_true", help="continue from the latest step_N checkpoint in --out")
     g.add_argument("--overwrite", action="store_true",
                    help="start again in an existing run folder: removes its step_N folders, log.jsonl and "
@@ -68,12 +133,12 @@ def add_peft_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("parameter-efficient fine-tuning (lillm.peft)")
     g.add_argument("--peft", choices=["none", *PEFT_METHODS], default="none",
                    help="none: train the model as it is; full / lora / qlora / prefix / adapters: lillm.peft")
-    g.add_argument("--lora-rank", type=int, default=8)
-    g.add_argument("--lora-alpha", type=float, default=16.0)
-    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-rank", type=number(1), default=8)
+    g.add_argument("--lora-alpha", type=number(0, kind=float, above=True), default=16.0)
+    g.add_argument("--lora-dropout", type=number(0, 1, float, below=True), default=0.0)
     g.add_argument("--lora-targets", default="q,v", help="comma-separated from q,k,v,o,gate,up,down, or 'all'")
-    g.add_argument("--prefix-length", type=int, default=16, help="virtual tokens per layer (prefix tuning)")
-    g.add_argument("--adapter-size", type=int, default=64, help="bottleneck width (Houlsby adapters)")
+    g.add_argument("--prefix-length", type=number(1), default=16, help="virtual tokens per layer (prefix tuning)")
+    g.add_argument("--adapter-size", type=number(1), default=64, help="bottleneck width (Houlsby adapters)")
     g.add_argument("--train-embeddings", action="store_true",
                    help="also train embed_tokens / lm_head, e.g. the new rows of an expanded vocabulary")
 
@@ -145,26 +210,8 @@ def check_device(device: str) -> None:
 
 
 def check_training_args(args, allow_zero_steps: bool = False) -> None:
-    """Every number of add_training_args checked before the first step, each refusal naming its flag."""
-    low = 0 if allow_zero_steps else 1
-    need(args.max_steps >= low, "--max-steps", args.max_steps, f"must be at least {low}")
-    need(args.micro_batch >= 1, "--micro-batch", args.micro_batch, "must be at least 1")
-    need(args.lr > 0, "--lr", args.lr, "must be positive")
-    need(0 <= args.min_lr_ratio <= 1, "--min-lr-ratio", args.min_lr_ratio, "must be between 0 and 1")
-    need(args.warmup_steps >= 0, "--warmup-steps", args.warmup_steps, "must be 0 or more")
-    need(args.weight_decay >= 0, "--weight-decay", args.weight_decay, "must be 0 or more")
-    need(args.grad_clip > 0, "--grad-clip", args.grad_clip, "must be positive")
-    need(args.eval_every >= 0, "--eval-every", args.eval_every, "must be 0 (never) or more")
-    need(args.save_every >= 0, "--save-every", args.save_every, "must be 0 (only at the end) or more")
-    need(args.keep_last >= 0, "--keep-last", args.keep_last, "must be 0 (keep all) or more")
-    need(args.log_every >= 1, "--log-every", args.log_every, "must be at least 1")
-    need(args.max_bad_steps >= 1, "--max-bad-steps", args.max_bad_steps, "must be at least 1")
+    """What add_training_args' flags need beyond their ranges (ArgumentParser checks those): the device."""
     check_device(args.device)
-    if getattr(args, "peft", "none") != "none":
-        need(args.lora_rank >= 1, "--lora-rank", args.lora_rank, "must be at least 1")
-        need(0 <= args.lora_dropout < 1, "--lora-dropout", args.lora_dropout, "must be in [0, 1)")
-        need(args.prefix_length >= 1, "--prefix-length", args.prefix_length, "must be at least 1")
-        need(args.adapter_size >= 1, "--adapter-size", args.adapter_size, "must be at least 1")
 
 
 # ---- the entry wrapper --------------------------------------------------------------------------
@@ -199,11 +246,11 @@ def add_finetuning_data_args(parser: argparse.ArgumentParser, maker: str, unit: 
     """The flags SFT and DPO share: where the rows are, which of them, how long, how many per step."""
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
     parser.add_argument("--tasks", nargs="+", default=None, help="train on these tasks only (default: all)")
-    parser.add_argument("--max-per-task", type=int, default=None, help=f"at most N train {unit} per task and language")
-    parser.add_argument("--seq-len", type=int, default=None, help="longest sequence (default: the model's max_seq_len)")
-    parser.add_argument("--global-batch", type=int, default=16,
+    parser.add_argument("--max-per-task", type=number(1), default=None, help=f"at most N train {unit} per task and language")
+    parser.add_argument("--seq-len", type=number(2, rule="must be at least 2 (a prompt token and a target)"), default=None, help="longest sequence (default: the model's max_seq_len)")
+    parser.add_argument("--global-batch", type=number(1), default=16,
                         help=f"{unit} (pad) or packed rows (pack) per optimizer step, over all processes")
-    parser.add_argument("--eval-limit", type=int, default=200, help=f"dev {unit} per task")
+    parser.add_argument("--eval-limit", type=number(1), default=200, help=f"dev {unit} per task")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed row instead of skipping")
     parser.add_argument("--allow-tokenizer-change", action="store_true",
                         help="train with a --tokenizer other than the checkpoint's own (normally refused)")
@@ -213,12 +260,6 @@ def add_finetuning_data_args(parser: argparse.ArgumentParser, maker: str, unit: 
 def check_finetuning_args(args) -> None:
     """Everything about a fine-tuning command that can be checked before loading a model."""
     check_training_args(args)
-    need(args.global_batch >= 1, "--global-batch", args.global_batch, "must be at least 1")
-    if args.seq_len is not None:
-        need(args.seq_len >= 2, "--seq-len", args.seq_len, "must be at least 2 (a prompt token and a target)")
-    if args.max_per_task is not None:
-        need(args.max_per_task >= 1, "--max-per-task", args.max_per_task, "must be at least 1")
-    need(args.eval_limit >= 1, "--eval-limit", args.eval_limit, "must be at least 1")
     data = Path(args.data)
     if not (data / "train.jsonl").is_file():
         raise InputFileError(f"--data {data}: {data / 'train.jsonl'} not found; make the folder with "

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lillm.cli import run_main
+from lillm.cli import ArgumentParser, run_main
 from lillm.gguf import TYPES, export_gguf
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="lillm checkpoint folder, or a run folder (its latest step)")
     parser.add_argument("out", type=Path, help="the .gguf file to write")
     parser.add_argument("--type", dest="kind", choices=TYPES, default="f16", help="weight type (default f16)")

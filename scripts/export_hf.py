@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lillm import checkpoint as ckpt
-from lillm.cli import run_main
+from lillm.cli import ArgumentParser, run_main
 from lillm.folders import check_output
 from lillm.hf import export_llama
 from lillm.tokenizer import Tokenizer
@@ -24,7 +24,7 @@ DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="lillm checkpoint folder")
     parser.add_argument("out", type=Path, nargs="?", help="folder to write (default out/exported/<checkpoint name>)")
     parser.add_argument("--dtype", choices=DTYPES, default="keep", help="dtype to write (keep: the checkpoint's own)")

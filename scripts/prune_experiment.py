@@ -37,7 +37,7 @@ from lillm.prune import buzuzu_random_prune, first_n, prune_to_shape
 from lillm.loss import causal_lm_loss
 from lillm.perplexity import bin_evaluator
 from lillm.train import Dist, TrainConfig, train
-from lillm.cli import need, run_main
+from lillm.cli import ArgumentParser, need, number, run_main
 from lillm.errors import TokenizerMismatchError
 from lillm.folders import claim_output, write_text_atomic
 
@@ -45,31 +45,31 @@ ARMS = ("buzuzu", "random", "importance", "scratch")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default=None, help="pretrained checkpoint folder or run folder (latest step)")
     p.add_argument("--teacher-preset", default="small", help="preset to pretrain when --teacher is not given")
-    p.add_argument("--teacher-steps", type=int, default=300)
+    p.add_argument("--teacher-steps", type=number(1), default=300)
     p.add_argument("--data", default="out/data", help="token bins (train.bin, val.bin, meta.json)")
     p.add_argument("--out", default="out/prune_experiment")
-    p.add_argument("--d-model", type=int, default=80)
-    p.add_argument("--d-ff", type=int, default=256)
-    p.add_argument("--n-heads", type=int, default=3, help="query heads kept (whole kv groups)")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heal-steps", type=int, default=100)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=16, help="sequences per step")
-    p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup-steps", type=int, default=15)
-    p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term in distillation")
-    p.add_argument("--calib-batches", type=int, default=8, help="calibration batches (of --batch sequences)")
-    p.add_argument("--eval-batches", type=int, default=40, help="val batches of --micro-batch sequences")
+    p.add_argument("--d-model", type=number(1), default=80)
+    p.add_argument("--d-ff", type=number(1), default=256)
+    p.add_argument("--n-heads", type=number(1), default=3, help="query heads kept (whole kv groups)")
+    p.add_argument("--layers", type=number(1), default=2)
+    p.add_argument("--heal-steps", type=number(0), default=100)
+    p.add_argument("--seq-len", type=number(1), default=128)
+    p.add_argument("--batch", type=number(1), default=16, help="sequences per step")
+    p.add_argument("--micro-batch", type=number(1), default=16)
+    p.add_argument("--lr", type=number(0, kind=float, above=True), default=2e-3)
+    p.add_argument("--warmup-steps", type=number(0), default=15)
+    p.add_argument("--temperature", type=number(0, kind=float, above=True), default=2.0)
+    p.add_argument("--alpha", type=number(0, 1, float), default=0.5, help="weight of the KL term in distillation")
+    p.add_argument("--calib-batches", type=number(1), default=8, help="calibration batches (of --batch sequences)")
+    p.add_argument("--eval-batches", type=number(1), default=40, help="val batches of --micro-batch sequences")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--no-kd", action="store_true", help="heal with cross-entropy only")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=number(0), default=1337)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=number(1), default=None,
                    help="CPU threads for torch (1 is often fastest on a CPU shared with other jobs)")
     p.add_argument("--overwrite", action="store_true",
                    help="run again in an earlier experiment folder (replaces its runs and results, nothing else)")

@@ -245,6 +245,19 @@ CASES = [
     ("scripts.export_gguf", "{ckpt} {user}", 2, ["is a folder", "GGUF file"]),
     ("scripts.export_gguf", "{missing} {new}.gguf", 2, ["no_such_thing"]),
     ("scripts.prune_experiment", "--teacher {ckpt} --data {bins} --out {user}", 2, ["thesis.txt", "another --out"]),
+    # ---- numbers that make no sense, and usage mistakes: one line (lillm.cli.ArgumentParser)
+    ("data.prepare_pretrain", "--tokenizer {tokA} --files {corpus} --out {new} --workers -2", 2,
+     ["--workers -2", "at least 1"]),
+    ("data.prepare_pretrain", "--tokenizer {tokA} --files {corpus} --out {new} --val-fraction 1", 2,
+     ["--val-fraction 1.0", "[0, 1)"]),
+    ("data.prepare_pretrain", "--tokenizer {tokA} --files {corpus} --out {new} --workers two", 2,
+     ["--workers", "invalid int value", "--help"]),
+    ("dpo_train", "--init-from {ckpt} --data {sft} --out {new} --loss simpo --gamma -1", 2, ["--gamma -1.0", "0 or more"]),
+    ("dpo_train", "--init-from {ckpt} --data {sft} --out {new} --beta 0", 2, ["--beta 0.0", "positive"]),
+    ("inference", INF + " --port 70000", 2, ["--port 70000", "65535"]),
+    ("inference", INF + " --temperature nan", 2, ["--temperature nan"]),
+    ("scripts.evaluate", "--checkpoint {ckpt} --split banana", 2, ["--split", "invalid choice", "--help"]),
+    ("scripts.import_hf", "", 2, ["required", "src"]),
     ("scripts.prune_experiment", "--teacher {ckpt} --data {bins} --out {bins} --overwrite", 2, ["contains --data"]),
     ("scripts.evaluate", "--checkpoint {missing} --data {sft} --device cpu", 2, ["no_such_thing", "does not exist"]),
 ]
@@ -282,3 +295,30 @@ def test_bad_input_is_refused_with_one_line(world, capsys, script, template, sta
 
 def test_there_are_at_least_sixty_cases():
     assert len(CASES) >= 60
+
+
+# ---- one numbers check: every numeric flag of every script declares its range (lillm.cli.number) ---------
+SCRIPTS = ["pretrain", "sft_train", "dpo_train", "inference", "train_tokenizer", "data.prepare_pretrain",
+           "data.prepare_sft", "data.prepare_dpo", "scripts.evaluate", "scripts.expand_vocab", "scripts.export_gguf",
+           "scripts.export_hf", "scripts.import_hf", "scripts.prune_experiment", "scripts.shrink"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_number_flag_declares_its_range_and_usage_mistakes_are_one_line(script, monkeypatch, capsys):
+    from lillm import cli
+
+    parsers = []
+
+    def capture(self, args=None, namespace=None):
+        parsers.append(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.ArgumentParser, "parse_args", capture)
+    with pytest.raises(KeyboardInterrupt):
+        importlib.import_module(script).main([])
+    parser = parsers[0]
+    plain = [a.option_strings[-1] for a in parser._actions if a.type in (int, float)]
+    assert not plain, f"{script}: numeric flags without a declared range (lillm.cli.number): {plain}"
+    monkeypatch.undo()
+    code, err = run(capsys, script, ["a", "b", "--no-such-flag"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--no-such-flag" in err and "--help" in err, err
