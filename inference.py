@@ -163,6 +163,9 @@ def main(argv=None):
     if args.serve and (args.chat or args.prompt or args.compile):
         raise FlagError("--serve runs a server: drop --chat, --prompt and --compile")
     check_sampling(args)
+    if args.serve:  # a port in use or a host that does not resolve is refused before the model is loaded
+        from lillm.serve import listen
+        listen(args.host, args.port).server_close()
     model, tokenizer = load(args.checkpoint, args.device, args.adapter)
     if args.quantize == "int8":
         model = quantize_int8(model, inplace=True)

@@ -37,9 +37,11 @@ on another site cannot post to it without a CORS preflight, which the server nev
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import queue
+import socket
 import sys
 import threading
 import time
@@ -50,7 +52,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .errors import ChatTemplateError, LillmError
+from .errors import ChatTemplateError, FlagError, LillmError
 from .generate import generate_stream
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -534,6 +536,24 @@ class Reply:
         return {**self._head(True), "choices": [], "usage": self.usage(completion_tokens)}
 
 
+def listen(host: str, port: int) -> ThreadingHTTPServer:
+    """The HTTP server bound to (host, port), or one line saying why it cannot be: a port out of range,
+    one another program holds, a host name that does not resolve or is not this machine's."""
+    if not 0 <= port <= 65535:
+        raise FlagError(f"--port {port}: must be between 0 (any free port) and 65535")
+    try:
+        return ThreadingHTTPServer((host, port), Handler)
+    except socket.gaierror as error:
+        raise FlagError(f"--host {host}: cannot be resolved ({error.strerror}); use 127.0.0.1 (this machine "
+                        "only) or an address of this machine") from None
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise FlagError(f"--port {port}: already in use on {host} (another server?); choose another --port, "
+                            "or --port 0 for any free one") from None
+        raise FlagError(f"--host {host} --port {port}: cannot listen there ({error.strerror}); use 127.0.0.1 "
+                        "and a port above 1023") from None
+
+
 class ChatServer:
     """The HTTP server and its Engine. `start()` runs both on background threads (tests, notebooks);
     `serve_forever()` blocks (the command line); `close()` stops both."""
@@ -547,7 +567,7 @@ class ChatServer:
         self.engine = Engine(self.model, tokenizer, max_batch, max_queue)
         self.log = log or (lambda record: print(json.dumps(record, ensure_ascii=False), file=sys.stderr, flush=True))
         self.started = int(time.time())
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd = listen(host, port)
         self.httpd.daemon_threads = True
         self.httpd.app = self
         self._thread: threading.Thread | None = None

@@ -322,3 +322,21 @@ def test_every_number_flag_declares_its_range_and_usage_mistakes_are_one_line(sc
     monkeypatch.undo()
     code, err = run(capsys, script, ["a", "b", "--no-such-flag"])
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--no-such-flag" in err and "--help" in err, err
+
+
+def test_the_servers_own_flags_are_refused_in_one_line_before_the_model_loads(world, capsys):
+    import socket
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    try:
+        port = str(held.getsockname()[1])
+        for extra, words in ((["--port", port], [f"--port {port}", "already in use", "--port 0"]),
+                             (["--host", "no-such-host.invalid"], ["--host no-such-host.invalid", "cannot be resolved"]),
+                             (["--port", "-1"], ["--port -1", "65535"])):
+            code, err = run(capsys, "inference", [world["ckpt"], "--serve", "--device", "cpu", *extra])
+            assert code == 2 and len(err.strip().splitlines()) == 1, err
+            assert all(word in err for word in words), err
+    finally:
+        held.close()
