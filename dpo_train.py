@@ -71,7 +71,7 @@ def main(argv=None):
     model = apply_peft_from_args(model, args).to(env.device)
 
     data = Path(args.data)
-    rows, _ = read_pairs(data / "train.jsonl", strict=args.strict, tasks=args.tasks)
+    rows, _ = read_pairs(data / "train.jsonl", strict=args.strict, tasks=args.tasks, require_tasks=True)
     pairs, stats = build_pairs(tokenizer, cap_per_task(rows, args.max_per_task), seq_len, args.too_long,
                                verbose=env.is_main)
     if not pairs:

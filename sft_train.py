@@ -55,7 +55,7 @@ def main(argv=None):
     model = apply_peft_from_args(model, args)
 
     data = Path(args.data)
-    rows, _ = read_conversations(data / "train.jsonl", strict=args.strict, tasks=args.tasks)
+    rows, _ = read_conversations(data / "train.jsonl", strict=args.strict, tasks=args.tasks, require_tasks=True)
     rows = cap_per_task(rows, args.max_per_task)
     examples, stats = build_examples(tokenizer, rows, seq_len, args.too_long, verbose=env.is_main)
     if not examples:

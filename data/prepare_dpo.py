@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
             if not path.is_file():
                 print(f"{path} not found: no {split} pairs from the challenge data")
                 continue
-            rows, _ = read_conversations(path, tasks=args.tasks)
+            rows, _ = read_conversations(path, tasks=args.tasks, require_tasks=split == "train")
             for _, group in sorted(by_task_and_lang(rows).items()):
                 group = evenly_spaced(group, args.limit)
                 task, lang = group[0].get("task"), group[0].get("lang")

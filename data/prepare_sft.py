@@ -36,9 +36,9 @@ from pathlib import Path
 from lillm.challenge import LANGS, SPLITS, TASKS, task_rows
 from lillm.cli import ArgumentParser, number, run_main
 from lillm.corpora import data_dir as resolve_data_dir
-from lillm.errors import SFTSourceError
+from lillm.errors import InputFileError, SFTSourceError
 from lillm.folders import check_output, claim_output, write_text_atomic
-from lillm.rows import read_csv_rows, render_user
+from lillm.rows import csv_records, json_lines, render_user
 from lillm.sft import row_problem
 from lillm.sources import ColumnMap, conversations, file_source, hub_source
 
@@ -89,34 +89,27 @@ def column_map(args) -> ColumnMap:
 def read_user_file(path: Path, alpaca: bool, strict: bool) -> tuple[list[dict], list[str]]:
     """Rows of a .jsonl (conversations, or instruction/input/target objects) or .csv file, and problems."""
     rows, problems = [], []
-    if path.suffix == ".csv":
-        for number, record in enumerate(read_csv_rows(path, ",", "check the path given to --files"), start=2):
-            try:
-                rows.append(instruction_row(record, f"{path}:{number}", alpaca))
-            except SFTSourceError as error:
-                problems.append(str(error))
-    elif path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8-sig") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {number}"
-                try:
-                    record = json.loads(line)
-                    if isinstance(record, dict) and "messages" not in record and "instruction" in record:
-                        record = instruction_row(record, where, alpaca)
-                    problem = row_problem(record)
-                except json.JSONDecodeError as error:
-                    problem = f"not valid JSON ({error.msg})"
-                except SFTSourceError as error:
-                    problem = str(error).removeprefix(f"{where}: ")
-                if problem is None:
-                    rows.append(record)
-                else:
-                    problems.append(f"{where}: {problem}")
-    else:
+    if path.suffix not in (".csv", ".jsonl", ".json"):
         raise SFTSourceError(f"{path}: unknown file type {path.suffix!r}; give .jsonl or .csv "
                              "(columns instruction, input, target)")
+    if not path.is_file():
+        raise InputFileError(f"--files {path} does not exist; check the path")
+    # one reader for every row (lillm.rows): a byte that is not UTF-8 or a line that is not JSON costs its row
+    records = csv_records(path) if path.suffix == ".csv" else json_lines(path)
+    for line, record, problem in records:
+        where = f"{path}:{line}" if path.suffix == ".csv" else f"{path}, line {line}"  # as rows record it
+        if problem is None:
+            try:
+                if path.suffix == ".csv" or (isinstance(record, dict) and "messages" not in record
+                                             and "instruction" in record):
+                    record = instruction_row(record, where, alpaca)
+                problem = row_problem(record)
+            except SFTSourceError as error:
+                problem = str(error).removeprefix(f"{where}: ")
+        if problem is None:
+            rows.append(record)
+        else:
+            problems.append(f"{where}: {problem}")
     if problems and strict:
         raise SFTSourceError(problems[0] + "; fix the row or run without --strict to skip it")
     return rows, problems
@@ -191,7 +184,11 @@ def main(argv=None) -> dict:
     for message in problems:
         print(f"skipped: {message}")
     if not any(splits.values()):
-        raise SFTSourceError("no rows: choose --tasks, or give --files or --hf")
+        given = args.files or args.dev_files or args.test_files or args.hf
+        raise SFTSourceError(f"no rows: every row of --files / --hf was skipped ({len(problems)} listed above as "
+                             "skipped); fix those rows" if given and problems else
+                             "no rows: the --files / --hf given hold none" if given else
+                             "no rows: choose --tasks, or give --files or --hf")
 
     out = claim_output(args.out, "sft-data", overwrite=args.overwrite, reads=reads)  # checked again: time passed
     for split, rows in splits.items():

@@ -140,13 +140,13 @@ def pair_parts(row) -> tuple[list[dict], str, str]:
 
 
 def read_pairs(paths: str | Path | Iterable[str | Path], strict: bool = False, tasks: Iterable[str] | None = None,
-               max_reported: int = 10) -> tuple[list[dict], list[str]]:
+               max_reported: int = 10, require_tasks: bool = False) -> tuple[list[dict], list[str]]:
     """Rows of preference JSON-lines files (see pair_parts), and the problems of the rows skipped.
 
     Every problem names the file and line; strict=True raises DPODataError at the first one.
     """
     return read_jsonl_rows(paths, pair_problem, DPODataError, "preference file", "data/prepare_dpo.py",
-                           strict, tasks, max_reported)
+                           strict, tasks, max_reported, require_tasks)
 
 
 def pair_problem(row: dict) -> str | None:
@@ -475,6 +475,9 @@ def read_user_pairs(path: str | Path, strict: bool = False) -> tuple[list[dict],
     except ImportError as error:
         raise DPODataError(f"{path}: reading {path.suffix} files needs {error.name} (pip install "
                            f"{'pyarrow' if path.suffix == '.parquet' else 'datasets'}), or convert it to JSON lines") from None
+    except Exception as error:  # pyarrow / datasets on a damaged, empty or non-UTF-8 file: one line, not a traceback
+        raise DPODataError(f"{path}: cannot be read as {path.suffix[1:]} ({type(error).__name__}: "
+                           f"{' '.join(str(error).split())[:300]}); fix or re-export the file, or give JSON lines") from None
     rows, problems = [], []
     for number, row in enumerate(table, start=1):
         try:

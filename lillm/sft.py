@@ -29,7 +29,6 @@ uniform noise in [-1, 1] scaled by alpha / sqrt(L * d) to the input embeddings w
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import FlagError, InputFileError, SFTDataError
+from .rows import json_lines
 from .tokenizer import ROLES, Tokenizer
 
 IGNORE_INDEX = -100
@@ -72,55 +72,50 @@ def row_problem(row) -> str | None:
 
 
 def read_conversations(paths: str | Path | Iterable[str | Path], strict: bool = False,
-                       tasks: Iterable[str] | None = None, max_reported: int = 10) -> tuple[list[dict], list[str]]:
+                       tasks: Iterable[str] | None = None, max_reported: int = 10,
+                       require_tasks: bool = False) -> tuple[list[dict], list[str]]:
     """Rows of JSON-lines conversation files, and the problems of the rows skipped.
 
     Every problem names the file and the line. strict=True raises SFTDataError at the first one.
-    tasks keeps only rows whose "task" is listed. Blank lines are skipped silently.
+    tasks keeps only rows whose "task" is listed (require_tasks: a task no row has is refused as unknown).
+    Blank lines are skipped silently.
     """
     return read_jsonl_rows(paths, row_problem, SFTDataError, "conversation file", "data/prepare_sft.py",
-                           strict, tasks, max_reported)
+                           strict, tasks, max_reported, require_tasks)
 
 
 def read_jsonl_rows(paths: str | Path | Iterable[str | Path], problem_of: Callable[[dict], str | None],
                     error: type[Exception], kind: str, maker: str, strict: bool = False,
-                    tasks: Iterable[str] | None = None, max_reported: int = 10) -> tuple[list[dict], list[str]]:
+                    tasks: Iterable[str] | None = None, max_reported: int = 10,
+                    require_tasks: bool = False) -> tuple[list[dict], list[str]]:
     """Rows of JSON-lines files that `problem_of` accepts (it returns None, or what is wrong), and the
     problems of the rows skipped, each naming the file and line; strict=True raises `error` at the first.
+    require_tasks: a task of `tasks` that no row has is refused as unknown (a typo), naming the tasks there.
     Shared by SFT conversations and DPO preference pairs."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     wanted = None if tasks is None else set(tasks)
-    rows, problems = [], []
+    rows, problems, seen = [], [], set()
     for path in map(Path, paths):
         if path.is_dir():
             raise InputFileError(f"{kind} {path} is a folder; pass the .jsonl file in it")
         if not path.is_file():
             raise InputFileError(f"{kind} {path} does not exist; make it with {maker}")
-        with open(path, "rb") as f:  # decoded line by line: one bad byte costs its row, not the file
-            for number, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                except UnicodeDecodeError as decode_error:
-                    line, problem = "?", (f"not UTF-8 (byte {raw[decode_error.start]:#04x} "
-                                          f"at column {decode_error.start + 1})")
-                else:
-                    problem = None
-                if not line.strip():
-                    continue
-                try:
-                    if problem is None:
-                        row = json.loads(line)
-                        problem = problem_of(row)
-                except json.JSONDecodeError as decode_error:
-                    problem = f"not valid JSON ({decode_error.msg} at column {decode_error.colno})"
-                if problem is not None:
-                    message = f"{path}, line {number}: {problem}"
-                    if strict:
-                        raise error(f"{message}; fix or delete the row (or read without strict to skip it)")
-                    problems.append(message)
-                    continue
-                if wanted is None or row.get("task") in wanted:
-                    rows.append(row)
+        for number, row, problem in json_lines(path):  # a bad byte or line costs its row (lillm.rows)
+            if problem is None:
+                problem = problem_of(row)
+            if problem is not None:
+                message = f"{path}, line {number}: {problem}"
+                if strict:
+                    raise error(f"{message}; fix or delete the row (or read without strict to skip it)")
+                problems.append(message)
+                continue
+            seen.add(row.get("task"))
+            if wanted is None or row.get("task") in wanted:
+                rows.append(row)
+    unknown = sorted(wanted - seen) if require_tasks and wanted is not None else []
+    if unknown:
+        raise error(f"--tasks: unknown task(s) {unknown}: no row of {', '.join(map(str, paths))} has them (its tasks: "
+                    f"{sorted(map(str, seen))}); check the spelling")
     for message in problems[:max_reported]:
         print(f"skipped: {message}")
     if len(problems) > max_reported:

@@ -30,7 +30,7 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 from .corpora import CORPORA, HUB_CORPORA, data_dir as resolve_data_dir, read_documents, select_corpora
-from .errors import CorpusFormatError, HubUnavailableError, InputFileError, SourceError
+from .errors import CorpusFormatError, HubUnavailableError, InputFileError, LillmError, SourceError
 
 TEXT_FORMATS = {".txt": "txt", ".tsv": "tsv", ".csv": "csv", ".conll": "conll"}
 DATASET_FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json",
@@ -377,20 +377,69 @@ def open_dataset(source: Source):
     import datasets
 
     if source.fmt == "disk":
-        loaded = datasets.load_from_disk(source.location)
+        try:
+            loaded = datasets.load_from_disk(source.location)
+        except Exception as error:  # a damaged save_to_disk folder: its JSON or arrow files
+            raise unreadable(source, error) from None
         if isinstance(loaded, datasets.DatasetDict):
             if source.split not in loaded:
                 raise SourceError(f"{source.location} holds splits {list(loaded)}, not {source.split!r}; "
                                   f"choose one with --hf-split")
             loaded = loaded[source.split]
-        return loaded
+        return Guarded(loaded, source)
     try:
-        return datasets.load_dataset(source.fmt, data_files=source.location, split="train", streaming=True)
+        return Guarded(datasets.load_dataset(source.fmt, data_files=source.location, split="train", streaming=True),
+                       source)
     except Exception as error:  # a broken file gets one line, not a traceback
         if source.needs_network:
             raise hub_error(source.location, source.location, error) from None
-        raise CorpusFormatError(f"{source.location}: cannot be read as {source.fmt} ({type(error).__name__}: "
-                                f"{' '.join(str(error).split())[:300]})") from None
+        raise unreadable(source, error) from None
+
+
+def unreadable(source: Source, error: Exception, row: int | None = None) -> CorpusFormatError:
+    """A data file that pyarrow or datasets cannot read (a line that is not a JSON object, an empty or
+    damaged parquet file, a damaged save_to_disk folder), as one line that names it."""
+    where = source.location if row is None else f"{source.location}, row {row}"
+    return CorpusFormatError(f"{where}: cannot be read as {source.fmt} ({type(error).__name__}: "
+                             f"{' '.join(str(error).split())[:300]}); fix or re-export the file")
+
+
+class Guarded:
+    """A dataset whose rows are read through `datasets` and pyarrow, which parse lazily: an error they
+    raise while rows are read (not only when the file is opened) becomes `unreadable`'s one line.
+    Everything else is the dataset's own."""
+
+    def __init__(self, dataset, source: Source):
+        self.dataset, self.source = dataset, source
+
+    def _guard(self, rows):
+        count = 0
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except (LillmError, KeyboardInterrupt):
+                raise
+            except Exception as error:  # pyarrow.ArrowInvalid, json errors, OSError ... from the reader
+                raise unreadable(self.source, error, count + 1) from None
+            count += 1
+            yield row
+
+    def __iter__(self):
+        return self._guard(iter(self.dataset))
+
+    def iter(self, *args, **kwargs):  # batches (dataset_texts reads Arrow batches)
+        return self._guard(iter(self.dataset.iter(*args, **kwargs)))
+
+    def take(self, n: int) -> "Guarded":
+        return Guarded(self.dataset.take(n), self.source)
+
+    def select_columns(self, *args, **kwargs) -> "Guarded":
+        return Guarded(self.dataset.select_columns(*args, **kwargs), self.source)
+
+    def __getattr__(self, name: str):
+        return getattr(self.dataset, name)
 
 
 def column_names(dataset) -> list[str]:

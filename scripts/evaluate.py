@@ -40,7 +40,7 @@ from lillm.cli import ArgumentParser, check_device, number, run_main
 from lillm.errors import InputFileError, SFTDataError
 from lillm.evaluate import evaluate_subset
 from lillm.outputs import check_writable, write_outputs
-from lillm.rows import by_task_and_lang, evenly_spaced
+from lillm.rows import by_task_and_lang, evenly_spaced, read_text
 from lillm.sft import assistant_loss, build_examples, read_conversations
 from lillm.tokenizer import Tokenizer
 
@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
         path = Path(args.score_submission)
         if not path.is_file():
             raise InputFileError(f"--score-submission {path}: no such file; give the submission CSV")
-        scores = score_submission(path.read_text(encoding="utf-8"), str(path))
+        scores = score_submission(read_text(path), str(path))
         print(challenge_table({f"{path.name}": scores}))
         return scores
     check_device(args.device)
@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
     model = ckpt.load_model(folder, device=args.device).eval()
     tokenizer = Tokenizer.from_file(args.tokenizer or folder / "tokenizer.json")
     data = Path(args.data)
-    rows, _ = read_conversations(data / f"{args.split}.jsonl", tasks=args.tasks)
+    rows, _ = read_conversations(data / f"{args.split}.jsonl", tasks=args.tasks, require_tasks=True)
     train_rows = []
     if args.split != "train" and (data / "train.jsonl").is_file():
         train_rows, _ = read_conversations(data / "train.jsonl", tasks=args.tasks)
