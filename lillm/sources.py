@@ -22,8 +22,10 @@ gets its own one-line error naming the fix.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -378,7 +380,8 @@ def open_dataset(source: Source):
 
     if source.fmt == "disk":
         try:
-            loaded = datasets.load_from_disk(source.location)
+            with datasets_quiet():
+                loaded = datasets.load_from_disk(source.location)
         except Exception as error:  # a damaged save_to_disk folder: its JSON or arrow files
             raise unreadable(source, error) from None
         if isinstance(loaded, datasets.DatasetDict):
@@ -388,12 +391,25 @@ def open_dataset(source: Source):
             loaded = loaded[source.split]
         return Guarded(loaded, source)
     try:
-        return Guarded(datasets.load_dataset(source.fmt, data_files=source.location, split="train", streaming=True),
-                       source)
+        with datasets_quiet():
+            return Guarded(datasets.load_dataset(source.fmt, data_files=source.location, split="train",
+                                                 streaming=True), source)
     except Exception as error:  # a broken file gets one line, not a traceback
         if source.needs_network:
             raise hub_error(source.location, source.location, error) from None
         raise unreadable(source, error) from None
+
+
+@contextmanager
+def datasets_quiet():
+    """`datasets` logs a reading error before raising it; lillm reports it itself, in one line."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def unreadable(source: Source, error: Exception, row: int | None = None) -> CorpusFormatError:
@@ -416,7 +432,8 @@ class Guarded:
         count = 0
         while True:
             try:
-                row = next(rows)
+                with datasets_quiet():
+                    row = next(rows)
             except StopIteration:
                 return
             except (LillmError, KeyboardInterrupt):

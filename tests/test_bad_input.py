@@ -75,6 +75,25 @@ def world(tmp_path_factory):
     weights = models / "ckpt_cut" / ckpt.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:1000])
 
+    save_model(models / "ckpt_swapped", root / "tokA.json")  # then its tokenizer.json replaced, same size
+    shutil.copyfile(root / "tokB.json", models / "ckpt_swapped" / "tokenizer.json")
+    save_model(models / "ckpt_10m", root / "tokA.json", num_hidden_layers=10_000_000)
+    hf_10m = root / "hf_10m"
+    shutil.copytree(models / "ckpt_10m", hf_10m)
+
+    rows = root / "rows"  # files whose bytes or structure a reader cannot take
+    rows.mkdir()
+    chat = {"messages": [{"role": "user", "content": "Watoto?"}, {"role": "assistant", "content": "mpira"}]}
+    (rows / "allbad.jsonl").write_bytes(b'{"messages": "\xff"}\n' + b"not json\n")
+    (rows / "notobj.jsonl").write_text('{"text": "a"}\n[1, 2]\n"text"\n')
+    (rows / "zero.parquet").write_bytes(b"")
+    (rows / "disk").mkdir()
+    (rows / "disk" / "dataset_info.json").write_text("{")
+    (rows / "disk" / "state.json").write_text("{")
+    (rows / "sub_byte.csv").write_bytes(b"ID,Response,Targets\nID_size,1000,\xff\n")
+    (rows / "sub_twice.csv").write_text("ID,Response,Targets\nID_mt_1,a,b\nID_mt_1,a,b\nID_size,1000,\n")
+    (rows / "chat.jsonl").write_text(json.dumps(chat) + "\n")
+
     hf = root / "hf_randombin"
     hf.mkdir()
     shutil.copyfile(models / "ckpt" / "config.json", hf / "config.json")
@@ -102,7 +121,8 @@ def world(tmp_path_factory):
                                                    "empty", "run")}
     paths.update({name: str(models / name) for name in ("ckpt", "ckpt_tokB", "ckpt_bigtok", "ckpt_rope",
                                                           "ckpt_bias", "ckpt_gelu", "ckpt_badjson", "ckpt_notok",
-                                                          "ckpt_cut")})
+                                                          "ckpt_cut", "ckpt_swapped", "ckpt_10m")})
+    paths.update(rows=str(rows), hf_10m=str(hf_10m))
     paths.update(tokA=paths["tokA.json"], tokB=paths["tokB.json"], corpus=paths["corpus.txt"], afile=paths["afile.txt"])
     paths.update(models=str(models), missing=str(root / "no_such_thing"), new=str(root / "fresh" / "out"),
                  val_tokens=str(meta["splits"]["val"]["tokens"]), long_prompt=" ".join(WORDS * 20))
@@ -260,6 +280,37 @@ CASES = [
     ("scripts.import_hf", "", 2, ["required", "src"]),
     ("scripts.prune_experiment", "--teacher {ckpt} --data {bins} --out {bins} --overwrite", 2, ["contains --data"]),
     ("scripts.evaluate", "--checkpoint {missing} --data {sft} --device cpu", 2, ["no_such_thing", "does not exist"]),
+]
+CASES += [
+    # ---- a checkpoint's tokenizer.json replaced by another of the same size: its recorded hash, on every load
+    *[(script, template, 2, ["ckpt_swapped/tokenizer.json", "is not the tokenizer", "was saved with", "back"])
+      for script, template in (("inference", INF.replace("{ckpt}", "{ckpt_swapped}")),
+                               ("sft_train", SFT.replace("{ckpt}", "{ckpt_swapped}")),
+                               ("scripts.evaluate", "--checkpoint {ckpt_swapped} --data {sft} --device cpu"),
+                               ("scripts.export_gguf", "{ckpt_swapped} {new}.gguf"),
+                               ("scripts.export_hf", "{ckpt_swapped} {new}"),
+                               ("scripts.expand_vocab", "--base {ckpt_swapped} --out {new}"))],
+    # ---- sizes a config.json asks for, against the weights, before anything is built
+    ("scripts.import_hf", "{hf_10m} {new}", 2, ["num_hidden_layers=10000000", "hold 2 layers"]),
+    ("inference", INF.replace("{ckpt}", "{ckpt_10m}"), 2, ["num_hidden_layers=10000000", "hold 2 layers"]),
+    # ---- readers: a bad byte, a line that is not an object, an empty or damaged file
+    ("data.prepare_sft", "--tasks none --files {rows}/allbad.jsonl --out {new}", 2,
+     ["every row of --files", "skipped", "fix those rows"]),
+    ("data.prepare_sft", "--tasks none --files {rows}/notobj.jsonl --prompt-column text --response-column text "
+     "--out {new}", 2, ["notobj.jsonl, row", "cannot be read as json"]),
+    ("data.prepare_pretrain", "--tokenizer {tokA} --files {rows}/notobj.jsonl --out {new} --workers 1", 2,
+     ["notobj.jsonl, row", "cannot be read as json"]),
+    ("data.prepare_pretrain", "--tokenizer {tokA} --files {rows}/zero.parquet --out {new} --workers 1", 2,
+     ["zero.parquet", "cannot be read as parquet"]),
+    ("data.prepare_pretrain", "--tokenizer {tokA} --files {rows}/disk --out {new} --workers 1", 2,
+     ["disk", "cannot be read"]),
+    ("data.prepare_dpo", "--files {rows}/zero.parquet --out {new}", 2, ["zero.parquet", "cannot be read as parquet"]),
+    ("scripts.evaluate", "--score-submission {rows}/sub_byte.csv", 2, ["sub_byte.csv, line 2", "not UTF-8"]),
+    ("scripts.evaluate", "--score-submission {rows}/sub_twice.csv", 2, ["line 3", "ID_mt_1 repeats line 2"]),
+    # ---- --tasks that no row has is unknown, not "no usable row"
+    ("sft_train", SFT + " --tasks chatt", 2, ["unknown task(s) ['chatt']", "'chat'", "spelling"]),
+    ("scripts.evaluate", "--checkpoint {ckpt} --data {sft} --split train --tasks chatt --device cpu", 2,
+     ["unknown task(s) ['chatt']"]),
 ]
 if not CUDA:  # on a machine with a GPU these are not bad input
     CASES += [("pretrain", PRE + " --device cuda", 2, ["--device cuda", "--device cpu"]),

@@ -3,6 +3,7 @@ a user's file in an output folder, and how a refusal looks from a real shell (li
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -460,3 +462,189 @@ def test_files_written_through_a_temporary_name_get_the_mode_the_umask_asks_for(
         os.umask(old)
     modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
     assert len(modes) > 10 and set(modes.values()) == {0o644}, modes
+
+
+# ---- features that work together: each pair works (tested here) or is refused in one line -----------
+def moe(vocab=53, seed=0):
+    torch.manual_seed(seed)
+    return Transformer(get_preset("moe-tiny", vocab_size=vocab, max_seq_len=32))
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return out if torch.is_tensor(out) else out[0]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "adapters"])
+def test_moe_with_lora_qlora_and_adapters_trains_saves_and_reloads(tmp_path, method):
+    from lillm.peft import apply_peft
+
+    model = apply_peft(moe(), method, targets="all")
+    wrapped = sum(1 for name, _ in model.named_parameters() if "experts" in name and ("lora" in name or "adapter" in name))
+    assert wrapped > 0  # the experts' projections are adapted, not skipped
+    train(model, RandomTokens(), config(tmp_path / "run", max_steps=2, save_every=2))
+    reloaded = ckpt.load_model(tmp_path / "run" / "step_000002")
+    ids = torch.randint(0, 53, (2, 9))
+    assert torch.equal(logits(model.eval(), ids), logits(reloaded.eval(), ids))
+
+
+def test_moe_int8_decodes_close_to_fp32_and_serves(writers_world):
+    from lillm.generate import generate
+    from lillm.quant import quantize_int8
+    from lillm.serve import ChatServer, Defaults
+
+    model = moe(vocab=320).eval()
+    ids = torch.randint(0, 320, (2, 12))
+    model(ids)  # a forward with gradients leaves the mixture's auxiliary losses on the model: copying must work
+    reference = logits(model, ids)
+    for kernel in ("dequant", "weight-only", "fbgemm"):
+        quantized = quantize_int8(model, kernel=kernel)
+        assert (logits(quantized, ids) - reference).abs().max() < 0.05 * reference.abs().max(), kernel
+    from lillm.tokenizer import Tokenizer
+    tokenizer = Tokenizer.from_file(writers_world / "tok" / "tok.json")
+    quantized = quantize_int8(model, kernel="dequant")
+    expected = generate(quantized, [[1, 5, 9]], 6, temperature=0.0)[0]
+    with ChatServer(quantize_int8(model, kernel="dequant"), tokenizer, port=0, log=lambda record: None,
+                    defaults=Defaults(max_tokens=6, temperature=0.0)) as server:
+        import urllib.request
+        request = urllib.request.Request(server.url + "/v1/completions", method="POST",
+                                         data=json.dumps({"prompt": tokenizer.decode([5, 9]), "max_tokens": 6,
+                                                          "temperature": 0}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            body = json.loads(reply.read())
+    assert body["choices"][0]["text"] and len(expected) == 6
+
+
+def test_moe_exports_to_gguf_in_mixtrals_layout_and_reads_back_to_equal_logits(writers_world, tmp_path):
+    import gguf
+
+    from lillm.gguf import EXPERT_STACKS, export_gguf, interleaved_to_rotate_half
+
+    model = moe(vocab=320)
+    ckpt.save_checkpoint(tmp_path / "moe", model, writers_world / "tok" / "tok.json")
+    reader = gguf.GGUFReader(export_gguf(tmp_path / "moe", tmp_path / "moe.gguf", "f32"))
+    cfg = model.config
+    assert reader.fields["llama.expert_count"].parts[-1][0] == cfg.n_experts
+    assert reader.fields["llama.expert_used_count"].parts[-1][0] == cfg.experts_per_token
+    tensors = {t.name: torch.from_numpy(np.array(t.data)).reshape(tuple(reversed(t.shape.tolist())))
+               for t in reader.tensors}
+    state = {"model.embed_tokens.weight": tensors["token_embd.weight"], "model.norm.weight": tensors["output_norm.weight"]}
+    for layer in range(cfg.n_layers):
+        block, prefix = f"blk.{layer}.", f"model.layers.{layer}."
+        state[prefix + "self_attn.q_proj.weight"] = interleaved_to_rotate_half(tensors[block + "attn_q.weight"], cfg.n_heads)
+        state[prefix + "self_attn.k_proj.weight"] = interleaved_to_rotate_half(tensors[block + "attn_k.weight"],
+                                                                               cfg.n_kv_heads)
+        for ours, theirs in (("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"),
+                             ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"),
+                             ("block_sparse_moe.gate", "ffn_gate_inp")):
+            state[f"{prefix}{ours}.weight"] = tensors[f"{block}{theirs}.weight"]
+        for w, name in EXPERT_STACKS.items():
+            stacked = tensors[block + name]
+            assert stacked.shape[0] == cfg.n_experts
+            for e in range(cfg.n_experts):
+                state[f"{prefix}block_sparse_moe.experts.{e}.{w}.weight"] = stacked[e]
+    rebuilt = moe(vocab=320, seed=1)
+    ckpt.load_weights(rebuilt, state)
+    ids = torch.randint(0, 320, (2, 9))
+    assert torch.equal(logits(model, ids), logits(rebuilt, ids))
+    export_gguf(tmp_path / "moe", tmp_path / "moe-q8.gguf", "q8_0")  # quantized experts too
+
+
+def test_moe_shrinks_experts_by_their_own_channels_exactly_and_through_the_script(writers_world, tmp_path, capsys):
+    from lillm.importance import activation_importance, choose
+    from lillm.prune import prune_width
+    from scripts import shrink
+
+    model = moe().eval()
+    ids = torch.randint(0, 53, (2, 16))
+    keep = choose(activation_importance(model, [{"input_ids": ids}], show_progress=False)["ffn"], 40)
+    assert keep.shape == (2, 4, 40)  # layer x expert x kept channels
+    zeroed = copy_of(model)
+    with torch.no_grad():
+        for layer, block in enumerate(zeroed.model.layers):
+            for e, expert in enumerate(block.block_sparse_moe.experts):
+                dropped = torch.ones(model.config.d_ff, dtype=torch.bool)
+                dropped[keep[layer, e]] = False
+                expert.w2.weight[:, dropped] = 0
+    pruned = prune_width(model, ffn_keep=keep)
+    assert pruned.config.d_ff == 40 and torch.equal(logits(zeroed, ids), logits(pruned, ids))
+
+    # and through scripts/shrink.py: vocabulary, per-expert FFN, width, depth and healing on a mixture
+    data_dir = tmp_path / "data"
+    lines = (writers_world / "text" / "corpus.txt").read_text().splitlines()
+    for path, text in ((data_dir / "lacuna_language_corpus" / "swa" / "swa.txt", lines),
+                       (data_dir / "mafand_mt" / "en-swa" / "dev.swa", lines[:40])):
+        path.parent.mkdir(parents=True)
+        path.write_text("\n".join(text) + "\n")
+    torch.manual_seed(0)
+    ckpt.save_checkpoint(tmp_path / "moe", Transformer(get_preset("moe-tiny", vocab_size=320, max_seq_len=64)),
+                         writers_world / "tok" / "tok.json")
+    shrink.main(["--source", str(tmp_path / "moe"), "--out", str(tmp_path / "small"), "--langs", "swa", "--data-dir",
+                 str(data_dir), "--vocab", "300", "--d-model", "32", "--d-ff", "32", "--layers", "1", "--seq-len", "16",
+                 "--batch", "4", "--micro-batch", "2", "--calib-batches", "2", "--eval-tokens", "200", "--device", "cpu",
+                 "--heal-steps", "2"])
+    small = ckpt.load_model(tmp_path / "small")
+    cfg = small.config
+    assert (cfg.n_experts, cfg.d_ff, cfg.d_model, cfg.n_layers) == (4, 32, 32, 1) and cfg.vocab_size <= 320
+    assert small.num_params() == cfg.num_params()
+
+
+def copy_of(model):
+    import copy
+    return copy.deepcopy(model)
+
+
+def test_sharded_bins_pretrain_resume_and_evaluate_as_one_file_does(writers_world, tmp_path):
+    import pretrain
+    from data import prepare_pretrain
+
+    text, tok = writers_world / "text" / "corpus.txt", writers_world / "tok" / "tok.json"
+    for name, shards in (("one", 0), ("shards", 700)):
+        prepare_pretrain.main(["--tokenizer", str(tok), "--files", str(text), "--out", str(tmp_path / name),
+                               "--workers", "1", "--val-fraction", "0.1", "--shard-tokens", str(shards)])
+    assert (tmp_path / "shards" / "train-00001.bin").is_file() and not (tmp_path / "shards" / "train.bin").exists()
+
+    def run(data, out, steps, *extra):
+        return pretrain.main(["--data", str(tmp_path / data), "--out", str(tmp_path / out), "--preset", "tiny",
+                              "--seq-len", "16", "--global-batch-tokens", "64", "--micro-batch", "4",
+                              "--max-steps", str(steps), "--eval-every", "2", "--eval-batches", "2",
+                              "--save-every", "2", "--log-every", "1", *extra])
+
+    def log(out):
+        return [json.loads(line) for line in (tmp_path / out / "log.jsonl").read_text().splitlines()]
+
+    one, sharded = run("one", "run_one", 4), run("shards", "run_shards", 4)
+    assert [r.get("loss") for r in log("run_one")] == [r.get("loss") for r in log("run_shards")]
+    assert one["val_loss"] == sharded["val_loss"]
+    run("shards", "run_resumed", 2)
+    resumed = run("shards", "run_resumed", 4, "--resume")
+    assert resumed["loss"] == sharded["loss"] and resumed["val_loss"] == sharded["val_loss"]
+
+
+@pytest.mark.parametrize("first, then", [("fp32", "bf16-true"), ("bf16-true", "fp32")])
+def test_a_run_resumes_in_the_other_precision(tmp_path, capsys, first, then):
+    run = tmp_path / "run"
+    train(tiny(), RandomTokens(), config(run, max_steps=2, precision=first))
+    metrics = train(tiny(), RandomTokens(), config(run, max_steps=4, precision=then), resume=True)
+    assert metrics["step"] == 4 and math.isfinite(metrics["loss"])
+    assert f"precision {first} -> {then}" in capsys.readouterr().out
+    state = ckpt.load_train_state(run / "step_000004")["optimizer"]["state"]
+    moment = next(iter(state.values()))["exp_avg"]
+    assert moment.dtype == (torch.bfloat16 if then == "bf16-true" else torch.float32)
+
+
+def test_resume_names_every_setting_that_differs_and_refuses_max_steps_already_reached(tmp_path):
+    from lillm.errors import FlagError
+
+    run = tmp_path / "run"
+    train(tiny(), RandomTokens(), config(run, max_steps=2, extra={"seq_len": 16, "preset": "tiny"}))
+    with pytest.raises(FlagError, match=r"preset tiny -> small; seq_len 16 -> 32"):
+        train(tiny(), RandomTokens(), config(run, max_steps=4, extra={"seq_len": 32, "preset": "small"}), resume=True)
+    with pytest.raises(FlagError, match=r"model d_model 64 -> 32"):
+        train(Transformer(get_preset("tiny", vocab_size=53, max_seq_len=32, d_model=32, n_heads=2, n_kv_heads=1)),
+              RandomTokens(), config(run, max_steps=4, extra={"seq_len": 16, "preset": "tiny"}), resume=True)
+    with pytest.raises(FlagError, match=r"--max-steps 2: the run .* is at step 2 already"):
+        train(tiny(), RandomTokens(), config(run, max_steps=2, extra={"seq_len": 16, "preset": "tiny"}), resume=True)
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_000002"]  # nothing was written
