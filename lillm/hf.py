@@ -209,13 +209,8 @@ def import_llama(folder: str | Path, dtype: torch.dtype = torch.float32, device:
     """
     folder = Path(folder)
     hf = read_hf_config(folder)
-    asked = config_from_hf(hf, str(folder / "config.json"))  # refuse unsupported fields before reading weights
+    config_from_hf(hf, str(folder / "config.json"))  # refuse unsupported fields before reading weights
     weights = WeightFiles(folder)
-    try:  # the sizes config.json asks for against the weights' headers and this machine, before building
-        check_config_fits(asked, weights.shapes, f"{folder} ({weights.description})",
-                          torch.empty((), dtype=dtype).element_size())
-    except CheckpointError as e:
-        raise HFError(str(e)) from None
     n_layers = hf["num_hidden_layers"]
     layout, owner = _mlp_layout(weights, n_layers)
     flagged = bool(hf.get("lillm_shared_mlp"))
@@ -224,6 +219,11 @@ def import_llama(folder: str | Path, dtype: torch.dtype = torch.float32, device:
         why = "shared_mlp=True was asked for" if shared_mlp else "config.json says lillm_shared_mlp"
         raise HFError(f"{folder}: {why}, but the weights hold a different MLP in each layer")
     cfg = config_from_hf({**hf, "lillm_shared_mlp": shared}, str(folder / "config.json"))
+    try:  # the sizes config.json asks for against the weights' headers and this machine, before building
+        check_config_fits(cfg, weights.shapes, f"{folder} ({weights.description})",
+                          torch.empty((), dtype=dtype).element_size())
+    except CheckpointError as e:
+        raise HFError(str(e)) from None
     rotary = [n for n in weights.shapes if n.endswith("rotary_emb.inv_freq")]
     _check_rotary_buffers(weights, cfg, rotary)
 
