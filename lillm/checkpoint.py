@@ -20,7 +20,6 @@ come from safetensors (no code runs while loading) and train_state.pt is read wi
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -239,25 +238,22 @@ def available_memory() -> int | None:
 
 
 def check_config_fits(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str,
-                      element_bytes: int = 4, packed: bool = False) -> None:
-    """Before any module is built, the sizes a config.json asks for must be the ones its weights hold, and
-    fit this machine: a config asking for 10 million layers is refused in a moment, not after building
-    layers until memory runs out. (The exact key and shape rules follow in load_weights.) packed: the
-    weights hold NF4 codes (QLoRA), two to a byte, so their element count is not the parameter count."""
+                      element_bytes: int = 4) -> None:
+    """Before any module is built, the layers a config.json asks for must be the ones its weights hold,
+    and the parameters must fit this machine's memory: a config asking for 10 million layers, or for
+    widths whose tensors would not fit, is refused in a moment, not after building layers until memory
+    runs out. (Each tensor's name and shape is checked next, by load_weights, before any is read.)"""
     layers = {int(m[1]) for name in shapes if (m := re.match(r"model\.layers\.(\d+)\.", name))}
     held = max(layers) + 1 if layers else 0
     if config.n_layers != held:
         raise CheckpointError(f"{source}: config.json asks for num_hidden_layers={config.n_layers} but the weights "
                               f"hold {held} layers; config.json does not belong to these weights")
-    wanted, stored = config.num_params(), sum(math.prod(shape) for shape in shapes.values())
-    if wanted > stored and not packed:
-        raise CheckpointError(f"{source}: config.json asks for {wanted:,} parameters but the weights hold {stored:,}; "
-                              "config.json does not belong to these weights")
-    free = available_memory()
+    wanted, free = config.num_params(), available_memory()
     if free is not None and wanted * element_bytes > free:
-        raise CheckpointError(f"{source}: the model needs {wanted * element_bytes / 2**30:,.1f} GiB "
-                              f"({wanted:,} parameters of {element_bytes} bytes) but this machine has "
-                              f"{free / 2**30:,.1f} GiB available; use a machine with more memory")
+        raise CheckpointError(f"{source}: config.json asks for {wanted:,} parameters, "
+                              f"{wanted * element_bytes / 2**30:,.1f} GiB in {element_bytes}-byte numbers, but this "
+                              f"machine has {free / 2**30:,.1f} GiB available; check config.json, or use a machine "
+                              "with more memory")
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu",
@@ -265,8 +261,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu",
     folder = _recover(Path(folder))
     config = read_config(folder)
     peft = json.loads((folder / PEFT_RECORD).read_text()) if (folder / PEFT_RECORD).is_file() else None
-    check_config_fits(config, weight_shapes(folder / WEIGHTS), str(folder / WEIGHTS),
-                      packed=(peft or {}).get("method") == "qlora")
+    check_config_fits(config, weight_shapes(folder / WEIGHTS), str(folder / WEIGHTS))
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to_empty(device="cpu")

@@ -648,3 +648,12 @@ def test_resume_names_every_setting_that_differs_and_refuses_max_steps_already_r
     with pytest.raises(FlagError, match=r"--max-steps 2: the run .* is at step 2 already"):
         train(tiny(), RandomTokens(), config(run, max_steps=2, extra={"seq_len": 16, "preset": "tiny"}), resume=True)
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_000002"]  # nothing was written
+
+
+def test_a_config_asking_for_more_memory_than_the_machine_has_is_refused_before_building(tmp_path, monkeypatch):
+    from lillm.errors import CheckpointError
+
+    ckpt.save_checkpoint(tmp_path / "c", tiny())
+    monkeypatch.setattr(ckpt, "available_memory", lambda: 1000)
+    with pytest.raises(CheckpointError, match=r"asks for 95,872 parameters.*GiB available"):
+        ckpt.load_model(tmp_path / "c")
