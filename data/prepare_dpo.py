@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
 
     out = claim_output(args.out, "dpo-data", overwrite=args.overwrite, reads=reads)
     for split, rows in splits.items():
-        ckpt.write_text_atomic(out / f"{split}.jsonl", jsonl_text(rows))
+        write_text_atomic(out / f"{split}.jsonl", jsonl_text(rows))
         counts: dict[str, int] = {}
         for row in rows:
             key = f"{row.get('task', '')}/{row.get('lang', '')}"
