@@ -126,7 +126,7 @@ def serve(model, tokenizer: Tokenizer, args) -> None:
     defaults = Defaults(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                         top_p=args.top_p)
     server = ChatServer(model, tokenizer, model_name=args.checkpoint.rstrip("/"), host=args.host, port=args.port,
-                        defaults=defaults, max_batch=args.max_batch)
+                        defaults=defaults, slots=args.slots, max_queue=args.max_queue)
     print(f"serving {args.checkpoint} at {server.url} (chat page: {server.url}/ , API: {server.url}/v1); "
           "Ctrl-C stops", file=sys.stderr, flush=True)
     server.serve_forever()
@@ -157,11 +157,20 @@ def main(argv=None):
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on with --serve (127.0.0.1: this machine only; the server has no "
                              "authentication, so think before 0.0.0.0)")
-    parser.add_argument("--port", type=number(0, 65535, rule="must be between 0 (any free port) and 65535"), default=8000, help="port for --serve (0: any free port)")
-    parser.add_argument("--max-batch", type=number(1), default=8, help="--serve: greedy requests decoded together at most")
+    parser.add_argument("--port", type=number(0, 65535, rule="must be between 0 (any free port) and 65535"),
+                        default=8000, help="port for --serve (0: any free port)")
+    parser.add_argument("--slots", "--max-batch", type=number(1), default=8,
+                        help="--serve: requests decoded together at most (continuous batching: a new request "
+                             "joins at the next decoding step while a slot is free)")
+    parser.add_argument("--max-queue", type=number(1), default=64,
+                        help="--serve: requests waiting for a slot at most; beyond that the server answers 503 "
+                             "with Retry-After")
     args = parser.parse_args(argv)
     if args.serve and (args.chat or args.prompt or args.compile):
         raise FlagError("--serve runs a server: drop --chat, --prompt and --compile")
+    if args.slots < 1 or args.max_queue < 0:
+        raise FlagError(f"--slots must be at least 1 and --max-queue at least 0 (got {args.slots} and "
+                        f"{args.max_queue})")
     check_sampling(args)
     if args.serve:  # a port in use or a host that does not resolve is refused before the model is loaded
         from lillm.serve import listen

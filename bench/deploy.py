@@ -1,8 +1,15 @@
 """CPU decoding for deployment, side by side in one run: lillm fp32, lillm int8 (lillm/quant.py),
-transformers fp32 eager, and llama.cpp running the same weights as a q8_0 GGUF (lillm/gguf.py).
+each eager and compiled, transformers fp32 eager, and llama.cpp running the same weights as a q8_0
+GGUF (lillm/gguf.py).
 
-    python -m bench.deploy --threads 1                                  # lillm-39m, random weights
+    python -m bench.deploy --threads 1 2                                # lillm-39m, random weights
     python -m bench.deploy --threads 1 --checkpoint CKPT --val-bin DATA/val.bin   # + quality
+
+Compiled ("compiled" rows): the fixed-shape decoding step (lillm.generate.StaticDecoder) through
+torch.compile's inductor, which writes C++ kernels for the CPU, so a token no longer walks the
+model's Python code: the prefill stays eager, the step is one compiled call. It compiles once per
+batch size and thread count, in the warm-up (minutes on 2 cores, not counted); the bench checks
+that its greedy tokens equal the eager path's and says so.
 
 Speed: greedy decoding of `--new-tokens` after a `--prompt-len` random prompt at each batch size,
 no eos stop, tokens/s = batch * new tokens / seconds of the whole call (prefill included), the
@@ -35,13 +42,14 @@ from bench.harness import hf_model_like, time_alternating
 from lillm import checkpoint as ckpt
 from lillm.config import get_preset
 from lillm.errors import FlagError
-from lillm.generate import generate
+from lillm.generate import StaticDecoder, generate
 from lillm.gguf import export_gguf
 from lillm.model import Transformer
-from lillm.quant import quantize_int8
+from lillm.quant import Int8Linear, quantize_int8
 from lillm.tokenizer import train_bpe
 
-SIDES = ("lillm fp32", "lillm int8", "transformers fp32", "llama.cpp q8_0")
+SIDES = ("lillm fp32", "lillm int8", "lillm fp32 compiled", "lillm int8 compiled", "transformers fp32",
+         "llama.cpp q8_0")
 
 
 # ---- the models --------------------------------------------------------------------------------
@@ -79,6 +87,9 @@ class LlamaCppGreedy:
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.batch = llama_cpp.llama_batch_init(max_batch * max_len, 0, max_batch)
+
+    def set_threads(self, threads: int) -> None:
+        self.lib.llama_set_n_threads(self.ctx, threads, threads)
 
     def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
         """entries: (token, position, sequence, wants logits)."""
@@ -119,7 +130,13 @@ class LlamaCppGreedy:
 
 
 # ---- timing ---------------------------------------------------------------------------------------
-def speed(model, int8, theirs, llama, args) -> list[dict]:
+def speed(model, int8, theirs, llama, args, threads: int) -> list[dict]:
+    torch.set_num_threads(threads)
+    if llama is not None:
+        llama.set_threads(threads)
+    # One compiled step per model and thread count (inductor's kernels are built for a thread count).
+    compiled = {name: StaticDecoder(m, backend="inductor") for name, m in (("fp32", model), ("int8", int8))} \
+        if args.compile else {}
     rows = []
     for batch in args.batches:
         generator = torch.Generator().manual_seed(2)
@@ -130,17 +147,70 @@ def speed(model, int8, theirs, llama, args) -> list[dict]:
             return theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
                                    do_sample=False, eos_token_id=None, pad_token_id=0)
 
-        def ours(model, prompts=prompts):
-            return generate(model, prompts, args.new_tokens, temperature=0, eos_id=None)
+        def ours(model, prompts=prompts, decoder=False):
+            return generate(model, prompts, args.new_tokens, temperature=0, eos_id=None, compile=decoder)
         calls = {"lillm fp32": lambda: ours(model), "lillm int8": lambda: ours(int8), "transformers fp32": hf}
+        same = {}
+        for name, decoder in compiled.items():
+            eager = model if name == "fp32" else int8
+            calls[f"lillm {name} compiled"] = lambda eager=eager, decoder=decoder: ours(eager, decoder=decoder)
+            with torch.no_grad():  # compiles now (outside the timing) and proves the tokens equal eager's
+                same[f"lillm {name} compiled tokens equal eager"] = \
+                    calls[f"lillm {name} compiled"]() == calls[f"lillm {name}"]()
         if llama is not None:
             calls["llama.cpp q8_0"] = lambda prompts=prompts: llama(prompts, args.new_tokens)
         with torch.no_grad():
             seconds = {name: statistics.median(times)
                        for name, times in time_alternating(calls, args.repeats, args.warmup).items()}
         tokens = batch * args.new_tokens
-        rows.append({"batch": batch, **{f"{name} tokens/s": tokens / s for name, s in seconds.items()}})
+        rows.append({"threads": threads, "batch": batch, **same,
+                     **{f"{name} tokens/s": tokens / s for name, s in seconds.items()}})
         print(json.dumps(rows[-1]), flush=True)
+    for decoder in compiled.values():
+        decoder.model.clear_cache()
+    return rows
+
+
+# ---- int8 kernels ---------------------------------------------------------------------------------
+def onednn_int8_linear(weight_int8: torch.Tensor, scales: torch.Tensor, rows: int):
+    """oneDNN's int8 linear (the kernel inductor's PT2E quantization lowers to) on plain int8 tensors,
+    activations rounded per call to 7-bit unsigned (as fbgemm does on AVX2, whose 16-bit pair sums
+    would saturate at 8 bits): the same arithmetic as lillm's fbgemm layer."""
+    packed = torch.ops.onednn.qlinear_prepack(weight_int8, [rows, weight_int8.shape[1]])
+    zeros = torch.zeros(len(scales), dtype=torch.int32)
+
+    def linear(x):
+        low, high = x.amin().clamp(max=0), x.amax().clamp(min=0)
+        step = ((high - low) / 127).clamp(min=1e-12)
+        zero = torch.round(-low / step).to(torch.int32)
+        quantized = torch.clamp(torch.round(x / step) + zero, 0, 127).to(torch.uint8)
+        return torch.ops.onednn.qlinear_pointwise.tensor(quantized, step, zero, packed, scales, zeros, None, 1.0, 0,
+                                                         torch.float32, "none", [], "")
+    return linear
+
+
+def kernel_calls(weight: torch.Tensor, x: torch.Tensor) -> dict:
+    fbgemm, weight_only = Int8Linear(weight, "fbgemm"), Int8Linear(weight, "weight-only")
+    onednn = onednn_int8_linear(fbgemm.weight_int8, fbgemm.scales, x.shape[0])
+    assert torch.allclose(onednn(x), fbgemm(x), atol=1e-5), "oneDNN and fbgemm should agree"
+    return {"fp32": lambda: F.linear(x, weight), "fbgemm": lambda: fbgemm(x),
+            "weight-only (_weight_int8pack_mm)": lambda: weight_only(x), "onednn qlinear": lambda: onednn(x)}
+
+
+def kernels(model, args, threads: int) -> list[dict]:
+    """Microseconds per call of each int8 kernel torch offers, at the model's projection shapes."""
+    torch.set_num_threads(threads)
+    cfg = model.config
+    shapes = {"q/o": (cfg.d_model, cfg.n_heads * cfg.head_dim), "gate/up": (cfg.d_model, cfg.d_ff),
+              "down": (cfg.d_ff, cfg.d_model), "head": (cfg.d_model, cfg.vocab_size)}
+    rows = []
+    for batch in args.batches:
+        for name, (inputs, outputs) in shapes.items():
+            seconds = time_alternating(kernel_calls(torch.randn(outputs, inputs) * 0.02, torch.randn(batch, inputs)),
+                                       repeats=50, warmup=5)
+            rows.append({"threads": threads, "batch": batch, "shape": name,
+                         **{kernel: 1e6 * statistics.median(times) for kernel, times in seconds.items()}})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -198,13 +268,16 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts, one after another")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled rows")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also time each int8 kernel torch offers at the model's shapes (microseconds per call)")
     parser.add_argument("--windows", type=int, default=20, help="held-out windows for the loss")
     parser.add_argument("--continuations", type=int, default=8, help="greedy continuations compared")
     parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[0])
     load_before = os.getloadavg()
 
     model, folder = load_or_build(args)
@@ -212,30 +285,50 @@ def main(argv=None) -> None:
     theirs = hf_model_like(model.config, model.state_dict()).eval()
     llama = None
     if args.llama_cpp and importlib.util.find_spec("llama_cpp") is None:
-        raise FlagError("llama.cpp's side needs llama-cpp-python: pip install -e '.[llama]' (or pass --no-llama-cpp)")
+        raise FlagError("llama.cpp's side needs llama-cpp-python: pip install -e '.[llama]', or its bindings on "
+                        "PYTHONPATH with LLAMA_CPP_LIB_PATH naming a built libllama (docs/DEPLOY.md), or pass "
+                        "--no-llama-cpp")
     if args.llama_cpp:
         gguf_dir = Path(tempfile.mkdtemp(prefix="bench_deploy_gguf_"))
         path = export_gguf(folder, gguf_dir / "model-q8_0.gguf", "q8_0")
         llama = LlamaCppGreedy(path, max(args.batches + [args.continuations]),
-                               max(args.prompt_len + args.new_tokens, model.config.max_seq_len) + 1, args.threads)
+                               max(args.prompt_len + args.new_tokens, model.config.max_seq_len) + 1,
+                               args.threads[0])
     result = {"model": str(args.checkpoint or args.preset), "params": model.num_params(), "threads": args.threads,
               "int8 kernel": int8.lm_head.kernel, "torch": torch.__version__, "machine": platform.processor(),
-              "load average before": load_before, "speed": speed(model, int8, theirs, llama, args)}
+              "load average before": load_before,
+              "speed": [row for threads in args.threads for row in speed(model, int8, theirs, llama, args, threads)]}
+    if args.kernels:
+        result["kernels"] = [row for threads in args.threads for row in kernels(model, args, threads)]
     if args.val_bin:
         result["quality"] = quality(model, int8, llama, args)
         print(json.dumps(result["quality"], indent=1))
     result["load average after"] = os.getloadavg()
     print(markdown(result))
+    if args.kernels:
+        print(kernel_markdown(result["kernels"]))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def markdown(result: dict) -> str:
-    lines = ["| batch | " + " | ".join(SIDES) + " | int8 / transformers |", "| --- |" + " ---: |" * (len(SIDES) + 1)]
+    lines = ["| threads | batch | " + " | ".join(SIDES) + " | int8 / transformers | int8 compiled / llama.cpp |",
+             "| --- | --- |" + " ---: |" * (len(SIDES) + 2)]
     for row in result["speed"]:
         cells = [f"{row.get(f'{name} tokens/s', float('nan')):,.1f}" for name in SIDES]
         ratio = row["lillm int8 tokens/s"] / row["transformers fp32 tokens/s"]
-        lines.append(f"| {row['batch']} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+        versus = row.get("lillm int8 compiled tokens/s", float("nan")) / row.get("llama.cpp q8_0 tokens/s", float("nan"))
+        lines.append(f"| {row['threads']} | {row['batch']} | " + " | ".join(cells) + f" | {ratio:.2f}x | {versus:.2f}x |")
+    return "\n".join(lines)
+
+
+def kernel_markdown(rows: list[dict]) -> str:
+    names = [key for key in rows[0] if key not in ("threads", "batch", "shape")]
+    lines = ["| threads | batch | shape | " + " | ".join(f"{name} (us)" for name in names) + " |",
+             "| --- | --- | --- |" + " ---: |" * len(names)]
+    for row in rows:
+        lines.append(f"| {row['threads']} | {row['batch']} | {row['shape']} | "
+                     + " | ".join(f"{row[name]:,.0f}" for name in names) + " |")
     return "\n".join(lines)
 
 

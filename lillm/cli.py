@@ -29,7 +29,8 @@ from .folders import check_run_folder
 from .peft import METHODS as PEFT_METHODS
 from .peft import apply_peft
 from .tokenizer import Tokenizer
-from .train import Dist, TrainConfig
+from .muon import muon_conflict
+from .train import Dist, TrainConfig, decay_start
 
 
 # ---- one parser for every script: usage mistakes in one line, every number checked ---------------
@@ -102,14 +103,31 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--max-steps", type=number(min_steps), default=defaults.get("max_steps", 1000))
     g.add_argument("--micro-batch", type=number(1), default=defaults.get("micro_batch", 8),
                    help="sequences per forward pass on each process (lower it if memory runs out)")
-    g.add_argument("--lr", type=number(0, kind=float, above=True), default=defaults.get("lr", 3e-4), help="peak learning rate")
-    g.add_argument("--min-lr-ratio", type=number(0, 1, float), default=0.1, help="cosine floor as a fraction of --lr")
+    g.add_argument("--lr", type=number(0, kind=float, above=True), default=defaults.get("lr", 3e-4),
+                   help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=number(0, 1, float), default=0.1,
+                   help="the schedule's floor as a fraction of --lr")
     g.add_argument("--warmup-steps", type=number(0), default=defaults.get("warmup_steps", 100))
+    g.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
+                   help="after warm-up: cosine decay to the floor, or wsd (warmup-stable-decay): the peak lr until "
+                        "the last --decay-fraction of the steps, which decay by 1-sqrt; a WSD run keeps its "
+                        "stable-phase checkpoint, from which it can be continued for more steps")
+    g.add_argument("--decay-fraction", type=number(0, 1, float, above=True), default=0.2,
+                   help="wsd: the fraction of --max-steps that decays")
+    g.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="adamw; or muon: Muon for the transformer blocks' matrices, AdamW (--lr) for embeddings, "
+                        "head and norms (lillm/muon.py)")
+    g.add_argument("--muon-lr", type=number(0, kind=float, above=True), default=0.02,
+                   help="Muon's peak learning rate (same schedule as --lr)")
+    g.add_argument("--muon-momentum", type=number(0, 1, float, below=True), default=0.95,
+                   help="Muon's Nesterov momentum")
     g.add_argument("--weight-decay", type=number(0, kind=float), default=defaults.get("weight_decay", 0.1))
     g.add_argument("--grad-clip", type=number(0, kind=float, above=True), default=1.0)
     g.add_argument("--eval-every", type=number(0, rule="must be 0 (never) or more"), default=defaults.get("eval_every", 200))
-    g.add_argument("--save-every", type=number(0, rule="must be 0 (only at the end) or more"), default=defaults.get("save_every", 200))
-    g.add_argument("--keep-last", type=number(0, rule="must be 0 (keep all) or more"), default=2, help="step checkpoints to keep")
+    g.add_argument("--save-every", type=number(0, rule="must be 0 (only at the end) or more"),
+                   default=defaults.get("save_every", 200))
+    g.add_argument("--keep-last", type=number(0, rule="must be 0 (keep all) or more"), default=2,
+                   help="step checkpoints to keep")
     g.add_argument("--log-every", type=number(1), default=10)
     g.add_argument("--max-bad-steps", type=number(1), default=5, help="non-finite steps in a row before stopping")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32", "bf16-true"], default="auto",
@@ -155,6 +173,8 @@ def train_config_from_args(args, **extra) -> TrainConfig:
     return TrainConfig(
         out_dir=args.out, max_steps=args.max_steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        schedule=args.schedule, decay_fraction=args.decay_fraction, optimizer=args.optimizer,
+        muon_lr=args.muon_lr, muon_momentum=args.muon_momentum,
         eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
         log_every=args.log_every, max_bad_steps=args.max_bad_steps, compile=args.compile,
         precision=args.precision, seed=args.seed, fsdp=args.fsdp, overwrite=getattr(args, "overwrite", False),
@@ -210,7 +230,17 @@ def check_device(device: str) -> None:
 
 
 def check_training_args(args, allow_zero_steps: bool = False) -> None:
-    """What add_training_args' flags need beyond their ranges (ArgumentParser checks those): the device."""
+    """What add_training_args' flags need beyond their ranges (ArgumentParser checks those): rules
+    between flags, and the device."""
+    if args.schedule == "wsd":
+        stable_end = decay_start(args.max_steps, args.decay_fraction)
+        need(args.warmup_steps <= stable_end, "--warmup-steps", args.warmup_steps,
+             f"must end before the decay begins (step {stable_end} of --max-steps {args.max_steps} with "
+             f"--decay-fraction {args.decay_fraction})", "lower --warmup-steps or --decay-fraction")
+    if args.optimizer == "muon":
+        conflict = muon_conflict(args.precision, getattr(args, "peft", "none"))
+        if conflict:
+            raise FlagError(conflict)
     check_device(args.device)
 
 

@@ -77,7 +77,12 @@ class StaticDecoder:
                  mode: str | None = "reduce-overhead"):
         self.model = model
         self.step = self._step
+        if model.model.embed_tokens.weight.device.type == "cpu":
+            mode = None  # no CUDA graphs on a CPU: inductor's C++ kernels, one Python call per fused group
         if compile:
+            for module in model.modules():  # layers that must prepare (lillm.quant.Int8Linear's fbgemm weight)
+                if hasattr(module, "before_compile"):
+                    module.before_compile()
             options = {} if mode is None else {"mode": mode}
             self.step = torch.compile(self._step, backend=backend, fullgraph=True, dynamic=False, **options)
         self.graphs = compile and mode == "reduce-overhead"

@@ -105,7 +105,24 @@ class KVCache(nn.Module):
     def max_len(self) -> int:
         return self.k.shape[2]
 
+    def rows(self, rows: slice, length: int) -> KVCache:
+        """The same storage seen as rows[rows] and positions [0, length): writes go to this cache.
+        lillm.serve prefills one slot through rows(slice(s, s + 1), n) and decodes the busy slots
+        through rows(slice(0, busy), longest) so attention reads no more than is in use."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[rows, :, :length], persistent=False)
+        view.register_buffer("v", self.v[rows, :, :length], persistent=False)
+        return view
+
     def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(pos, torch.Tensor) and pos.dim() == 1:
+            # One position per row (continuous batching: every row is at its own length): scatter
+            # each row's T new keys to its own place and return the whole cache, masked by the caller.
+            where = (pos[:, None] + torch.arange(k.shape[2], device=k.device))[:, None, :, None].expand_as(k)
+            self.k.scatter_(2, where, k)
+            self.v.scatter_(2, where, v)
+            return self.k, self.v
         if isinstance(pos, torch.Tensor):
             # Fixed shapes for CUDA graphs (lillm.generate.StaticDecoder): write through an index
             # tensor, return the whole cache (the mask hides what is not written yet). No bounds
@@ -284,7 +301,9 @@ class Transformer(nn.Module):
         cache_pos: where the T new tokens go in the KV cache (None = no cache). An int attends over
             the keys written so far; a 0-d tensor makes every shape fixed for CUDA graphs: keys are
             the whole cache, attention_mask (if given) covers the whole cache, and nothing is read
-            back to the host.
+            back to the host. A (B,) tensor gives every row its own position (lillm.serve's slots):
+            keys are the whole cache, each row sees its keys up to its own position, and the
+            positions are also the rotary positions unless position_ids says otherwise.
         return_hidden: return the final normed hidden states (B, T, d_model) instead of the logits,
             for callers that need the logits of a few positions only (generate: the last one).
         """
@@ -302,8 +321,11 @@ class Transformer(nn.Module):
             n_keys, start = (cache.max_len if fixed_shapes else cache_pos + T), cache_pos
         if not isinstance(start, torch.Tensor):  # positions known on the host: make sure the tables reach them
             self.rotary.ensure(start + T, x.device)
-        query_pos = start + torch.arange(T, device=x.device)
-        cos, sin = self.rotary(query_pos[None] if position_ids is None else position_ids)
+        per_row = isinstance(start, torch.Tensor) and start.dim() == 1
+        query_pos = (start[:, None] if per_row else start) + torch.arange(T, device=x.device)  # (B, T) or (T,)
+        if position_ids is None:
+            position_ids = query_pos[None] if query_pos.dim() == 1 else query_pos
+        cos, sin = self.rotary(position_ids)
         if isinstance(start, int) and start == 0 and attention_mask is None and segment_ids is None:
             mask = None  # queries 0..T-1 over keys 0..T-1: SDPA's causal kernel, no mask tensor
         else:
@@ -319,9 +341,10 @@ def attention_mask_for(query_pos: torch.Tensor, n_keys: int, attention_mask: tor
     """One boolean mask (B or 1, 1, T, keys) built from positions, as gpt-fast does: query i (at
     position query_pos[i]) sees key j when j <= query_pos[i] (causal, and never a cache slot not yet
     written), the key is not padding (attention_mask: (B, keys) with 1 for real tokens; missing
-    trailing keys count as real) and, for packed documents, both are in the same segment."""
+    trailing keys count as real) and, for packed documents, both are in the same segment.
+    query_pos is (T,), or (B, T) when every row has positions of its own."""
     key_pos = torch.arange(n_keys, device=query_pos.device)
-    mask = key_pos <= query_pos[:, None]  # (T, keys)
+    mask = key_pos <= query_pos[..., None]  # (T, keys) or (B, T, keys)
     if attention_mask is not None:
         valid = attention_mask.bool()
         if valid.shape[1] < n_keys:  # the new tokens' own keys: real tokens
@@ -330,5 +353,5 @@ def attention_mask_for(query_pos: torch.Tensor, n_keys: int, attention_mask: tor
     if segment_ids is not None:
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     # A padding query would attend to nothing (softmax of all -inf = NaN): let it see itself.
-    mask = mask | (key_pos == query_pos[:, None])
+    mask = mask | (key_pos == query_pos[..., None])
     return mask[:, None] if mask.dim() == 3 else mask[None, None]

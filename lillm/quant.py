@@ -19,10 +19,26 @@ Which kernel multiplies by the int8 matrix (`kernel`):
   saves memory but not time.
 The same int8 weights and scales serve every kernel. The embedding stays fp32 (a token reads one
 row of it), and so do the norms; the fp32 model stays the reference (tests bound the difference).
+
+Why fbgemm stays although torch 2.13 deprecates quantized tensors: building its packed weight goes
+through `torch._make_per_channel_quantized_tensor`, whose warning says such tensors "will be removed
+in a future PyTorch release". The kernels torch keeps were measured on this project's 2-core AVX2
+machine (docs/DEPLOY.md): `torch._weight_int8pack_mm` is 7-14x slower than fbgemm there (scalar
+code without AVX-512), oneDNN's `torch.ops.onednn.qlinear_pointwise` (the PT2E/inductor int8
+kernel) gives fbgemm's exact numbers but 4-9x slower at decoding's few rows, `torch._int_mm` is a
+reference loop on the CPU, and torchao's int8 configs call these same kernels. So fbgemm stays
+the default where torch still has it; tests/test_quant.py fails loudly the day it disappears, and
+"auto" then falls back to the weight-only kernel (same weights and scales). The warning is
+silenced where lillm builds the packed weight, since it would repeat on every load.
+
+Compiled decoding (lillm.generate.StaticDecoder on the CPU): torch.compile cannot trace fbgemm's
+packed weight (a TorchScript object), so inside a compiled graph the layer calls fbgemm through a
+custom operator (`lillm::fbgemm_int8_linear`) that the graph keeps as one opaque call.
 """
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.nn as nn
@@ -39,6 +55,22 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     weight = weight.detach().float()
     scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
     return torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+# fbgemm's packed weights of the Int8Linear layers that ran inside torch.compile, by their index: the
+# compiled graph names a layer's weight by this number (a TorchScript object cannot be a graph input).
+FBGEMM_PACKED: list = []
+
+
+@torch.library.custom_op("lillm::fbgemm_int8_linear", mutates_args=())
+def fbgemm_int8_linear(rows: torch.Tensor, packed_index: int, out_features: int) -> torch.Tensor:
+    """(N, in) fp32 rows times the int8 weight FBGEMM_PACKED[packed_index] -> (N, out) fp32."""
+    return torch.ops.quantized.linear_dynamic(rows, FBGEMM_PACKED[packed_index], True)
+
+
+@fbgemm_int8_linear.register_fake
+def _fbgemm_int8_linear_shape(rows, packed_index, out_features):
+    return rows.new_empty(rows.shape[0], out_features)
 
 
 def default_kernel(device: torch.device) -> str:
@@ -59,19 +91,33 @@ class Int8Linear(nn.Module):
         int8, scales = quantize_rows(weight)
         self.register_buffer("weight_int8", int8)
         self.register_buffer("scales", scales)
-        self.packed = None
+        self.packed, self.packed_index = None, None
         if self.kernel == "fbgemm":
-            # fbgemm's prepacked layout, built from exactly these integers and scales.
-            quantized = torch._make_per_channel_quantized_tensor(
-                int8.cpu(), scales.double().cpu(), torch.zeros(len(scales), dtype=torch.long), 0)
+            # fbgemm's prepacked layout, built from exactly these integers and scales. The module
+            # docstring says why this deprecated constructor stays; its warning would repeat per load.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+                quantized = torch._make_per_channel_quantized_tensor(
+                    int8.cpu(), scales.double().cpu(), torch.zeros(len(scales), dtype=torch.long), 0)
             self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+
+    def before_compile(self) -> None:
+        """Give the packed weight an index a compiled graph can name (once; kept while the process lives)."""
+        if self.kernel == "fbgemm" and self.packed_index is None:
+            self.packed_index = len(FBGEMM_PACKED)
+            FBGEMM_PACKED.append(self.packed)
 
     def dequantized(self) -> torch.Tensor:
         return self.weight_int8.float() * self.scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if self.kernel == "fbgemm":
+        if self.kernel == "fbgemm" and torch.compiler.is_compiling():
+            if self.packed_index is None:
+                raise RuntimeError("Int8Linear.before_compile() must run before torch.compile traces it "
+                                   "(lillm.generate.StaticDecoder does)")
+            out = fbgemm_int8_linear(rows.float(), self.packed_index, self.out_features).to(x.dtype)
+        elif self.kernel == "fbgemm":
             out = torch.ops.quantized.linear_dynamic(rows.float(), self.packed, True).to(x.dtype)
         elif self.kernel == "weight-only":
             out = torch._weight_int8pack_mm(rows.contiguous(), self.weight_int8, self.scales.to(x.dtype))

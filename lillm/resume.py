@@ -29,9 +29,11 @@ from .errors import FlagError
 
 # TrainConfig fields a resumed run may change (printed when they do); every other recorded setting,
 # those of `extra` included, must be the same.
-MAY_CHANGE = {"out_dir", "overwrite", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "betas",
-              "grad_clip", "eval_every", "save_every", "keep_last", "log_every", "max_bad_steps", "compile", "fsdp",
-              "activation_checkpointing", "precision", "flops_per_token"}
+MAY_CHANGE = {"out_dir", "overwrite", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction",
+              "muon_lr", "muon_momentum", "weight_decay", "betas", "grad_clip", "eval_every", "save_every", "keep_last",
+              "log_every", "max_bad_steps", "compile", "fsdp", "activation_checkpointing", "precision",
+              "flops_per_token"}
+CHECKED_BY_THE_LOOP = {"optimizer"}  # lillm/train.py refuses another optimizer with its own message
 SHOWN = 8  # differences named in one message
 
 
@@ -91,8 +93,8 @@ def check_resume(cfg, model=None) -> tuple[Path, int]:
     step = int(info.get("step", latest.name.split("_")[-1]))
     recorded = info.get("train_config")
     now = asdict(cfg)
-    refused = [] if recorded is None else [d for d in differences(
-        {k: v for k, v in recorded.items() if k not in MAY_CHANGE}, {k: v for k, v in now.items() if k not in MAY_CHANGE})]
+    fixed = lambda settings: {k: v for k, v in settings.items() if k not in MAY_CHANGE | CHECKED_BY_THE_LOOP}  # noqa: E731
+    refused = [] if recorded is None else differences(fixed(recorded), fixed(now))
     if model is not None:
         refused += _model_differences(latest, model)
     if refused:

@@ -18,16 +18,23 @@ each other's caches and mix their answers. Here the HTTP threads only parse, che
 a single worker thread (`Engine`) owns the model and takes requests from a bounded queue, and
 each request gets its tokens back through a queue of its own.
 
-Batching. Decoding one token for 8 rows costs little more than for 1 on a CPU or GPU (each step
-reads every weight once either way), which is why servers batch (Yu et al., 2022, "Orca", batch
-continuously at each step; vLLM, Kwon et al., 2023, adds paged caches). We do the simplest form,
-static batching: the greedy requests waiting when the worker is free run as one left-padded batch
-(lillm.generate masks the padding and counts positions per row, so each row decodes as it would
-alone), and a row that reaches its own max_tokens or `</s>` simply stops being reported. The
-worker waits `batch_window` (20 ms) after a greedy request for others sent at the same moment; a
-request arriving while a batch runs waits for that batch to finish (continuous batching would let
-it join at the next step, at the price of per-row cache positions). Sampled
-requests run one at a time, so a request's seed reproduces its answer whatever else is queued.
+Continuous batching. Decoding one token for 8 rows costs little more than for 1 on a CPU or GPU
+(each step reads every weight once either way), which is why servers batch. Static batching makes
+a request that arrives while a batch runs wait for the whole batch; continuous batching (Yu et
+al., 2022, "Orca") lets it join at the next decoding step. The engine owns one KV cache of
+`slots` rows, each the model's context long. Between two steps it prefills each waiting request
+alone into a free row (its prompt at positions 0..n-1) and samples its first token; every step
+then feeds each busy row's last token at that row's own position (a per-row cache position, so
+rows of different lengths need no padding), and a request that ends frees its row at once.
+Greedy and sampled requests share the batch: each slot samples with its own temperature, top-k,
+top-p and its own seeded generator, so a seed reproduces an answer whatever else is running.
+Requests beyond the slots wait in a bounded queue; beyond that the server answers 503 with
+Retry-After. (vLLM, Kwon et al., 2023, adds paged caches, which a small model does not need.)
+
+Stop strings are matched on the decoded text, across token boundaries: text that could be the
+start of a stop string is held back until the next token settles it, so nothing past a stop
+string is ever sent (StopMatcher). A client that hangs up (its socket closes) cancels its
+request, and the engine frees its slot before the next step.
 
 Checks first. Every request is validated before it is queued: bad JSON, an unknown field, a
 wrong type, a prompt that does not fit the context, or absurd sampling values get a 4xx with an
@@ -41,6 +48,8 @@ import errno
 import json
 import math
 import queue
+import random
+import select
 import socket
 import sys
 import threading
@@ -48,19 +57,24 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import torch
+
 from .errors import ChatTemplateError, FlagError, LillmError
-from .generate import generate_stream
+from .generate import sample_next
 from .model import Transformer
 from .tokenizer import ROLES, Tokenizer
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any context this model has holds as JSON
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "stream_options",
-                   "n", "user"}
+                   "n", "user", "stop"}
+MAX_STOPS = 4  # OpenAI's limit on stop strings
+RETRY_AFTER_SECONDS = 1  # what a 503 (queue full) tells the client to wait
 CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt"}
 
@@ -83,7 +97,8 @@ class Job:
     """One checked request: its prompt ids and sampling options, and the queue its text comes back on.
 
     events receives ("text", piece) as text is decoded, then ("end", finish_reason, completion_tokens)
-    or ("error", message). cancelled is set by the HTTP thread when the client goes away.
+    or ("error", message). cancelled is set by the HTTP thread when the client goes away. The engine
+    records the decoding step of the first token and of the end, the tokens made and how it ended.
     """
     prompt: list[int]
     max_tokens: int
@@ -93,8 +108,13 @@ class Job:
     seed: int | None
     stream: bool = False
     include_usage: bool = False
+    stop: tuple[str, ...] = ()
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    first_step: int | None = None
+    end_step: int | None = None
+    generated: int = 0
+    finish: str | None = None  # "stop", "length", "cancelled" or "error", once it has ended
 
     @property
     def greedy(self) -> bool:
@@ -160,6 +180,19 @@ def _flag(body: dict, name: str) -> bool:
     if not isinstance(value, bool):
         raise RequestError(f"{name} must be true or false, got {json.dumps(value)[:40]}", param=name)
     return value
+
+
+def _stops(body: dict) -> tuple[str, ...]:
+    """stop: a string or a list of up to 4 non-empty strings (null: none)."""
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not 0 < len(stops) <= MAX_STOPS \
+            or not all(isinstance(one, str) and one for one in stops):
+        raise RequestError(f"stop must be a non-empty string or a list of 1 to {MAX_STOPS} non-empty strings, got "
+                           f"{json.dumps(stop)[:60]}", param="stop")
+    return tuple(stops)
 
 
 def _message_text(index: int, content) -> str:
@@ -233,20 +266,17 @@ def parse_request(body: dict, kind: str, tokenizer: Tokenizer, context: int, voc
     top_p = _number(body, "top_p", defaults.top_p, 0.0, 1.0, low_inclusive=False)
     top_k = _integer(body, "top_k", defaults.top_k, 1)
     seed = _integer(body, "seed", None, 0, 2**63 - 1)
+    stop = _stops(body)
     prompt = chat_prompt(body, tokenizer) if kind == "chat" else completion_prompt(body, tokenizer, vocab_size)
     if len(prompt) >= context:
         raise RequestError(f"the prompt is {len(prompt)} tokens; this model's context is {context} tokens and "
                            "the reply needs at least one: shorten the prompt", param="messages" if kind == "chat"
                            else "prompt", code="context_length_exceeded")
-    room = context - len(prompt)
     name = "max_completion_tokens" if kind == "chat" and "max_completion_tokens" in body else "max_tokens"
-    max_tokens = _integer(body, name, None, 1)
-    if max_tokens is None:
-        max_tokens = min(defaults.max_tokens, room)
-    elif max_tokens > room:
-        raise RequestError(f"{name} is {max_tokens}, but the prompt is {len(prompt)} tokens and the context "
-                           f"{context}: at most {room} new tokens fit", param=name, code="context_length_exceeded")
-    return Job(prompt, max_tokens, temperature, top_p, top_k, seed, stream, include_usage)
+    # Up to the end of the context, as llama.cpp's server does: a client asking for more than fits
+    # (many send a large fixed max_tokens) gets what fits and finish_reason "length".
+    max_tokens = min(_integer(body, name, defaults.max_tokens, 1), context - len(prompt))
+    return Job(prompt, max_tokens, temperature, top_p, top_k, seed, stream, include_usage, stop)
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -267,21 +297,77 @@ class TextStream:
         return new
 
 
-class Engine:
-    """The one thread that runs the model: requests queue up, greedy ones waiting together are batched."""
+class StopMatcher:
+    """Finds the first stop string in decoded text, across token boundaries, and never lets text past it out.
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 batch_window: float = 0.02):
-        self.model, self.tokenizer, self.max_batch, self.batch_window = model, tokenizer, max_batch, batch_window
+    Text that could be the start of a stop string (a suffix equal to a stop string's prefix) is held
+    back until the next piece settles it, so what has been sent never needs taking back."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops, self.held = stops, ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(the text that may be sent now, whether a stop string was reached)."""
+        self.held += text
+        found = [at for at in (self.held.find(stop) for stop in self.stops) if at >= 0]
+        if found:
+            before, self.held = self.held[:min(found)], ""
+            return before, True
+        keep = max((n for stop in self.stops for n in range(1, len(stop)) if self.held.endswith(stop[:n])),
+                   default=0)
+        ready, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return ready, False
+
+    def flush(self) -> str:
+        """The held text, at the end of the answer (no stop string came)."""
+        held, self.held = self.held, ""
+        return held
+
+
+class Slot:
+    """One request being decoded: its row of the KV cache, its length there, and its own sampler."""
+
+    def __init__(self, job: Job, tokenizer: Tokenizer, device):
+        self.job, self.length, self.count, self.last = job, len(job.prompt), 0, 0
+        # A generator per request: a seed reproduces its answer whatever else shares the batch.
+        seed = job.seed if job.seed is not None else random.randrange(2**63)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.text, self.stops = TextStream(tokenizer), StopMatcher(job.stop)
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """logits (1, V) -> this request's next token, as lillm.generate samples a batch of one."""
+        job = self.job
+        return int(sample_next(logits, job.temperature, job.top_k, job.top_p, self.generator))
+
+
+class Engine:
+    """The one thread that runs the model: continuous batching over a fixed number of slots.
+
+    Every slot is a row of one KV cache of the model's context length. Between two decoding steps,
+    waiting requests are prefilled (alone, their prompt written into a free row) and join the batch;
+    a request that ends (</s>, a stop string, max_tokens, or its client gone) leaves it at once and
+    frees its row. A decoding step runs the rows up to the last busy one, each at its own position.
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, slots: int = 8, max_queue: int = 64):
+        if slots < 1 or max_queue < 0:
+            raise ValueError(f"slots must be at least 1 and max_queue at least 0, got {slots} and {max_queue}")
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model.model.embed_tokens.weight.device
+        self.slots: list[Slot | None] = [None] * slots
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self.batch_sizes: Counter[int] = Counter()  # how many model runs had each batch size
+        self.steps = 0  # decoding steps run so far (a request's first_step / end_step count in these)
+        self.batch_sizes: Counter[int] = Counter()  # how many decoding steps had each number of busy rows
+        self.caches: list | None = None
+        self.stopping = False
         self.thread = threading.Thread(target=self._run, name="lillm-engine", daemon=True)
 
+    # -- the caller's side
     def start(self) -> None:
         self.thread.start()
 
     def stop(self) -> None:
-        self.jobs.put(None)
+        self.jobs.put(None)  # blocks while the queue is full: the worker empties it
         self.thread.join()
 
     def submit(self, job: Job) -> None:
@@ -291,65 +377,124 @@ class Engine:
             raise RequestError("the server has too many requests waiting; retry shortly", status=503,
                                kind="server_error", code="overloaded") from None
 
-    def _run(self) -> None:
-        while True:
-            first = self.jobs.get()
-            if first is None:
-                return
-            waiting, stop = [first], False
-            # Requests sent together reach the queue a few milliseconds apart: wait that long for them.
-            deadline = time.monotonic() + (self.batch_window if first.greedy else 0.0)
-            while len(waiting) < self.max_batch:
-                try:
-                    job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if job is None:
-                    stop = True
-                    break
-                waiting.append(job)
-            greedy = [job for job in waiting if job.greedy]
-            for group in ([greedy] if greedy else []) + [[job] for job in waiting if not job.greedy]:
-                self._generate(group)
-            if stop:
-                return
+    def busy(self) -> int:
+        return sum(slot is not None for slot in self.slots)
 
-    def _generate(self, jobs: list[Job]) -> None:
-        jobs = [job for job in jobs if not job.cancelled.is_set()]
-        if not jobs:
-            return
-        self.batch_sizes[len(jobs)] += 1
-        eos = self.tokenizer.eos_id
-        options = jobs[0]  # a batch is all greedy, or a single request
-        streams = [TextStream(self.tokenizer) for _ in jobs]
-        counts, open_rows = [0] * len(jobs), set(range(len(jobs)))
-        steps = generate_stream(self.model, [job.prompt for job in jobs], max(job.max_tokens for job in jobs),
-                                temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-                                eos_id=eos, pad_id=self.tokenizer.pad_id or 0, seed=options.seed)
+    # -- the worker's side
+    def _run(self) -> None:
         try:
-            for step_tokens in steps:
-                for row, token in enumerate(step_tokens.tolist()):
-                    if row not in open_rows:
-                        continue
-                    job = jobs[row]
-                    if job.cancelled.is_set():
-                        open_rows.discard(row)
-                        continue
-                    counts[row] += 1
-                    stopped = eos is not None and token == eos
-                    piece = streams[row].piece(token, final=stopped or counts[row] == job.max_tokens)
-                    if piece:
-                        job.events.put(("text", piece))
-                    if stopped or counts[row] == job.max_tokens:
-                        job.events.put(("end", "stop" if stopped else "length", counts[row]))
-                        open_rows.discard(row)
-                if not open_rows:
-                    break
-        except Exception as error:  # noqa: BLE001 -- a bug or out of memory: fail these requests, keep serving others
-            for row in open_rows:
-                jobs[row].events.put(("error", f"generation failed: {type(error).__name__}: {error}"))
+            while self.work_once(block=True):
+                pass
         finally:
-            steps.close()  # generate_stream's finally frees the KV cache
+            for index, slot in enumerate(self.slots):
+                if slot is not None:
+                    self._end(index, ("error", "the server is shutting down"))
+            self.model.clear_cache()
+
+    def work_once(self, block: bool = False) -> bool:
+        """Admit waiting requests into free slots, then run one decoding step for the busy ones.
+        block: with no busy slot, wait for a request. False once stop() was called: the worker ends."""
+        self._admit(block)
+        if self.busy():
+            self._step()
+        return not self.stopping
+
+    def _ensure_cache(self) -> None:
+        if self.caches is None:
+            self.model.setup_cache(len(self.slots), self.model.config.max_seq_len)
+            self.caches = [layer.self_attn.cache for layer in self.model.model.layers]
+
+    @contextmanager
+    def _rows(self, rows: slice, length: int):
+        """The model's cache narrowed to these rows and the first `length` positions, for one call."""
+        layers = self.model.model.layers
+        for layer, cache in zip(layers, self.caches):
+            layer.self_attn.cache = cache.rows(rows, length)
+        try:
+            yield
+        finally:
+            for layer, cache in zip(layers, self.caches):
+                layer.self_attn.cache = cache
+
+    def _admit(self, block: bool) -> None:
+        while None in self.slots and not self.stopping:
+            try:
+                job = self.jobs.get(block=block and not self.busy())
+            except queue.Empty:
+                return
+            if job is None:
+                self.stopping = True
+            elif job.cancelled.is_set():  # its client left while it waited
+                job.finish, job.end_step = "cancelled", self.steps
+            else:
+                self._prefill(self.slots.index(None), job)
+
+    @torch.no_grad()
+    def _prefill(self, index: int, job: Job) -> None:
+        """The prompt alone through the model into row `index` of the cache, and the first token."""
+        self._ensure_cache()
+        self.slots[index] = slot = Slot(job, self.tokenizer, self.device)
+        try:
+            with self._rows(slice(index, index + 1), len(job.prompt)):
+                hidden = self.model(torch.tensor([job.prompt], device=self.device), cache_pos=0, return_hidden=True)
+            logits = self.model.lm_head(hidden[:, -1])  # only the last position's logits are needed
+        except Exception as error:  # noqa: BLE001 -- a bug or out of memory: fail this request, keep serving
+            return self._end(index, ("error", f"generation failed: {type(error).__name__}: {error}"))
+        self._emit(index, slot.sample(logits))
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        """One new token for every busy slot: each row's last token at its own position."""
+        for index, slot in enumerate(self.slots):
+            if slot is not None and slot.job.cancelled.is_set():
+                self._end(index, None)  # the client left: free its row now
+        busy = [index for index, slot in enumerate(self.slots) if slot is not None]
+        if not busy:
+            return
+        rows = self.slots[:busy[-1] + 1]  # free rows below the last busy one run too (one call), ignored
+        tokens = torch.tensor([[slot.last if slot else 0] for slot in rows], device=self.device)
+        positions = torch.tensor([slot.length if slot else 0 for slot in rows], device=self.device)
+        try:
+            with self._rows(slice(0, len(rows)), max(slot.length for slot in rows if slot) + 1):
+                logits = self.model(tokens, cache_pos=positions)[:, -1]
+        except Exception as error:  # noqa: BLE001 -- fail the requests of this step, keep serving others
+            for index in busy:
+                self._end(index, ("error", f"generation failed: {type(error).__name__}: {error}"))
+            return
+        self.steps += 1
+        self.batch_sizes[len(busy)] += 1
+        greedy = logits.max(-1).indices.tolist()  # the first maximum, as sample_next's greedy branch
+        for index in busy:
+            slot = self.slots[index]
+            slot.length += 1  # slot.last is in the cache now
+            token = greedy[index] if slot.job.greedy else slot.sample(logits[index:index + 1])
+            self._emit(index, token)
+
+    def _emit(self, index: int, token: int) -> None:
+        """Send a slot's new token as text, and end the request when it is done."""
+        slot = self.slots[index]
+        job = slot.job
+        slot.count, slot.last = slot.count + 1, token
+        if job.first_step is None:
+            job.first_step = self.steps
+        at_eos = self.tokenizer.eos_id is not None and token == self.tokenizer.eos_id
+        at_length = slot.count >= job.max_tokens
+        piece, stopped = slot.stops.feed(slot.text.piece(token, final=at_eos or at_length))
+        if (at_eos or at_length) and not stopped:
+            piece += slot.stops.flush()
+        if piece:
+            job.events.put(("text", piece))
+        if at_eos or stopped or at_length:
+            self._end(index, ("end", "stop" if at_eos or stopped else "length", slot.count))
+
+    def _end(self, index: int, event: tuple | None) -> None:
+        """Free a slot; event is what its request is told (None: nobody is listening any more)."""
+        job, count = self.slots[index].job, self.slots[index].count
+        self.slots[index] = None
+        job.generated, job.end_step = count, self.steps
+        job.finish = event[1] if event and event[0] == "end" else ("cancelled" if event is None else "error")
+        if event is not None:
+            job.events.put(event)
 
 
 # ----------------------------------------------------------------------------- HTTP
@@ -363,16 +508,20 @@ class Handler(BaseHTTPRequestHandler):
         return self.server.app
 
     # -- replies
-    def _send_json(self, status: int, body: dict) -> None:
+    def _send_json(self, status: int, body: dict, headers: dict | None = None) -> None:
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
     def _send_error(self, error: RequestError) -> None:
-        self._send_json(error.status, error.body())
+        # 503: every slot is busy and the queue is full; Retry-After says when to come back (RFC 9110).
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if error.status == 503 else None
+        self._send_json(error.status, error.body(), headers)
 
     def log_message(self, format, *args):  # one JSON line per request instead of Apache's format
         self.app.log({"client": self.client_address[0], "request": format % args})
@@ -445,12 +594,27 @@ class Handler(BaseHTTPRequestHandler):
                 break
             left -= len(chunk)
 
+    def _client_gone(self) -> bool:
+        """Whether the client has closed its side: its socket reads as ready with nothing in it."""
+        try:
+            ready, _, _ = select.select([self.connection], [], [], 0)
+            return bool(ready) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     def _events(self, job: Job):
-        """The job's events as they come; an error if the worker thread is gone."""
+        """The job's events as they come; an error if the worker thread is gone. A client that hangs
+        up while it waits cancels its request (the engine frees its slot at the next step)."""
         while True:
             try:
-                event = job.events.get(timeout=1.0)
+                event = job.events.get(timeout=0.05)
             except queue.Empty:
+                event = None
+            if event is None or event[0] == "text":
+                if self._client_gone():
+                    job.cancelled.set()
+                    return
+            if event is None:
                 if not self.app.engine.thread.is_alive():
                     yield ("error", "the generation thread has stopped; restart the server")
                     return
@@ -468,6 +632,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send_json(200, reply.whole("".join(pieces), event[1], event[2]))
             else:
                 return self._send_error(RequestError(event[1], status=500, kind="server_error"))
+        self.close_connection = True  # the client left before its answer
 
     def _stream(self, job: Job, reply: Reply) -> None:
         self.send_response(200)
@@ -487,6 +652,8 @@ class Handler(BaseHTTPRequestHandler):
                         self._event(reply.usage_chunk(event[2]))
                 else:
                     self._event(RequestError(event[1], status=500, kind="server_error").body())
+            if job.cancelled.is_set():
+                return  # the client left (seen while waiting): no [DONE] for nobody
             self.wfile.write(b"data: [DONE]\n\n")
         except OSError:  # the client left (a broken pipe, a reset) or stopped reading: stop its tokens
             job.cancelled.set()
@@ -558,12 +725,12 @@ class ChatServer:
     `serve_forever()` blocks (the command line); `close()` stops both."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, model_name: str = "lillm", host: str = "127.0.0.1",
-                 port: int = 8000, defaults: Defaults | None = None, max_batch: int = 8, max_queue: int = 64,
+                 port: int = 8000, defaults: Defaults | None = None, slots: int = 8, max_queue: int = 64,
                  max_body: int = MAX_BODY_BYTES, log: Callable[[dict], None] | None = None):
         self.model, self.tokenizer, self.model_name = model.eval(), tokenizer, model_name
         self.defaults, self.max_body = defaults or Defaults(), max_body
         self.context, self.vocab_size = model.config.max_seq_len, model.config.vocab_size
-        self.engine = Engine(self.model, tokenizer, max_batch, max_queue)
+        self.engine = Engine(self.model, tokenizer, slots, max_queue)
         self.log = log or (lambda record: print(json.dumps(record, ensure_ascii=False), file=sys.stderr, flush=True))
         self.started = int(time.time())
         self.httpd = listen(host, port)

@@ -1,4 +1,6 @@
 """Int8 decoding (lillm/quant.py) against the fp32 model, which stays the reference."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +8,7 @@ import torch.nn.functional as F
 import inference
 from lillm import checkpoint as ckpt
 from lillm.config import get_preset
-from lillm.generate import generate
+from lillm.generate import StaticDecoder, generate
 from lillm.model import Transformer
 from lillm.quant import Int8Linear, quantize_int8, quantize_rows
 from lillm.tokenizer import train_bpe
@@ -106,3 +108,39 @@ def test_inference_quantize_flag_decodes(tmp_path, capsys):
     inference.main([str(tmp_path / "ckpt"), "--prompt", "Habari", "--quantize", "int8", "--device", "cpu",
                     "--temperature", "0", "--max-new-tokens", "5"])
     assert capsys.readouterr().out.startswith("Habari")
+
+
+def test_the_int8_kernels_lillm_uses_are_still_in_torch():
+    """Fails loudly the day torch drops a kernel lillm/quant.py builds on (its docstring says why
+    fbgemm stays although torch deprecates quantized tensors): then "auto" must move to another."""
+    assert "fbgemm" in torch.backends.quantized.supported_engines, "torch lost fbgemm: the int8 default is gone"
+    for name in ("_make_per_channel_quantized_tensor", "_weight_int8pack_mm"):
+        assert hasattr(torch, name), f"torch.{name} is gone: lillm/quant.py's int8 kernels need another home"
+    for op in (torch.ops.quantized.linear_prepack, torch.ops.quantized.linear_dynamic):
+        assert op.default is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # lillm silences the deprecation it documents, nothing else
+        Int8Linear(torch.randn(8, 16), "fbgemm")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_compiled_step_of_an_int8_model_traces_whole_and_decodes_as_eager(kernel):
+    """torch.compile traces the fixed-shape step of an int8 model as one graph (fbgemm's packed
+    weight goes through lillm's custom operator); the eager backend traces without compiling, so
+    the default run stays fast. Inductor itself: the slow test below and bench.deploy."""
+    model = quantize_int8(tiny_model(), kernel=kernel)
+    prompts = [[5, 9, 11, 3, 7], [8, 2]]
+    expected = generate(model, prompts, max_new_tokens=6, temperature=0)
+    decoder = StaticDecoder(model, backend="eager", mode=None)
+    assert generate(model, prompts, max_new_tokens=6, temperature=0, compile=decoder) == expected
+
+
+@pytest.mark.slow
+def test_inductor_compiled_decoding_on_the_cpu_equals_eager_for_fp32_and_int8():
+    """The real compile (C++ kernels; minutes on a 2-core machine): same greedy tokens as eager."""
+    fp32 = tiny_model()
+    for model in (fp32, quantize_int8(fp32)):
+        prompts = [[5, 9, 11, 3, 7]]
+        expected = generate(model, prompts, max_new_tokens=12, temperature=0)
+        decoder = StaticDecoder(model, backend="inductor")
+        assert generate(model, prompts, max_new_tokens=12, temperature=0, compile=decoder) == expected

@@ -17,7 +17,7 @@ from lillm.config import get_preset
 from lillm.errors import FlagError
 from lillm.generate import generate
 from lillm.model import Transformer
-from lillm.serve import ChatServer, Defaults, Engine, Job
+from lillm.serve import ChatServer, Defaults, Engine, Job, StopMatcher
 from lillm.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,28 +179,126 @@ def test_eight_concurrent_requests_get_the_answers_they_get_one_by_one(server):
     assert together == alone
 
 
-def test_the_engine_batches_waiting_greedy_requests_and_each_row_decodes_as_alone(model_and_tokenizer):
-    """Jobs queued before the worker starts all wait together: one batch of 8 rows of different
-    prompt lengths and max_tokens; every row's text equals lillm.generate on that prompt alone."""
+PROMPTS = ["Habari", "Ina kwana? Lafiya", "S", "unjani namhla", "Lafiya lau.", "rafiki", "za asubuhi, rafiki", "Ina"]
+
+
+def engine_jobs(tokenizer, sampled=()):
+    """A job per PROMPTS line, max_tokens 6, 9, ...; the rows in `sampled` sample with a seed of their own."""
+    jobs = []
+    for i, text in enumerate(PROMPTS):
+        options = dict(temperature=1.0, top_p=0.9, top_k=40, seed=100 + i) if i in sampled else \
+            dict(temperature=0.0, top_p=None, top_k=None, seed=None)
+        jobs.append(Job(tokenizer.encode(text, add_bos=True), max_tokens=6 + 3 * i, **options))
+    return jobs
+
+
+def received(job):
+    """(text, final event) of a job that has ended."""
+    pieces = []
+    while (event := job.events.get(timeout=30))[0] == "text":
+        pieces.append(event[1])
+    return "".join(pieces), event
+
+
+def alone(model, tokenizer, job):
+    sampling = dict(temperature=job.temperature, top_p=job.top_p, top_k=job.top_k, seed=job.seed)
+    text, n_tokens, finish = expected_text(model, tokenizer, job.prompt, job.max_tokens, **sampling)
+    return text, ("end", finish, n_tokens)
+
+
+def test_greedy_and_seeded_requests_share_the_batch_and_each_decodes_as_alone(model_and_tokenizer):
+    """8 jobs queued before the worker starts fill the 8 slots at once: prompts of different lengths,
+    different max_tokens, greedy and sampled rows together; each answer equals lillm.generate alone."""
     model, tokenizer = model_and_tokenizer
-    engine = Engine(copy.deepcopy(model), tokenizer, max_batch=8)
-    prompts = [tokenizer.encode(t, add_bos=True) for t in ["Habari", "Ina kwana? Lafiya", "S", "unjani namhla",
-                                                            "Lafiya lau.", "rafiki", "za asubuhi, rafiki", "Ina"]]
-    jobs = [Job(p, max_tokens=6 + 3 * i, temperature=0.0, top_p=None, top_k=None, seed=None)
-            for i, p in enumerate(prompts)]
+    engine = Engine(copy.deepcopy(model), tokenizer, slots=8)
+    jobs = engine_jobs(tokenizer, sampled={1, 4, 6})
     for job in jobs:
         engine.submit(job)
     engine.start()
     try:
-        for job, prompt in zip(jobs, prompts):
-            pieces = []
-            while (event := job.events.get(timeout=30))[0] == "text":
-                pieces.append(event[1])
-            text, n_tokens, finish = expected_text(model, tokenizer, prompt, job.max_tokens)
-            assert ("".join(pieces), event) == (text, ("end", finish, n_tokens))
+        for job in jobs:
+            assert received(job) == alone(model, tokenizer, job)
     finally:
         engine.stop()
-    assert engine.batch_sizes == {8: 1}
+    assert max(engine.batch_sizes) == 8 and all(job.first_step == 0 for job in jobs)
+
+
+def test_a_request_arriving_mid_batch_joins_at_the_next_step(model_and_tokenizer):
+    """Counted in decoding steps (the test drives the engine one step at a time, no thread): a request
+    submitted while two long ones run gets its first token at the next step and ends long before them."""
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(copy.deepcopy(model), tokenizer, slots=4)
+    first, second, late = engine_jobs(tokenizer, sampled={1})[5:8]  # max_tokens 21, 24 and 27
+    late.max_tokens = 4
+    engine.submit(first)
+    engine.submit(second)
+    for _ in range(5):
+        engine.work_once()
+    engine.submit(late)
+    engine.work_once()
+    assert late.first_step == 5 and engine.busy() == 3  # joined after step 5, decoded in step 6
+    while engine.busy():
+        engine.work_once()
+    assert late.end_step == 5 + 3 < first.end_step < second.end_step
+    for job in (first, second, late):
+        assert received(job) == alone(model, tokenizer, job)
+    engine.model.clear_cache()
+
+
+def test_a_finished_request_frees_its_slot_for_the_next_at_once(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(copy.deepcopy(model), tokenizer, slots=1)
+    jobs = engine_jobs(tokenizer)[:3]
+    for job in jobs:
+        engine.submit(job)
+    while engine.busy() or not engine.jobs.empty():
+        engine.work_once()
+    assert [job.first_step for job in jobs[1:]] == [job.end_step for job in jobs[:-1]]
+    assert set(engine.batch_sizes) == {1}
+    for job in jobs:
+        assert received(job) == alone(model, tokenizer, job)
+    engine.model.clear_cache()
+
+
+# ----------------------------------------------------------------------------- stop strings
+def test_the_stop_matcher_holds_back_what_may_start_a_stop_string():
+    matcher = StopMatcher(("ab", "xyz"))
+    assert matcher.feed("hello a") == ("hello ", False)  # "a" may start "ab"
+    assert matcher.feed("c x") == ("ac ", False)
+    assert matcher.feed("y") == ("", False)
+    assert matcher.feed("zzz") == ("", True)  # "xyz" across three pieces: nothing of it is sent
+    matcher = StopMatcher(("ab",))
+    assert matcher.feed("qa") == ("q", False) and matcher.flush() == "a"  # the end: held text goes out
+    assert StopMatcher(("bc", "ab")).feed("xabc") == ("x", True)  # the earliest stop string wins
+
+
+def stop_across_a_token_boundary(model, tokenizer, prompt_ids, max_tokens):
+    """A 2-character stop string taken from the middle of the greedy answer, across two tokens' text,
+    and the answer cut before its first occurrence."""
+    tokens = generate(model, [prompt_ids], max_new_tokens=max_tokens, temperature=0, eos_id=tokenizer.eos_id)[0]
+    text = tokenizer.decode(tokens)
+    for n in range(len(tokens) // 2, len(tokens)):
+        edge = len(tokenizer.decode(tokens[:n]))
+        if 0 < edge < len(text) - 1 and text[edge - 1:edge + 1].strip():
+            stop = text[edge - 1:edge + 1]
+            return stop, text[:text.find(stop)]
+    raise AssertionError(f"no token boundary to stop at in {text!r}")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_ends_the_answer_just_before_the_stop_string(server, model_and_tokenizer, stream):
+    model, tokenizer = model_and_tokenizer
+    stop, expected = stop_across_a_token_boundary(model, tokenizer, tokenizer.encode("Habari za", add_bos=True), 30)
+    request = {"prompt": "Habari za", "max_tokens": 30, "temperature": 0, "stream": stream}
+    for stops in (stop, ["never here", stop]):
+        status, result = post(server, "/v1/completions", request | {"stop": stops})
+        assert answer_of("text", status, result) == expected
+        finish = result[-1] if stream else result
+        assert finish["choices"][0]["finish_reason"] == "stop"
+    # A stop string that never comes changes nothing, even when the answer ends with its start.
+    whole = post(server, "/v1/completions", request | {"stream": False})[1]["choices"][0]
+    status, result = post(server, "/v1/completions", request | {"stop": [whole["text"][-1] + "\u0000"]})
+    assert answer_of("text", status, result) == whole["text"]
 
 
 # ----------------------------------------------------------------------------- bad requests
@@ -233,7 +331,9 @@ BAD = [
     ("max_tokens 0", "/v1/chat/completions", GOOD | {"max_tokens": 0}, 400, "max_tokens"),
     ("max_tokens 1.5", "/v1/chat/completions", GOOD | {"max_tokens": 1.5}, 400, "max_tokens"),
     ("max_tokens true", "/v1/chat/completions", GOOD | {"max_tokens": True}, 400, "max_tokens"),
-    ("max_tokens past the context", "/v1/chat/completions", GOOD | {"max_tokens": 10**6}, 400, "max_tokens"),
+    ("five stop strings", "/v1/chat/completions", GOOD | {"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("an empty stop string", "/v1/chat/completions", GOOD | {"stop": ""}, 400, "stop"),
+    ("stop a number", "/v1/chat/completions", GOOD | {"stop": [3]}, 400, "stop"),
     ("n 2", "/v1/chat/completions", GOOD | {"n": 2}, 400, "n"),
     ("seed < 0", "/v1/chat/completions", GOOD | {"seed": -1}, 400, "seed"),
     ("stream a string", "/v1/chat/completions", GOOD | {"stream": "yes"}, 400, "stream"),
@@ -282,6 +382,145 @@ def test_a_client_that_leaves_mid_stream_does_not_stop_the_server(server):
     assert response.status == 200 and response.fp.readline().startswith(b"data: ")
     connection.close()
     assert post(server, "/v1/chat/completions", GOOD)[0] == 200
+
+
+def test_max_tokens_past_the_context_gets_what_fits(server):
+    status, body = post(server, "/v1/completions", {"prompt": [1, 5, 9], "max_tokens": 10**6, "temperature": 0})
+    assert status == 200
+    room = server.context - 3
+    assert body["usage"]["completion_tokens"] <= room
+    assert (body["choices"][0]["finish_reason"] == "length") == (body["usage"]["completion_tokens"] == room)
+
+
+# ----------------------------------------------------------------------------- a real client
+@pytest.fixture(scope="module")
+def client(server):
+    """OpenAI's own Python client (a dev dependency) pointed at the server."""
+    openai = pytest.importorskip("openai", reason="the openai client is a dev dependency (pip install -e .[dev])")
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def test_the_openai_client_gets_generate_s_answers_whole_and_streamed(client, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompt, _ = tokenizer.apply_chat_template(USER, add_generation_prompt=True)
+    text, n_tokens, finish = expected_text(model, tokenizer, prompt, 12)
+    whole = client.chat.completions.create(model="tiny", messages=USER, max_tokens=12, temperature=0)
+    assert whole.choices[0].message.content == text and whole.choices[0].finish_reason == finish
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(prompt), n_tokens)
+    chunks = list(client.chat.completions.create(model="tiny", messages=USER, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == n_tokens
+    ids = tokenizer.encode("Sawubona", add_bos=True)
+    # top_k is not an OpenAI field: the server's default (50) applies
+    text, n_tokens, finish = expected_text(model, tokenizer, ids, 10, temperature=1.0, top_k=50, top_p=0.9, seed=3)
+    completion = client.completions.create(model="tiny", prompt="Sawubona", max_tokens=10, temperature=1.0,
+                                           top_p=0.9, seed=3)
+    assert completion.choices[0].text == text and completion.usage.completion_tokens == n_tokens
+    streamed = client.completions.create(model="tiny", prompt="Sawubona", max_tokens=10, temperature=1.0, top_p=0.9,
+                                         seed=3, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text
+
+
+def test_the_openai_client_s_stop_ends_before_the_stop_string(client, model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    stop, expected = stop_across_a_token_boundary(model, tokenizer, tokenizer.encode("Habari za", add_bos=True), 30)
+    whole = client.completions.create(model="tiny", prompt="Habari za", max_tokens=30, temperature=0, stop=stop)
+    assert (whole.choices[0].text, whole.choices[0].finish_reason) == (expected, "stop")
+    chunks = list(client.completions.create(model="tiny", prompt="Habari za", max_tokens=30, temperature=0,
+                                            stop=[stop, "\n\n"], stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected and chunks[-1].choices[0].finish_reason == "stop"
+    prompt, _ = tokenizer.apply_chat_template(USER, add_generation_prompt=True)
+    stop, expected = stop_across_a_token_boundary(model, tokenizer, prompt, 30)
+    chat = client.chat.completions.create(model="tiny", messages=USER, max_tokens=30, temperature=0, stop=[stop])
+    assert (chat.choices[0].message.content, chat.choices[0].finish_reason) == (expected, "stop")
+
+
+def test_the_openai_client_sees_a_bad_request_as_its_error(client):
+    import openai
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="tiny", messages=USER, temperature=5)
+
+
+# ----------------------------------------------------------------------------- one slot: leaving, queueing
+@pytest.fixture(scope="module")
+def one_slot_server(model_and_tokenizer):
+    """One slot, a queue of one, and a context of 1024 so a request can run for many steps; every
+    job the engine queues is kept in `.submitted`."""
+    _, tokenizer = model_and_tokenizer
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", vocab_size=tokenizer.vocab_size, init_std=0.2, max_seq_len=1024)).eval()
+    with torch.no_grad():  # a head whose </s> logit is 0 while the largest is far above: answers never end early
+        model.lm_head = torch.nn.Linear(64, tokenizer.vocab_size, bias=False)
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)
+        model.lm_head.weight[tokenizer.eos_id] = 0
+    with ChatServer(model, tokenizer, model_name="tiny", port=0, log=lambda record: None, slots=1, max_queue=1,
+                    defaults=Defaults(max_tokens=16, temperature=0.0)) as running:
+        running.submitted = []
+        submit = running.engine.submit
+        running.engine.submit = lambda job: (submit(job), running.submitted.append(job))  # once queued
+        yield running
+
+
+def open_stream(server, max_tokens=1000):
+    """A streamed request whose first event has arrived, and its connection (still open)."""
+    host, port = server.httpd.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    connection.request("POST", "/v1/completions", body=json.dumps({"prompt": [1, 7], "max_tokens": max_tokens,
+                                                                    "stream": True, "temperature": 0}),
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    return connection, response
+
+
+def ended(job):
+    for _ in range(600):
+        if job.finish is not None:
+            return job.finish
+        threading.Event().wait(0.05)
+    raise AssertionError("the job never ended")
+
+
+def test_a_client_that_leaves_frees_its_slot_for_the_next_request(one_slot_server):
+    server = one_slot_server
+    assert not server.submitted  # the first test on this server (it counts the jobs)
+    connection, response = open_stream(server)
+    assert response.fp.readline().startswith(b"data: ")
+    response.close()  # the response holds the socket too
+    connection.close()  # streamed: seen when the next piece cannot be written
+    assert ended(server.submitted[-1]) == "cancelled" and server.submitted[-1].generated < 1000
+    host, port = server.httpd.server_address[:2]
+    with socket.create_connection((host, port), timeout=30) as raw:  # not streamed: the socket's end is seen
+        body = json.dumps({"prompt": [1, 7], "max_tokens": 1000, "temperature": 0}).encode()
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        for _ in range(600):  # until it has its first token
+            if len(server.submitted) == 2 and server.submitted[-1].first_step is not None:
+                break
+            threading.Event().wait(0.01)
+    assert ended(server.submitted[-1]) == "cancelled" and server.submitted[-1].generated < 1000
+    status, body = post(server, "/v1/completions", {"prompt": "Habari", "max_tokens": 5})
+    assert status == 200 and server.submitted[-1].finish in ("stop", "length")
+
+
+def test_past_the_slots_and_the_queue_a_request_gets_503_with_retry_after(one_slot_server):
+    server = one_slot_server
+    running = open_stream(server)  # holds the slot, once its first piece has come
+    assert running[1].fp.readline().startswith(b"data: ")
+    waiting = open_stream(server)  # holds the one queue place
+    host, port = server.httpd.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    connection.request("POST", "/v1/completions", body=json.dumps({"prompt": "Habari"}),
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 503 and response.getheader("Retry-After") == "1"
+    assert json.loads(response.read())["error"]["code"] == "overloaded"
+    for connection, response in (running, waiting):
+        response.close()
+        connection.close()
+    assert ended(server.submitted[-1]) == "cancelled"  # the waiting one: dropped without a token or run
+    assert post(server, "/v1/completions", {"prompt": "Habari", "max_tokens": 5})[0] == 200
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -366,3 +605,29 @@ def test_the_chat_page_streams_a_reply_in_headless_chromium(server, tmp_path):
             driver.save_screenshot(os.environ["LILLM_CHAT_SCREENSHOT"])
     finally:
         driver.quit()
+
+
+# ----------------------------------------------------------------------------- the load test's client side
+def test_the_load_test_counts_every_request_and_stops_by_itself(server):
+    """bench.serve's clients against the test server: a short round, every request answered and
+    timed, nothing failed, and the round ends on its own."""
+    from bench.serve import Load, run_load
+    port = server.httpd.server_address[1]
+    load = Load(clients=3, seconds=1.0, max_tokens=4, think=0.05, spread=0.2, max_requests=20)
+    row = run_load(port, load, memory_of=lambda: 1 << 20)
+    assert row["requests"] == len(load.results) > 3 and row["failed"] == 0
+    assert all(r.first is not None and 1 <= r.tokens <= 4 for r in load.results)
+    assert row["first_token_ms_p99"] >= row["first_token_ms_median"] > 0 and row["memory_mib_peak"] == 1
+
+
+@pytest.mark.slow
+def test_the_load_test_runs_lillm_and_llama_server_side_by_side(tmp_path):
+    """bench.serve end to end on the tiny preset: both servers as processes, no request failed."""
+    from bench.serve import llama_cpp_python_server, llama_server_path, main
+    path, why_not = llama_server_path(None)
+    if path is None and not llama_cpp_python_server():
+        pytest.skip(f"{why_not}; nor llama-cpp-python's server (the [llama] extra)")
+    rows = main(["--preset", "tiny", "--clients", "2", "--seconds", "3", "--max-tokens", "8", "--threads", "1",
+                 "--slots", "2", "--json", str(tmp_path / "load.json")])
+    assert rows[0]["server"] == "lillm int8" and rows[1]["server"].startswith(("llama.cpp", "llama-cpp-python"))
+    assert all(row["requests"] > 0 and row["failed"] == 0 for row in rows)
