@@ -20,26 +20,23 @@ import torch
 from lillm import checkpoint as ckpt
 from lillm.cli import ArgumentParser, check_device, number, run_main
 from lillm.errors import CheckpointError, FlagError, TokenizerMismatchError
-from lillm.generate import generate
+from lillm.generate import TextStream, generate
 from lillm.peft import load_peft
 from lillm.quant import quantize_int8
 from lillm.tokenizer import Tokenizer
 
 
 class StreamPrinter:
-    """Print a row's text as tokens arrive. Decoding the whole row each time and printing the new
-    suffix keeps multi-byte characters whole (a token may hold half of one)."""
+    """generate()'s on_token: print a row's text as tokens arrive (lillm.generate.TextStream)."""
 
     def __init__(self, tokenizer: Tokenizer, out=None):
-        self.tokenizer, self.out, self.ids, self.shown = tokenizer, out or sys.stdout, [], ""
+        self.stream, self.out = TextStream(tokenizer), out or sys.stdout
 
     def __call__(self, row: int, token: int):
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if not text.endswith("\ufffd"):  # wait for the rest of a split character
-            self.out.write(text[len(self.shown):])
+        piece = self.stream.piece(token)
+        if piece:
+            self.out.write(piece)
             self.out.flush()
-            self.shown = text
 
 
 def load(folder: str, device: str, adapter: str | None = None):

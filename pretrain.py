@@ -10,25 +10,36 @@ Batches come from lillm.data.BinLoader, the loop is lillm.train.train (shared wi
 from __future__ import annotations
 
 import argparse
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lillm import checkpoint as ckpt
 from lillm.cli import (ArgumentParser, accumulation_steps, add_peft_args, add_training_args, apply_peft_from_args,
-                       check_training_args, finish, number, print_summary, run_main, train_config_from_args)
+                       check_tokenizer_change, check_training_args, finish, number, print_summary, run_main,
+                       train_config_from_args)
 from lillm.config import PRESETS, get_preset
 from lillm.errors import BinFormatError, FlagError, TokenizerMismatchError
 from lillm.folders import check_run_folder
-from lillm.data import BinLoader, StepBatches, check_bins, load_meta, split_files
+from lillm.bin_format import check_bins, load_meta, split_files
+from lillm.data import BinLoader, StepBatches
 from lillm.model import Transformer
 from lillm.peft import describe
 from lillm.tokenizer import Tokenizer
-from lillm.vocab import train_only_new_rows
+from lillm.vocab_expand import train_only_new_rows
 from lillm.perplexity import bin_evaluator, unigram_bits_per_byte
 from lillm.resume import check_resume
 from lillm.train import setup_distributed, train
+
+
+@dataclass
+class PretrainRun:
+    """What a pretraining checkpoint records of its stage (TrainConfig.settings)."""
+    data: str
+    preset: str
+    seq_len: int
+    global_batch_tokens: int
 
 
 def build_model(args, vocab_size: int) -> tuple[Transformer, str]:
@@ -79,20 +90,6 @@ def check_splits(data: Path, meta: dict, tokenizer: Tokenizer, args) -> bool:
     return args.eval_every > 0
 
 
-def check_init_tokenizer(args, meta: dict) -> None:
-    """--init-from's tokenizer must be the bins' one (same hash), unless the change is asked for."""
-    folder = ckpt.resolve_checkpoint(args.init_from)
-    theirs = ckpt.own_tokenizer_sha256(folder)
-    if theirs is None or theirs == meta["tokenizer_sha256"]:
-        return
-    message = (f"--init-from {folder} was trained with tokenizer sha256 {theirs[:16]}..., but the bins in "
-               f"{args.data} were made with sha256 {meta['tokenizer_sha256'][:16]}... ({meta.get('tokenizer_path')})")
-    if not args.allow_tokenizer_change:
-        raise TokenizerMismatchError(f"{message}; prepare the bins with {folder / 'tokenizer.json'}, or pass "
-                                     "--allow-tokenizer-change if the change is deliberate")
-    print(f"warning: {message}; continuing because --allow-tokenizer-change was given", file=sys.stderr)
-
-
 def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="out/data", help="folder with train.bin, val.bin, meta.json")
@@ -125,8 +122,11 @@ def main(argv=None):
     tokenizer = Tokenizer.from_file(tokenizer_path)
     check_bins(data, tokenizer)
     evaluating = check_splits(data, meta, tokenizer, args)
-    if args.init_from:
-        check_init_tokenizer(args, meta)
+    if args.init_from:  # the bins' tokenizer must be the one the checkpoint was trained with
+        init = ckpt.resolve_checkpoint(args.init_from)
+        check_tokenizer_change(init, meta["tokenizer_sha256"], f"the tokenizer of the bins in {args.data} "
+                               f"({meta.get('tokenizer_path')})", f"prepare the bins with {init / 'tokenizer.json'}",
+                               args.allow_tokenizer_change)
     model, origin = build_model(args, tokenizer.vocab_size)
     model = apply_peft_from_args(model, args)
     if args.train_new_rows_from is not None:
@@ -137,8 +137,7 @@ def main(argv=None):
         raise FlagError(f"--global-batch-tokens {args.global_batch_tokens} must be a multiple of --seq-len {seq_len}; "
                         f"use {max(1, args.global_batch_tokens // seq_len) * seq_len}")
     accum = accumulation_steps(args.global_batch_tokens // seq_len, args.micro_batch, env.world)
-    cfg = train_config_from_args(args, stage="pretrain", data=str(data), preset=args.preset, seq_len=seq_len,
-                                 global_batch_tokens=args.global_batch_tokens)
+    cfg = train_config_from_args(args, seq_len, PretrainRun(str(data), args.preset, seq_len, args.global_batch_tokens))
     if args.resume:  # before the baseline scans the data: every difference from the run's settings, named
         check_resume(cfg, model)
     loader = BinLoader(data / "train.bin", seq_len, args.micro_batch * accum, seed=args.seed,
@@ -147,7 +146,6 @@ def main(argv=None):
                              meta["splits"]["val"]["bytes_per_token"], env.device) if evaluating else None
     # the baseline is computed now, not after training, so a problem with it costs no training time
     baseline = {"unigram_val_bpb": round(unigram_bits_per_byte(data, meta), 5)} if "val" in meta["splits"] else {}
-    cfg.flops_per_token = model.config.flops_per_token(seq_len)
     if env.is_main:
         active = model.config.active_params() if model.config.n_experts else None  # a mixture of experts
         print(f"model: {origin}, {model.num_params():,} parameters{f' ({active:,} active)' if active else ''}; "

@@ -13,9 +13,10 @@ latest step_N is used); training starts with a fresh optimizer.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
-from lillm.cli import (ArgumentParser, accumulation_steps, add_finetuning_data_args, add_peft_args,
+from lillm.cli import (ArgumentParser, FinetuningRun, accumulation_steps, add_finetuning_data_args, add_peft_args,
                        add_training_args, apply_peft_from_args, check_finetuning_args, finish, load_finetuning_start,
                        number, print_summary, run_main, train_config_from_args)
 from lillm.errors import SFTDataError
@@ -23,6 +24,13 @@ from lillm.peft import describe
 from lillm.rows import cap_per_task, read_conversations
 from lillm.sft import BATCHING_CHOICES, TOO_LONG_CHOICES, SFTBatches, add_neftune, build_examples, sft_evaluator
 from lillm.train import setup_distributed, train
+
+@dataclass
+class SFTRun(FinetuningRun):
+    """What an SFT checkpoint records of its stage (TrainConfig.settings)."""
+    neftune_alpha: float
+    examples: dict  # rows read, kept, dropped and truncated (lillm.sft.build_examples)
+
 
 EPILOG = """two-stage schedule (the public 40M Buzuzu-Mavi model: translation first, then every task):
   python sft_train.py --init-from out/pretrain --tasks translation --out out/sft_mt --max-steps 300
@@ -73,10 +81,9 @@ def main(argv=None):
                                unit="packed rows" if args.batching == "pack" else "conversations")
     source = SFTBatches(examples, args.micro_batch, accum, args.batching, seq_len, tokenizer.pad_id,
                         seed=args.seed, rank=env.rank, world=env.world)
-    cfg = train_config_from_args(args, stage="sft", data=str(data), init_from=str(init), tasks=args.tasks,
-                                 seq_len=seq_len, batching=args.batching, global_batch=args.global_batch,
-                                 neftune_alpha=args.neftune_alpha, too_long=args.too_long, examples=stats)
-    cfg.flops_per_token = model.config.flops_per_token(seq_len)
+    settings = SFTRun(str(data), str(init), args.tasks, seq_len, args.batching, args.global_batch, args.too_long,
+                      args.neftune_alpha, stats)
+    cfg = train_config_from_args(args, seq_len, settings)
     if env.is_main:
         print(f"model: {init}, {model.num_params():,} parameters; {len(examples):,} conversations "
               f"({args.batching}, seq_len {seq_len}); micro batch {args.micro_batch} x {accum} accumulation x "

@@ -19,7 +19,8 @@ import os
 import time
 from pathlib import Path
 
-from lillm.bins import META_NAME, prepare, summary
+from lillm.bin_format import META_NAME
+from lillm.bins import prepare, summary
 from lillm.cli import ArgumentParser, number, run_main
 from lillm.folders import SHARD, claimed_output, discard
 from lillm.sources import DEFAULT_KINDS, resolve_sources

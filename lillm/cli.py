@@ -5,18 +5,18 @@ and the closing summary.
 `error: <what is wrong, where>; <the fix>`, with exit status 2 and no traceback; `--debug` or
 LILLM_DEBUG=1 shows the traceback; any other exception is a bug and keeps its traceback.
 
-pretrain.py, sft_train.py and the healing step of scripts/shrink.py differ only in
-where batches come from and what the loss is; the flags that steer the loop itself
-(steps, learning rate schedule, checkpoints, precision, ...) are defined once here so
-the scripts cannot drift apart.
+pretrain.py, sft_train.py, dpo_train.py and the healing step of scripts/shrink.py differ
+only in where batches come from and what the loss is; the flags that steer the loop itself
+(steps, learning rate schedule, checkpoints, precision, ...) are the fields of
+lillm.train.TrainConfig, made into flags here (lillm.options), so the scripts cannot drift apart.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +25,7 @@ import torch
 from . import checkpoint as ckpt
 from .errors import FlagError, InputFileError, LillmError, TokenizerMismatchError
 from .folders import check_run_folder
+from .options import Number, add_flags, at_least, check_flags, from_flags, number
 
 from .peft import METHODS as PEFT_METHODS
 from .peft import apply_peft
@@ -34,37 +35,6 @@ from .train import Dist, TrainConfig, decay_start
 
 
 # ---- one parser for every script: usage mistakes in one line, every number checked ---------------
-class Number:
-    """The argparse type of a numeric flag, declaring its range where the flag is declared:
-    number(1) is an int of at least 1, number(0, 1, float, below=True) a float in [0, 1). The
-    parser checks every parsed value (defaults too) against it: one check for every number of every
-    script, with the message `need` gives ("--workers -1: must be at least 1")."""
-
-    def __init__(self, low=None, high=None, kind=int, above: bool = False, below: bool = False,
-                 rule: str = "", fix: str = ""):
-        self.low, self.high, self.kind, self.above, self.below, self.fix = low, high, kind, above, below, fix
-        self.__name__ = kind.__name__  # argparse names the type in "invalid int value: 'x'"
-        self.rule = rule or self.default_rule()
-
-    def default_rule(self) -> str:
-        low, high = self.low, self.high
-        if high is None:
-            return "must be positive" if self.above and low == 0 else \
-                f"must be above {low}" if self.above else "must be 0 or more" if low == 0 else f"must be at least {low}"
-        if not (self.above or self.below):
-            return f"must be between {low} and {high}"
-        return f"must be in {'(' if self.above else '['}{low}, {high}{')' if self.below else ']'}"
-
-    def __call__(self, text: str):
-        return self.kind(text)
-
-    def allows(self, value) -> bool:
-        low_ok = self.low is None or (value > self.low if self.above else value >= self.low)
-        high_ok = self.high is None or (value < self.high if self.below else value <= self.high)
-        return low_ok and high_ok and (self.kind is not float or math.isfinite(value))
-
-
-number = Number
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -97,54 +67,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_training_args(parser: argparse.ArgumentParser, **defaults) -> None:
+    """The training loop's flags: one per field of TrainConfig (lillm.options), with the stage's
+    defaults by flag name (out=..., max_steps=...), and the flags of how the loop is run."""
     g = parser.add_argument_group("training loop")
-    g.add_argument("--out", default=defaults.get("out", "out/run"), help="run folder: checkpoints, log.jsonl, loss.png")
-    min_steps = 0 if defaults.get("max_steps", 1000) == 0 else 1  # a stage whose training is optional (healing)
-    g.add_argument("--max-steps", type=number(min_steps), default=defaults.get("max_steps", 1000))
+    # healing is optional: a stage whose default is 0 steps accepts 0
+    add_flags(g, TrainConfig, defaults, {"max_steps": at_least(0)} if defaults.get("max_steps") == 0 else None)
     g.add_argument("--micro-batch", type=number(1), default=defaults.get("micro_batch", 8),
                    help="sequences per forward pass on each process (lower it if memory runs out)")
-    g.add_argument("--lr", type=number(0, kind=float, above=True), default=defaults.get("lr", 3e-4),
-                   help="peak learning rate")
-    g.add_argument("--min-lr-ratio", type=number(0, 1, float), default=0.1,
-                   help="the schedule's floor as a fraction of --lr")
-    g.add_argument("--warmup-steps", type=number(0), default=defaults.get("warmup_steps", 100))
-    g.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
-                   help="after warm-up: cosine decay to the floor, or wsd (warmup-stable-decay): the peak lr until "
-                        "the last --decay-fraction of the steps, which decay by 1-sqrt; a WSD run keeps its "
-                        "stable-phase checkpoint, from which it can be continued for more steps")
-    g.add_argument("--decay-fraction", type=number(0, 1, float, above=True), default=0.2,
-                   help="wsd: the fraction of --max-steps that decays")
-    g.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
-                   help="adamw; or muon: Muon for the transformer blocks' matrices, AdamW (--lr) for embeddings, "
-                        "head and norms (lillm/muon.py)")
-    g.add_argument("--muon-lr", type=number(0, kind=float, above=True), default=0.02,
-                   help="Muon's peak learning rate (same schedule as --lr)")
-    g.add_argument("--muon-momentum", type=number(0, 1, float, below=True), default=0.95,
-                   help="Muon's Nesterov momentum")
-    g.add_argument("--weight-decay", type=number(0, kind=float), default=defaults.get("weight_decay", 0.1))
-    g.add_argument("--grad-clip", type=number(0, kind=float, above=True), default=1.0)
-    g.add_argument("--eval-every", type=number(0, rule="must be 0 (never) or more"), default=defaults.get("eval_every", 200))
-    g.add_argument("--save-every", type=number(0, rule="must be 0 (only at the end) or more"),
-                   default=defaults.get("save_every", 200))
-    g.add_argument("--keep-last", type=number(0, rule="must be 0 (keep all) or more"), default=2,
-                   help="step checkpoints to keep")
-    g.add_argument("--log-every", type=number(1), default=10)
-    g.add_argument("--max-bad-steps", type=number(1), default=5, help="non-finite steps in a row before stopping")
-    g.add_argument("--precision", choices=["auto", "bf16", "fp32", "bf16-true"], default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast over fp32 weights; bf16-true: "
-                        "weights, gradients and AdamW moments in bf16, stochastic rounding (half the memory)")
-    g.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each transformer block in the backward pass: much less activation memory "
-                        "for about a third more compute; losses and gradients unchanged")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--fsdp", action="store_true",
-                   help="shard the model over torchrun processes (FSDP2) instead of replicating it (DDP)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--seed", type=number(0), default=1337)
     g.add_argument("--resume", action="store_true", help="continue from the latest step_N checkpoint in --out")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start again in an existing run folder: removes its step_N folders, log.jsonl and "
-                        "loss.png (nothing else); without it an existing run is refused")
 
 
 def add_peft_args(parser: argparse.ArgumentParser) -> None:
@@ -169,17 +100,10 @@ def apply_peft_from_args(model, args):
                       train_embeddings=args.train_embeddings)
 
 
-def train_config_from_args(args, **extra) -> TrainConfig:
-    return TrainConfig(
-        out_dir=args.out, max_steps=args.max_steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        schedule=args.schedule, decay_fraction=args.decay_fraction, optimizer=args.optimizer,
-        muon_lr=args.muon_lr, muon_momentum=args.muon_momentum,
-        eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
-        log_every=args.log_every, max_bad_steps=args.max_bad_steps, compile=args.compile,
-        precision=args.precision, seed=args.seed, fsdp=args.fsdp, overwrite=getattr(args, "overwrite", False),
-        extra=extra, activation_checkpointing=args.activation_checkpointing,
-    )
+def train_config_from_args(args, seq_len: int | None = None, settings=None) -> TrainConfig:
+    """TrainConfig from add_training_args' flags; seq_len (for MFU) and the stage's own settings
+    (a dataclass, recorded in checkpoints) come from the stage script."""
+    return from_flags(TrainConfig, args, seq_len=seq_len, settings=settings)
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world: int, unit: str = "sequences") -> int:
@@ -230,9 +154,10 @@ def check_device(device: str) -> None:
 
 
 def check_training_args(args, allow_zero_steps: bool = False) -> None:
-    """What add_training_args' flags need beyond their ranges (ArgumentParser checks those): rules
-    between flags, and the device."""
-    if args.schedule == "wsd":
+    """Every flag of add_training_args checked before the first step, each refusal naming its flag."""
+    check_flags(TrainConfig, args, {"max_steps": at_least(0)} if allow_zero_steps else None)
+    need(args.micro_batch >= 1, "--micro-batch", args.micro_batch, "must be at least 1")
+    if args.schedule == "wsd":  # a check across two flags
         stable_end = decay_start(args.max_steps, args.decay_fraction)
         need(args.warmup_steps <= stable_end, "--warmup-steps", args.warmup_steps,
              f"must end before the decay begins (step {stable_end} of --max-steps {args.max_steps} with "
@@ -272,6 +197,18 @@ def run_main(main: Callable, argv: list[str] | None = None) -> None:
 
 
 # ---- fine-tuning stages (SFT, DPO) --------------------------------------------------------------
+@dataclass
+class FinetuningRun:
+    """What a fine-tuning run records of its data beside the loop's settings (TrainConfig.settings)."""
+    data: str
+    init_from: str
+    tasks: list[str] | None
+    seq_len: int
+    batching: str
+    global_batch: int
+    too_long: str
+
+
 def add_finetuning_data_args(parser: argparse.ArgumentParser, maker: str, unit: str) -> None:
     """The flags SFT and DPO share: where the rows are, which of them, how long, how many per step."""
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
@@ -306,7 +243,8 @@ def load_finetuning_start(args):
     tokenizer_path = args.tokenizer or init / "tokenizer.json"
     tokenizer = Tokenizer.from_file(tokenizer_path)
     if args.tokenizer:
-        check_same_tokenizer(tokenizer, init, args.allow_tokenizer_change)
+        check_tokenizer_change(init, tokenizer.sha256, f"--tokenizer {tokenizer.source}",
+                               "leave --tokenizer out to use the checkpoint's", args.allow_tokenizer_change)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise TokenizerMismatchError(
             f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but {init} has vocab_size "
@@ -318,15 +256,15 @@ def load_finetuning_start(args):
     return init, model, tokenizer_path, tokenizer, seq_len
 
 
-def check_same_tokenizer(tokenizer: Tokenizer, init: Path, allow: bool) -> None:
-    """--tokenizer must be the checkpoint's own tokenizer (same hash), unless the change is asked for."""
+def check_tokenizer_change(init: Path, sha256: str, given: str, fix: str, allow: bool) -> None:
+    """A run from --init-from must use the tokenizer the checkpoint was trained with (same hash), unless
+    the change is asked for (--allow-tokenizer-change): `given` names the other tokenizer, `fix` the way back."""
     own = init / "tokenizer.json"
     theirs = ckpt.own_tokenizer_sha256(init)
-    if theirs is None or theirs == tokenizer.sha256:
+    if theirs is None or theirs == sha256:
         return
-    message = (f"--tokenizer {tokenizer.source} (sha256 {tokenizer.sha256[:16]}...) is not the tokenizer {init} "
-               f"was trained with ({own}, sha256 {theirs[:16]}...)")
+    message = (f"{given} (sha256 {sha256[:16]}...) is not the tokenizer --init-from {init} was trained with "
+               f"({own}, sha256 {theirs[:16]}...)")
     if not allow:
-        raise TokenizerMismatchError(f"{message}; leave --tokenizer out to use the checkpoint's, or pass "
-                                     "--allow-tokenizer-change if the change is deliberate")
+        raise TokenizerMismatchError(f"{message}; {fix}, or pass --allow-tokenizer-change if the change is deliberate")
     print(f"warning: {message}; continuing because --allow-tokenizer-change was given", file=sys.stderr)

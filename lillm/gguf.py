@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .errors import LillmError
+from .errors import GGUFExportError
 from .folders import check_output_file, write_file_atomic
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -76,10 +76,6 @@ TRUNK_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.wei
 CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}"
                  "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 CHAT_ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
-
-
-class GGUFExportError(LillmError):
-    """A checkpoint or option that cannot be exported to GGUF, with the reason and the fix."""
 
 
 # ---- the rotary layout --------------------------------------------------------------------------

@@ -107,7 +107,7 @@ class KVCache(nn.Module):
 
     def rows(self, rows: slice, length: int) -> KVCache:
         """The same storage seen as rows[rows] and positions [0, length): writes go to this cache.
-        lillm.serve prefills one slot through rows(slice(s, s + 1), n) and decodes the busy slots
+        lillm.batching prefills one slot through rows(slice(s, s + 1), n) and decodes the busy slots
         through rows(slice(0, busy), longest) so attention reads no more than is in use."""
         view = KVCache.__new__(KVCache)
         nn.Module.__init__(view)
@@ -301,7 +301,7 @@ class Transformer(nn.Module):
         cache_pos: where the T new tokens go in the KV cache (None = no cache). An int attends over
             the keys written so far; a 0-d tensor makes every shape fixed for CUDA graphs: keys are
             the whole cache, attention_mask (if given) covers the whole cache, and nothing is read
-            back to the host. A (B,) tensor gives every row its own position (lillm.serve's slots):
+            back to the host. A (B,) tensor gives every row its own position (lillm.batching's slots):
             keys are the whole cache, each row sees its keys up to its own position, and the
             positions are also the rotary positions unless position_ids says otherwise.
         return_hidden: return the final normed hidden states (B, T, d_model) instead of the logits,

@@ -408,12 +408,6 @@ def load_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     return model
 
 
-def peft_record(model: nn.Module) -> dict | None:
-    """What checkpoint.save_checkpoint writes to peft.json (None for a plain model)."""
-    cfg = getattr(model, "peft_config", None)
-    return cfg.to_dict() if cfg is not None else None
-
-
 def rebuild_peft(model: nn.Module, record: dict) -> nn.Module:
     """Wrap a freshly built base model as peft.json says, so the checkpoint's tensors fit it."""
     options = dict(record)

@@ -41,7 +41,7 @@ output points where its input did (cosine similarity near 1) does little; `block
 is 1 - cos, averaged over tokens.
 
 The Buzuzu-Mavi shape (vocab 8,064, d 1,024, FFN 2,816, tied, shared MLP, 32 heads of dim 32):
-    cfg = model.config                       # InkubaLM, after vocab.py cut it to 8,064 ids
+    cfg = model.config                       # InkubaLM, after vocab_shrink.py cut it to 8,064 ids
     target = buzuzu_shape(cfg, n_layers=8, whole_heads=False)   # 50,480,128 parameters (6 layers: 42,087,424)
     layers = top_layers(block_influence(model, batches), 8)   # lillm.importance; or first_n(8)
     small = prune_to_shape(model, target, activation_importance(model, batches), layers)
@@ -310,12 +310,12 @@ def prune_to_shape(model: Transformer, target: ModelConfig, importance: dict | N
                    tie_source: str = "mean") -> Transformer:
     """Width (by importance; default weight magnitudes), then depth (`layers`, from the original
     model's numbering), then tying, to reach `target`'s shape. The vocabulary must already match
-    (shrink it with lillm.vocab first). Head dims are cut with head_dim_channels(how=head_dims)."""
+    (shrink it with lillm.vocab_shrink first). Head dims are cut with head_dim_channels(how=head_dims)."""
     cfg = model.config
     if target.vocab_size != cfg.vocab_size or target.shared_mlp != cfg.shared_mlp:
         raise PruneError(f"target vocab_size/shared_mlp {target.vocab_size}/{target.shared_mlp} differ from the "
                          f"model's {cfg.vocab_size}/{cfg.shared_mlp}: pruning keeps both; shrink the vocabulary first "
-                         "(lillm.vocab)")
+                         "(lillm.vocab_shrink)")
     if target.tie_embeddings is False and cfg.tie_embeddings:
         raise PruneError("the target is untied but the model is tied; pruning cannot untie embeddings")
     importance = importance if importance is not None else weight_importance(model)

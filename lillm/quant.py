@@ -23,9 +23,9 @@ row of it), and so do the norms; the fp32 model stays the reference (tests bound
 Why fbgemm stays although torch 2.13 deprecates quantized tensors: building its packed weight goes
 through `torch._make_per_channel_quantized_tensor`, whose warning says such tensors "will be removed
 in a future PyTorch release". The kernels torch keeps were measured on this project's 2-core AVX2
-machine (docs/DEPLOY.md): `torch._weight_int8pack_mm` is 7-14x slower than fbgemm there (scalar
+machine (docs/DEPLOY.md): `torch._weight_int8pack_mm` is 14-60x slower than fbgemm there (scalar
 code without AVX-512), oneDNN's `torch.ops.onednn.qlinear_pointwise` (the PT2E/inductor int8
-kernel) gives fbgemm's exact numbers but 4-9x slower at decoding's few rows, `torch._int_mm` is a
+kernel) gives fbgemm's exact numbers but 2.6-9x slower at decoding's few rows, `torch._int_mm` is a
 reference loop on the CPU, and torchao's int8 configs call these same kernels. So fbgemm stays
 the default where torch still has it; tests/test_quant.py fails loudly the day it disappears, and
 "auto" then falls back to the weight-only kernel (same weights and scales). The warning is

@@ -4,7 +4,7 @@ A run continues exactly (lillm/train.py) only when it goes on with the same mode
 and the same batch: the loader's position, the optimizer's moments and the step count mean nothing
 otherwise. Every checkpoint records how its run was started: `lillm.json` holds `train_config` (the
 TrainConfig, with the stage's own settings, such as the preset, the data, --seq-len and the global
-batch, in `extra`), `config.json` the model and `peft.json` a PEFT method. So `--resume` compares,
+batch, in `settings`), `config.json` the model and `peft.json` a PEFT method. So `--resume` compares,
 before any step and before anything heavy is read, what was recorded with what is given now, and
 refuses in one line that names each difference ("global_batch_tokens 64 -> 128; preset tiny ->
 small"), instead of failing later on a missing weight or an optimizer key.
@@ -28,17 +28,17 @@ from . import checkpoint as ckpt
 from .errors import FlagError
 
 # TrainConfig fields a resumed run may change (printed when they do); every other recorded setting,
-# those of `extra` included, must be the same.
+# the stage's `settings` included, must be the same.
 MAY_CHANGE = {"out_dir", "overwrite", "max_steps", "lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction",
               "muon_lr", "muon_momentum", "weight_decay", "betas", "grad_clip", "eval_every", "save_every", "keep_last",
               "log_every", "max_bad_steps", "compile", "fsdp", "activation_checkpointing", "precision",
-              "flops_per_token"}
+              "flops_per_token", "seq_len"}  # seq_len: only for MFU (a stage's own seq_len is in its settings)
 CHECKED_BY_THE_LOOP = {"optimizer"}  # lillm/train.py refuses another optimizer with its own message
 SHOWN = 8  # differences named in one message
 
 
 def _flat(settings: dict, prefix: str = "") -> dict:
-    """{"extra.seq_len": 16, ...}: nested settings as dotted names, lists as tuples (JSON gives lists)."""
+    """{"settings.seq_len": 16, ...}: nested settings as dotted names, lists as tuples (JSON gives lists)."""
     out = {}
     for key, value in settings.items():
         name = f"{prefix}{key}"
@@ -58,7 +58,7 @@ def differences(old: dict, new: dict) -> list[str]:
     """'name old -> new' for every setting that differs (missing on one side: 'none')."""
     old, new = _flat(_plain(old)), _flat(_plain(new))
     names = sorted(set(old) | set(new), key=lambda n: (n.count("."), n))
-    return [f"{name.removeprefix('extra.')} {old.get(name, 'none')} -> {new.get(name, 'none')}"
+    return [f"{name.removeprefix('settings.')} {old.get(name, 'none')} -> {new.get(name, 'none')}"
             for name in names if old.get(name) != new.get(name)]
 
 

@@ -1,4 +1,4 @@
-"""Expand a checkpoint's vocabulary with tokens learned on a new language (lillm.vocab).
+"""Expand a checkpoint's vocabulary with tokens learned on a new language (lillm.vocab_expand).
 
     python scripts/expand_vocab.py --base out/pretrain --langs zul --new-tokens 2000 --out out/expanded
     python pretrain.py --data out/zul_data --init-from out/expanded --lr 1e-4   # then continue pretraining
@@ -21,7 +21,7 @@ from lillm.cli import ArgumentParser, number, run_main
 from lillm.corpora import documents_for
 from lillm.folders import check_output
 from lillm.tokenizer import Tokenizer
-from lillm.vocab import expand_vocabulary, fertility_change
+from lillm.vocab_expand import expand_vocabulary, fertility_change
 
 
 def split_documents(langs: list[str], kinds: list[str], data_dir, holdout_every: int) -> tuple[list[str], list[str]]:

@@ -29,7 +29,8 @@ import torch
 
 from lillm import checkpoint as ckpt
 from lillm.config import get_preset
-from lillm.data import BinLoader, StepBatches, load_meta
+from lillm.bin_format import load_meta
+from lillm.data import BinLoader, StepBatches
 from lillm.distill import distillation_loss
 from lillm.importance import activation_importance, block_influence, random_importance, top_layers
 from lillm.model import Transformer

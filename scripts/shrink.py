@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import os
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -32,7 +33,8 @@ from lillm.cli import (ArgumentParser, accumulation_steps, add_training_args, ch
                        run_main, train_config_from_args)
 from lillm.config import INKUBA_PARAMS
 from lillm.corpora import documents_for
-from lillm.data import BinLoader, StepBatches, token_dtype
+from lillm.bin_format import token_dtype
+from lillm.data import BinLoader, StepBatches
 from lillm.distill import distillation_loss
 from lillm.errors import InputFileError
 from lillm.folders import check_output, check_run_folder, mark, write_text_atomic
@@ -48,6 +50,13 @@ from lillm.train import setup_distributed, train
 from lillm.vocab_shrink import OldIdTeacher, shrink_model_vocab, shrink_tokenizer, token_counts
 
 KINDS = ("mono", "news", "sentiment", "mt")  # not 'ner': MasakhaNER sentences repeat Lacuna text
+
+
+@dataclass
+class HealRun:
+    """What a healing checkpoint records of its stage (TrainConfig.settings)."""
+    distill: bool
+    source: str  # the model that was shrunk
 
 
 def parse_args(argv=None):
@@ -256,7 +265,7 @@ class Shrinker:
             if self.kept_old_ids is not None:  # the teacher reads old ids and is read at the kept ids
                 teacher = OldIdTeacher(teacher, self.kept_old_ids)
             loss_fn = distillation_loss(teacher, args.temperature, args.alpha, teacher_token_ids=self.kept_old_ids)
-        cfg = train_config_from_args(args, stage="shrink-heal", distill=args.distill, source=self.report["source"])
+        cfg = train_config_from_args(args, args.seq_len, HealRun(args.distill, self.report["source"]))
         cfg.out_dir = str(heal_dir)
         train(self.model.train(), StepBatches(loader, accum), cfg, self.env, loss_fn=loss_fn,
               tokenizer_path=tokenizer_path, resume=args.resume, info={"stage": "shrink-heal"})

@@ -16,12 +16,11 @@ from lillm import checkpoint as ckpt
 from lillm.config import get_preset
 from lillm.gguf import (
     CHAT_TEMPLATE,
-    GGUFExportError,
     export_gguf,
     interleaved_to_rotate_half,
     rotate_half_to_interleaved,
 )
-from lillm.errors import OutputFolderError
+from lillm.errors import GGUFExportError, OutputFolderError
 from lillm.model import RotaryEmbedding, Transformer, apply_rotary
 from lillm.tokenizer import train_bpe
 

@@ -21,7 +21,7 @@ from lillm import checkpoint as ckpt
 from lillm import folders
 from lillm.cli import run_main
 from lillm.config import get_preset
-from lillm.data import check_bins, load_meta
+from lillm.bin_format import check_bins, load_meta
 from lillm.errors import MissingMetaError, OutputFolderError, RunLockedError
 from lillm.model import Transformer
 from lillm.tokenizer import train_bpe
@@ -637,16 +637,17 @@ def test_a_run_resumes_in_the_other_precision(tmp_path, capsys, first, then):
 
 def test_resume_names_every_setting_that_differs_and_refuses_max_steps_already_reached(tmp_path):
     from lillm.errors import FlagError
+    from pretrain import PretrainRun
 
     run = tmp_path / "run"
-    train(tiny(), RandomTokens(), config(run, max_steps=2, extra={"seq_len": 16, "preset": "tiny"}))
+    train(tiny(), RandomTokens(), config(run, max_steps=2, settings=PretrainRun("data", "tiny", 16, 64)))
     with pytest.raises(FlagError, match=r"preset tiny -> small; seq_len 16 -> 32"):
-        train(tiny(), RandomTokens(), config(run, max_steps=4, extra={"seq_len": 32, "preset": "small"}), resume=True)
+        train(tiny(), RandomTokens(), config(run, max_steps=4, settings=PretrainRun("data", "small", 32, 64)), resume=True)
     with pytest.raises(FlagError, match=r"model d_model 64 -> 32"):
         train(Transformer(get_preset("tiny", vocab_size=53, max_seq_len=32, d_model=32, n_heads=2, n_kv_heads=1)),
-              RandomTokens(), config(run, max_steps=4, extra={"seq_len": 16, "preset": "tiny"}), resume=True)
+              RandomTokens(), config(run, max_steps=4, settings=PretrainRun("data", "tiny", 16, 64)), resume=True)
     with pytest.raises(FlagError, match=r"--max-steps 2: the run .* is at step 2 already"):
-        train(tiny(), RandomTokens(), config(run, max_steps=2, extra={"seq_len": 16, "preset": "tiny"}), resume=True)
+        train(tiny(), RandomTokens(), config(run, max_steps=2, settings=PretrainRun("data", "tiny", 16, 64)), resume=True)
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_000002"]  # nothing was written
 
 
