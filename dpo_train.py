@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lillm.cli import (
+    ArgumentParser,
     accumulation_steps,
     add_finetuning_data_args,
     add_peft_args,
@@ -26,6 +27,7 @@ from lillm.cli import (
     check_finetuning_args,
     finish,
     load_finetuning_start,
+    number,
     print_summary,
     run_main,
     train_config_from_args,
@@ -43,6 +45,7 @@ from lillm.dpo import (
 )
 from lillm.errors import DPODataError, FlagError
 from lillm.memory import autocast_for
+from lillm.resume import check_resume
 from lillm.peft import describe
 from lillm.rows import cap_per_task, read_pairs
 from lillm.sft import BATCHING_CHOICES
@@ -57,15 +60,15 @@ class DPORun(FinetuningRun):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init-from", default="out/sft_run", help="SFT checkpoint folder, or run folder (latest step)")
     parser.add_argument("--data", default="out/dpo", help="folder with train.jsonl and dev.jsonl (data/prepare_dpo.py)")
     add_finetuning_data_args(parser, "data/prepare_dpo.py", "pairs")
     parser.add_argument("--loss", choices=LOSS_TYPES, default="dpo", help="dpo (with a reference) or simpo (without)")
-    parser.add_argument("--beta", type=float, default=None, help="reward scale (default 0.1 for dpo, 2.0 for simpo)")
-    parser.add_argument("--label-smoothing", type=float, default=0.0,
+    parser.add_argument("--beta", type=number(0, kind=float, above=True), default=None, help="reward scale (default 0.1 for dpo, 2.0 for simpo)")
+    parser.add_argument("--label-smoothing", type=number(0, 0.5, float, below=True), default=0.0,
                         help="conservative DPO: assumed probability that a pair's preference is flipped")
-    parser.add_argument("--gamma", type=float, default=0.5, help="SimPO's target margin")
+    parser.add_argument("--gamma", type=number(0, kind=float, rule="must be 0 or more (the margin SimPO asks of the chosen answer)"), default=0.5, help="SimPO's target margin")
     parser.add_argument("--too-long", choices=TOO_LONG_CHOICES, default="truncate",
                         help="pairs that do not fit: drop them, or shorten the prompt's middle")
     parser.add_argument("--batching", choices=BATCHING_CHOICES, default="pad",
@@ -86,7 +89,7 @@ def main(argv=None):
     model = apply_peft_from_args(model, args).to(env.device)
 
     data = Path(args.data)
-    rows, _ = read_pairs(data / "train.jsonl", strict=args.strict, tasks=args.tasks)
+    rows, _ = read_pairs(data / "train.jsonl", strict=args.strict, tasks=args.tasks, require_tasks=True)
     pairs, stats = build_pairs(tokenizer, cap_per_task(rows, args.max_per_task), seq_len, args.too_long,
                                verbose=env.is_main)
     if not pairs:
@@ -95,6 +98,11 @@ def main(argv=None):
     if (data / "dev.jsonl").is_file():
         dev_rows, _ = read_pairs(data / "dev.jsonl", strict=args.strict, tasks=args.tasks)
         dev_pairs, _ = build_pairs(tokenizer, cap_per_task(dev_rows, args.eval_limit), seq_len, "truncate", verbose=False)
+    settings = DPORun(str(data), str(init), args.tasks, seq_len, args.batching, args.global_batch, args.too_long,
+                      dpo, stats)
+    cfg = train_config_from_args(args, seq_len, settings)
+    if args.resume:  # before the reference pass over every pair: every difference from the run's settings
+        check_resume(cfg, model)
     if dpo.needs_reference:  # the --init-from model (adapters off) IS the reference, before any step
         # In the precision the loop will run the policy in, so that policy = reference gives h = 0 exactly.
         with autocast_for(args.precision, env.device):
@@ -105,9 +113,6 @@ def main(argv=None):
                                unit="packed rows" if args.batching == "pack" else "pairs")
     source = PreferenceBatches(pairs, args.micro_batch, accum, args.batching, seq_len, tokenizer.pad_id,
                                seed=args.seed, rank=env.rank, world=env.world)
-    settings = DPORun(str(data), str(init), args.tasks, seq_len, args.batching, args.global_batch, args.too_long,
-                      dpo, stats)
-    cfg = train_config_from_args(args, seq_len, settings)
     if env.is_main:
         print(f"model: {init}, {model.num_params():,} parameters; {len(pairs):,} pairs ({args.batching}, seq_len "
               f"{seq_len}), {len(dev_pairs):,} dev pairs; {dpo.loss_type} beta {dpo.beta}; micro batch "

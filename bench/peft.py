@@ -29,6 +29,7 @@ import torch
 
 from bench import harness
 from lillm import checkpoint as ckpt
+from lillm.folders import write_text_atomic
 from lillm.corpora import documents_for
 from lillm.bin_format import load_meta
 from lillm.data import BinLoader, iter_eval_batches
@@ -225,7 +226,7 @@ def main(argv=None):
               f"{fert['swa_hau_held_out']['before']['tokens_per_word']:.3f} -> "
               f"{fert['swa_hau_held_out']['after']['tokens_per_word']:.3f} ({fert['vocab']})")
     if args.report:
-        ckpt.write_text_atomic(args.report, json.dumps(report, indent=2) + "\n")
+        write_text_atomic(args.report, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

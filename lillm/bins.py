@@ -40,7 +40,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import tempfile
 import threading
 import time
 import unicodedata
@@ -53,6 +52,7 @@ from tqdm import tqdm
 
 from .bin_format import META_NAME, bin_name, token_dtype
 from .errors import BinFormatError, EmptyCorpusError, SourceError
+from .folders import new_file, write_text_atomic
 from .sources import DEFAULT_KINDS, Source, open_dataset, parse_mix, require_columns, resolve_sources
 from .tokenizer import Tokenizer
 
@@ -218,9 +218,9 @@ class ShardedWriter:
     def _open_next(self) -> None:
         self.close()
         name = self._final_name(len(self.shards))
-        handle, temporary = tempfile.mkstemp(dir=self.out_dir, prefix=f".{name}.", suffix=".tmp")
-        self.file = os.fdopen(handle, "wb")
-        self.shards.append({"file": name, "tokens": 0, "temporary": Path(temporary)})
+        temporary = new_file(self.out_dir / name)  # hidden, with the user's umask mode (lillm.folders)
+        self.file = open(temporary, "wb")
+        self.shards.append({"file": name, "tokens": 0, "temporary": temporary})
 
     def write(self, tokens: np.ndarray) -> None:
         while len(tokens):
@@ -242,7 +242,6 @@ class ShardedWriter:
             self._open_next()      # an empty split still gets its (empty) file
         self.close()
         for shard in self.shards:
-            os.chmod(shard["temporary"], 0o644)
             os.replace(shard["temporary"], self.out_dir / shard["file"])
         return [{"file": shard["file"], "tokens": shard["tokens"]} for shard in self.shards]
 
@@ -399,11 +398,7 @@ def publish_bins(out_dir: Path, writers: dict, meta_for) -> dict:
     (out_dir / META_NAME).unlink(missing_ok=True)
     shards = {split: writer.commit() for split, writer in writers.items()}
     meta = meta_for(shards)
-    handle, name = tempfile.mkstemp(dir=out_dir, prefix=f".{META_NAME}.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        f.write(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    os.chmod(name, 0o644)
-    os.replace(name, out_dir / META_NAME)
+    write_text_atomic(out_dir / META_NAME, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return meta
 
 

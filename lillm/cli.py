@@ -25,7 +25,7 @@ import torch
 from . import checkpoint as ckpt
 from .errors import FlagError, InputFileError, LillmError, TokenizerMismatchError
 from .folders import check_run_folder
-from .options import add_flags, at_least, check_flags, from_flags
+from .options import Number, add_flags, at_least, check_flags, from_flags, number
 
 from .peft import METHODS as PEFT_METHODS
 from .peft import apply_peft
@@ -34,12 +34,45 @@ from .muon import muon_conflict
 from .train import Dist, TrainConfig, decay_start
 
 
+# ---- one parser for every script: usage mistakes in one line, every number checked ---------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with lillm's two rules for every script: a usage mistake (an unknown flag, a
+    value of the wrong type) is one line, a FlagError that run_main prints with exit status 2; and
+    every number is checked against the range its flag declares (Number), before anything is read."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise FlagError(f"{message}; see {self.prog} --help")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        by_dest: dict[str, list] = {}
+        for action in self._actions:
+            if isinstance(action.type, Number):
+                by_dest.setdefault(action.dest, []).append(action)
+        for dest, actions in by_dest.items():  # two flags for one value: the later (a script's own) rules
+            flags = [a.option_strings[-1] if a.option_strings else dest for a in actions]
+            flag = flags[-1] + (f" ({', '.join(flags[:-1])})" if len(flags) > 1 else "")
+            rule = actions[-1].type
+            value = getattr(parsed, dest, None)
+            for item in value if isinstance(value, list) else [value]:
+                if item is not None:
+                    need(rule.allows(item), flag, item, rule.rule, rule.fix)
+        return parsed
+
+
 def add_training_args(parser: argparse.ArgumentParser, **defaults) -> None:
     """The training loop's flags: one per field of TrainConfig (lillm.options), with the stage's
     defaults by flag name (out=..., max_steps=...), and the flags of how the loop is run."""
     g = parser.add_argument_group("training loop")
-    add_flags(g, TrainConfig, defaults)
-    g.add_argument("--micro-batch", type=int, default=defaults.get("micro_batch", 8),
+    # healing is optional: a stage whose default is 0 steps accepts 0
+    add_flags(g, TrainConfig, defaults, {"max_steps": at_least(0)} if defaults.get("max_steps") == 0 else None)
+    g.add_argument("--micro-batch", type=number(1), default=defaults.get("micro_batch", 8),
                    help="sequences per forward pass on each process (lower it if memory runs out)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--resume", action="store_true", help="continue from the latest step_N checkpoint in --out")
@@ -49,12 +82,12 @@ def add_peft_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("parameter-efficient fine-tuning (lillm.peft)")
     g.add_argument("--peft", choices=["none", *PEFT_METHODS], default="none",
                    help="none: train the model as it is; full / lora / qlora / prefix / adapters: lillm.peft")
-    g.add_argument("--lora-rank", type=int, default=8)
-    g.add_argument("--lora-alpha", type=float, default=16.0)
-    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-rank", type=number(1), default=8)
+    g.add_argument("--lora-alpha", type=number(0, kind=float, above=True), default=16.0)
+    g.add_argument("--lora-dropout", type=number(0, 1, float, below=True), default=0.0)
     g.add_argument("--lora-targets", default="q,v", help="comma-separated from q,k,v,o,gate,up,down, or 'all'")
-    g.add_argument("--prefix-length", type=int, default=16, help="virtual tokens per layer (prefix tuning)")
-    g.add_argument("--adapter-size", type=int, default=64, help="bottleneck width (Houlsby adapters)")
+    g.add_argument("--prefix-length", type=number(1), default=16, help="virtual tokens per layer (prefix tuning)")
+    g.add_argument("--adapter-size", type=number(1), default=64, help="bottleneck width (Houlsby adapters)")
     g.add_argument("--train-embeddings", action="store_true",
                    help="also train embed_tokens / lm_head, e.g. the new rows of an expanded vocabulary")
 
@@ -134,11 +167,6 @@ def check_training_args(args, allow_zero_steps: bool = False) -> None:
         if conflict:
             raise FlagError(conflict)
     check_device(args.device)
-    if getattr(args, "peft", "none") != "none":
-        need(args.lora_rank >= 1, "--lora-rank", args.lora_rank, "must be at least 1")
-        need(0 <= args.lora_dropout < 1, "--lora-dropout", args.lora_dropout, "must be in [0, 1)")
-        need(args.prefix_length >= 1, "--prefix-length", args.prefix_length, "must be at least 1")
-        need(args.adapter_size >= 1, "--adapter-size", args.adapter_size, "must be at least 1")
 
 
 # ---- the entry wrapper --------------------------------------------------------------------------
@@ -185,11 +213,11 @@ def add_finetuning_data_args(parser: argparse.ArgumentParser, maker: str, unit: 
     """The flags SFT and DPO share: where the rows are, which of them, how long, how many per step."""
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
     parser.add_argument("--tasks", nargs="+", default=None, help="train on these tasks only (default: all)")
-    parser.add_argument("--max-per-task", type=int, default=None, help=f"at most N train {unit} per task and language")
-    parser.add_argument("--seq-len", type=int, default=None, help="longest sequence (default: the model's max_seq_len)")
-    parser.add_argument("--global-batch", type=int, default=16,
+    parser.add_argument("--max-per-task", type=number(1), default=None, help=f"at most N train {unit} per task and language")
+    parser.add_argument("--seq-len", type=number(2, rule="must be at least 2 (a prompt token and a target)"), default=None, help="longest sequence (default: the model's max_seq_len)")
+    parser.add_argument("--global-batch", type=number(1), default=16,
                         help=f"{unit} (pad) or packed rows (pack) per optimizer step, over all processes")
-    parser.add_argument("--eval-limit", type=int, default=200, help=f"dev {unit} per task")
+    parser.add_argument("--eval-limit", type=number(1), default=200, help=f"dev {unit} per task")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed row instead of skipping")
     parser.add_argument("--allow-tokenizer-change", action="store_true",
                         help="train with a --tokenizer other than the checkpoint's own (normally refused)")
@@ -199,17 +227,12 @@ def add_finetuning_data_args(parser: argparse.ArgumentParser, maker: str, unit: 
 def check_finetuning_args(args) -> None:
     """Everything about a fine-tuning command that can be checked before loading a model."""
     check_training_args(args)
-    need(args.global_batch >= 1, "--global-batch", args.global_batch, "must be at least 1")
-    if args.seq_len is not None:
-        need(args.seq_len >= 2, "--seq-len", args.seq_len, "must be at least 2 (a prompt token and a target)")
-    if args.max_per_task is not None:
-        need(args.max_per_task >= 1, "--max-per-task", args.max_per_task, "must be at least 1")
-    need(args.eval_limit >= 1, "--eval-limit", args.eval_limit, "must be at least 1")
     data = Path(args.data)
     if not (data / "train.jsonl").is_file():
         raise InputFileError(f"--data {data}: {data / 'train.jsonl'} not found; make the folder with "
                              f"{args.data_maker} --out {data}")
-    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite,
+                     reads={"--data": args.data, "--init-from": args.init_from, "--tokenizer": args.tokenizer})
 
 
 def load_finetuning_start(args):
@@ -237,7 +260,7 @@ def check_tokenizer_change(init: Path, sha256: str, given: str, fix: str, allow:
     """A run from --init-from must use the tokenizer the checkpoint was trained with (same hash), unless
     the change is asked for (--allow-tokenizer-change): `given` names the other tokenizer, `fix` the way back."""
     own = init / "tokenizer.json"
-    theirs = ckpt.tokenizer_sha256(own) if own.is_file() else None
+    theirs = ckpt.own_tokenizer_sha256(init)
     if theirs is None or theirs == sha256:
         return
     message = (f"{given} (sha256 {sha256[:16]}...) is not the tokenizer --init-from {init} was trained with "

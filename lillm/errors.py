@@ -104,6 +104,10 @@ class InputFileError(LillmError, FileNotFoundError):
     """A path the user gave that is missing, or a folder where a file is expected (or the reverse)."""
 
 
+class InputEncodingError(LillmError):
+    """A file lillm reads whole (a challenge table) with bytes that are not UTF-8; the message names the line."""
+
+
 class OutputFolderError(LillmError):
     """An output folder lillm may not write: it holds a user's files, or a run that was not meant to be replaced."""
 

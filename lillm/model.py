@@ -190,10 +190,35 @@ class Block(nn.Module):
         else:
             self.mlp = mlp if mlp is not None else MLP(cfg)
 
+    @property
+    def feed_forward(self) -> nn.Module:
+        """The dense MLP, or the mixture of experts that stands in its place."""
+        return self.block_sparse_moe if "block_sparse_moe" in self._modules else self.mlp
+
     def forward(self, x, cos, sin, mask=None, cache_pos=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)
-        feed_forward = self.block_sparse_moe if "block_sparse_moe" in self._modules else self.mlp
-        return x + feed_forward(self.post_attention_layernorm(x))
+        return x + self.feed_forward(self.post_attention_layernorm(x))
+
+
+# A dense MLP's projections and the same projection in a Mixtral expert (w1 = gate, w3 = up, w2 = down).
+EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def projection_slots(block: Block, name: str) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) of the linear layer(s) a projection name means in this block: q/k/v/o_proj in
+    the attention; gate/up/down_proj in the MLP or, in a mixture of experts, that projection of every
+    expert. Every feature that wraps or replaces projections (LoRA, QLoRA, adapters, int8) goes through
+    here, so it works on dense, shared-MLP and mixture-of-experts blocks alike. A mixture's router is no
+    projection: it is left as it is (it decides which experts run; its cost is d_model x n_experts)."""
+    if name in ATTENTION_PROJECTIONS:
+        return [(block.self_attn, name)]
+    if name not in EXPERT_NAMES:
+        raise KeyError(f"{name} is not a projection; choose from {ATTENTION_PROJECTIONS + tuple(EXPERT_NAMES)}")
+    feed_forward = block.feed_forward
+    if isinstance(feed_forward, SparseMoE):
+        return [(expert, EXPERT_NAMES[name]) for expert in feed_forward.experts]
+    return [(feed_forward, name)]
 
 
 class LlamaModel(nn.Module):

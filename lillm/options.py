@@ -11,12 +11,53 @@ small version of that idea. A field without a flag (no `help`) is set by code, n
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import MISSING, Field, field, fields
 from typing import Any, Callable
 
 from .errors import FlagError
 
 Check = tuple[Callable[[Any], bool], str]   # (is the value fine?, the rule a refusal states)
+
+
+class Number:
+    """The argparse type of a numeric flag, declaring its range where the flag is declared:
+    number(1) is an int of at least 1, number(0, 1, float, below=True) a float in [0, 1). The
+    parser checks every parsed value (defaults too) against it: one check for every number of every
+    script, with the message `need` gives ("--workers -1: must be at least 1")."""
+
+    def __init__(self, low=None, high=None, kind=int, above: bool = False, below: bool = False,
+                 rule: str = "", fix: str = "", check: "Check | None" = None):
+        self.low, self.high, self.kind, self.above, self.below, self.fix = low, high, kind, above, below, fix
+        self.check = check  # a dataclass field's own (test, rule), from option(): used instead of low/high
+        self.__name__ = kind.__name__  # argparse names the type in "invalid int value: 'x'"
+        self.rule = rule or (check[1] if check else self.default_rule())
+
+    def default_rule(self) -> str:
+        low, high = self.low, self.high
+        if low is None and high is None:
+            return "any value"
+        if high is None:
+            return "must be positive" if self.above and low == 0 else \
+                f"must be above {low}" if self.above else "must be 0 or more" if low == 0 else f"must be at least {low}"
+        if not (self.above or self.below):
+            return f"must be between {low} and {high}"
+        return f"must be in {'(' if self.above else '['}{low}, {high}{')' if self.below else ']'}"
+
+    def __call__(self, text: str):
+        return self.kind(text)
+
+    def allows(self, value) -> bool:
+        if self.kind is float and not math.isfinite(value):
+            return False
+        if self.check is not None:
+            return bool(self.check[0](value))
+        low_ok = self.low is None or (value > self.low if self.above else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.below else value <= self.high)
+        return low_ok and high_ok and (self.kind is not float or math.isfinite(value))
+
+
+number = Number
 
 
 def option(default, help: str, flag: str | None = None, choices=None, check: Check | None = None) -> Field:
@@ -49,15 +90,19 @@ def dest(f: Field) -> str:
     return flag_name(f).removeprefix("--").replace("-", "_")
 
 
-def add_flags(group, cls, defaults: dict | None = None) -> None:
-    """One flag per field of `cls` declared with option(); `defaults` (by dest) overrides a default."""
-    defaults = defaults or {}
+def add_flags(group, cls, defaults: dict | None = None, checks: dict[str, Check] | None = None) -> None:
+    """One flag per field of `cls` declared with option(); `defaults` (by dest) overrides a default and
+    `checks` (by field name) a check. A number's flag takes its field's check as its type (Number), so
+    the parser (lillm.cli.ArgumentParser) refuses a bad value with every other script's numbers."""
+    defaults, checks = defaults or {}, checks or {}
     for f in flag_fields(cls):
         default = defaults.get(dest(f), f.default if f.default is not MISSING else None)
         if isinstance(f.default, bool):
             group.add_argument(flag_name(f), action="store_true", help=f.metadata["help"])
             continue
         kind = type(f.default) if f.default is not None else None
+        if kind in (int, float):
+            kind = Number(kind=kind, check=checks.get(f.name, f.metadata["check"]))
         group.add_argument(flag_name(f), type=kind, default=default, choices=f.metadata["choices"],
                            help=f.metadata["help"])
 

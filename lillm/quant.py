@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import Transformer
+from .model import Transformer, projection_slots
 
 KERNELS = ("auto", "fbgemm", "weight-only", "dequant")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -151,8 +151,8 @@ def quantize_int8(model: Transformer, kernel: str = "auto", head: bool = True, i
         return made[id(linear)]
 
     for block in model.model.layers:
-        for parent in (block.self_attn, block.mlp):
-            for name in PROJECTIONS:
+        for projection in PROJECTIONS:  # in a mixture of experts: every expert's (the router stays fp32)
+            for parent, name in projection_slots(block, projection):
                 if isinstance(getattr(parent, name, None), nn.Linear):
                     setattr(parent, name, int8_of(getattr(parent, name)))
     if head:

@@ -24,6 +24,7 @@ on another site cannot post to it without a CORS preflight, which the server nev
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import queue
@@ -39,7 +40,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from .batching import Engine, Job
-from .errors import ChatTemplateError, RequestError
+from .errors import ChatTemplateError, FlagError, RequestError
 from .model import Transformer
 from .tokenizer import Tokenizer, message_problem
 
@@ -417,6 +418,24 @@ class Reply:
         return {**self._head(True), "choices": [], "usage": self.usage(completion_tokens)}
 
 
+def listen(host: str, port: int) -> ThreadingHTTPServer:
+    """The HTTP server bound to (host, port), or one line saying why it cannot be: a port out of range,
+    one another program holds, a host name that does not resolve or is not this machine's."""
+    if not 0 <= port <= 65535:
+        raise FlagError(f"--port {port}: must be between 0 (any free port) and 65535")
+    try:
+        return ThreadingHTTPServer((host, port), Handler)
+    except socket.gaierror as error:
+        raise FlagError(f"--host {host}: cannot be resolved ({error.strerror}); use 127.0.0.1 (this machine "
+                        "only) or an address of this machine") from None
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise FlagError(f"--port {port}: already in use on {host} (another server?); choose another --port, "
+                            "or --port 0 for any free one") from None
+        raise FlagError(f"--host {host} --port {port}: cannot listen there ({error.strerror}); use 127.0.0.1 "
+                        "and a port above 1023") from None
+
+
 class ChatServer:
     """The HTTP server and its Engine. `start()` runs both on background threads (tests, notebooks);
     `serve_forever()` blocks (the command line); `close()` stops both."""
@@ -430,7 +449,7 @@ class ChatServer:
         self.engine = Engine(self.model, tokenizer, slots, max_queue)
         self.log = log or (lambda record: print(json.dumps(record, ensure_ascii=False), file=sys.stderr, flush=True))
         self.started = int(time.time())
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd = listen(host, port)
         self.httpd.daemon_threads = True
         self.httpd.app = self
         self._thread: threading.Thread | None = None

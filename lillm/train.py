@@ -46,6 +46,7 @@ from .model import Transformer
 from .moe import router_metrics
 from .muon import Muon, MuonWithAdamW, muon_matrices
 from .options import at_least, between, option, positive
+from .resume import adapt_optimizer_state, check_resume
 
 
 @dataclass
@@ -319,7 +320,7 @@ def _wrap(model: torch.nn.Module, env: Dist, cfg: TrainConfig) -> torch.nn.Modul
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
         if env.world == 1:
-            raise ValueError("--fsdp shards a model across processes: launch with torchrun --nproc_per_node=N (N > 1)")
+            raise FlagError("--fsdp shards a model across processes: launch with torchrun --nproc_per_node=N (N > 1)")
         if not model.config.shared_mlp:  # a module shared by every block can only be sharded once, at the root
             for block in model.model.layers:
                 fully_shard(block)
@@ -344,15 +345,12 @@ def _full_states(model, optimizer, cfg: TrainConfig) -> tuple[dict | None, dict]
 
 def _load_optimizer(model, optimizer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    state = adapt_optimizer_state(state, optimizer)  # a run resumed in another precision (lillm.resume)
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def _load_latest(out: Path, model: Transformer) -> tuple[Path, dict]:
-    checkpoints = ckpt.list_checkpoints(out)
-    if not checkpoints:
-        raise ckpt.CheckpointError(f"--resume: no complete checkpoint (step_N folder) in {out}; "
-                                   "start without --resume, or point --out at the run to continue")
-    latest = checkpoints[-1]
+def _load_latest(cfg: TrainConfig, model: Transformer) -> tuple[Path, dict]:
+    latest, _ = check_resume(cfg, model)  # every difference from the run's recorded settings, named
     state = ckpt.load_train_state(latest)
     ckpt.load_weights(model, ckpt.read_weights(latest / ckpt.WEIGHTS), source=str(latest))
     return latest, state
@@ -377,7 +375,7 @@ def _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, i
     model.to(env.device, dtype=torch.bfloat16 if cfg.precision == "bf16-true" else None)
     progress = Progress()
     if resume:  # weights go in before sharding; optimizer state once the optimizer exists
-        latest, state = _load_latest(out, model)
+        latest, state = _load_latest(cfg, model)
         saved = state["config"].get("optimizer", "adamw")
         if saved != cfg.optimizer:  # the other optimizer's state cannot continue this one's
             raise FlagError(f"--resume: {latest} was trained with --optimizer {saved}, not {cfg.optimizer}; resume "
