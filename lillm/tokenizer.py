@@ -27,7 +27,8 @@ from typing import Iterable, Mapping, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .errors import ChatTemplateError, InputFileError, TokenizerFileError, TokenizerMismatchError
+from .errors import (ChatTemplateError, InputFileError, TokenizerFileError, TokenizerMismatchError,
+                     TokenizerTrainingError)
 from .folders import write_text_atomic
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -219,8 +220,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     """Train a byte-level BPE tokenizer with exactly ``vocab_size`` ids, specials at 0..6."""
     smallest = len(SPECIAL_TOKENS) + N_BYTES + 1
     if vocab_size < smallest:
-        raise ValueError(f"vocab_size={vocab_size} is too small: the {len(SPECIAL_TOKENS)} special tokens and "
-                         f"{N_BYTES} bytes alone take {smallest - 1} ids; use at least {smallest}")
+        raise TokenizerTrainingError(f"vocab_size={vocab_size} is too small: the {len(SPECIAL_TOKENS)} special tokens "
+                                     f"and {N_BYTES} bytes alone take {smallest - 1} ids; use at least {smallest}")
     backend = _empty_byte_level_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,  # counts the special tokens and the byte alphabet
@@ -232,9 +233,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     backend.train_from_iterator(texts, trainer=trainer)
     tokenizer = Tokenizer(backend)
     if tokenizer.vocab_size != vocab_size:
-        raise ValueError(f"training produced {tokenizer.vocab_size} ids, not vocab_size={vocab_size}: the corpus "
-                         f"has too few pairs seen at least min_frequency={min_frequency} times; give more text, "
-                         f"a smaller vocab_size or a smaller min_frequency")
+        raise TokenizerTrainingError(f"training produced {tokenizer.vocab_size} ids, not vocab_size={vocab_size}: "
+                                     f"the corpus has too few pairs seen at least min_frequency={min_frequency} "
+                                     "times; give more text, a smaller vocab_size or a smaller min_frequency")
     for token_id, token in enumerate(SPECIAL_TOKENS):
         assert tokenizer.token_to_id(token) == token_id, f"{token} landed at {tokenizer.token_to_id(token)}"
     return tokenizer
