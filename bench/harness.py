@@ -33,7 +33,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Self
 
 from lillm.config import ModelConfig, get_preset
+from lillm.folders import write_text_atomic
 
 SIDES = ("lillm", "transformers")
 
@@ -218,10 +218,7 @@ def device_name(device: str) -> str:
 def write_json(path: Path, record: dict) -> None:
     """Written to a temporary name and renamed: a run cut short never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        f.write(json.dumps(record, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def command_line() -> list[str]:

@@ -48,6 +48,10 @@ class TokenizerFileError(LillmError):
     """A tokenizer.json that cannot be read or parsed."""
 
 
+class TokenizerTrainingError(LillmError):
+    """A corpus or a vocabulary size a tokenizer cannot be trained with."""
+
+
 class ChatTemplateError(LillmError):
     """Messages that do not fit the chat template, or a tokenizer without role tokens."""
 

@@ -1,4 +1,4 @@
-"""Output folders that never lose a user's file: kinds, refusals, a run lock, and hidden deletions.
+"""Outputs that never lose a user's file: folder kinds, refusals, single files, reports, a run lock.
 
 lillm writes folders of a few kinds (a checkpoint, a training run, token bins, a Hugging Face
 export, the SFT and DPO data folders, a pruning experiment) and a few single files (a tokenizer,
@@ -24,12 +24,18 @@ its report, a GGUF file). Every script that writes goes through this module; the
 7. A run folder holds a lock file created with O_CREAT | O_EXCL (atomic on POSIX), holding the
    pid and host of the writer. A second writer is refused with the holder named; a lock left by a
    process that is gone (same host, pid not running) is taken over with a message.
+8. Reports written into a folder the user shares (scripts/evaluate.py's eval_<split>.md, its
+   predictions and submission file, in a checkpoint or any --out folder, where the user may keep
+   their own `submission_test.csv`) are recorded in a small manifest, `.lillm-written.json` (file
+   name -> SHA-256 of the bytes written); a report replaces a file only when it is absent or still
+   exactly what lillm wrote last time (write_reports). All of them are checked before any is written.
 
 This is the "write to a temporary name, then rename" discipline of databases and package
 managers, applied to whole folders; see also the minimind checkpoint pattern in checkpoint.py.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -42,7 +48,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from .errors import OutputFolderError, RunLockedError
+from .errors import OutputConflict, OutputFolderError, RunLockedError
 
 MARKER = "lillm-folder.json"
 LOCK = "lillm.lock"
@@ -254,6 +260,54 @@ def check_output_file(path: str | Path, kind: str, overwrite: bool = False, flag
         raise OutputFolderError(f"{flag} {path} already exists; pass --overwrite to replace it, or choose another "
                                 f"{flag}")
     return True
+
+
+# ---- reports beside a user's own files -----------------------------------------------------------
+MANIFEST = ".lillm-written.json"  # report file name -> SHA-256 of the bytes lillm wrote
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, str]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # an unreadable manifest vouches for nothing: every existing file is then protected
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def check_writable(paths: list[Path]) -> None:
+    """Raise OutputConflict naming the first path that exists and is not lillm's unchanged output."""
+    for path in map(Path, paths):
+        if path.parent.exists() and not path.parent.is_dir():
+            raise OutputConflict(f"--out {path.parent} is a file, not a folder; choose a folder for the results")
+        if not path.exists():
+            continue
+        recorded = _manifest(path.parent).get(path.name)
+        if path.is_dir() or recorded is None or recorded != _digest(path.read_bytes()):
+            raise OutputConflict(f"{path} exists and was not written by lillm (or was changed since); "
+                                 "move it away or choose another --out folder")
+
+
+def write_reports(files: dict[Path, str]) -> list[Path]:
+    """Write text files atomically, after checking all of them (so a conflict writes nothing)."""
+    files = {Path(p): text for p, text in files.items()}
+    check_writable(list(files))
+    written = []
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = text.encode("utf-8")
+        manifest = _manifest(path.parent)
+        write_text_atomic(path, text)
+        manifest[path.name] = _digest(data)
+        write_text_atomic(path.parent / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        written.append(path)
+    return written
 
 
 # ---- deleting and replacing, through hidden names ------------------------------------------------

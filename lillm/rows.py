@@ -5,8 +5,8 @@ Every stage after pretraining reads rows: SFT conversations ({"messages": [...],
 challenge's task files. This module is the one place that reads them, so every stage accepts the
 same files and reports a bad row the same way:
 
-- one message validator (`messages_problem`): a non-empty list of {"role", "content"} with the
-  roles of the chat template (lillm.tokenizer.ROLES); a conversation to learn from needs a
+- one message validator (`messages_problem`): a non-empty list of messages, each checked by the
+  chat template's own rule (lillm.tokenizer.message_problem); a conversation to learn from needs a
   non-empty assistant turn, a prompt to be answered must not end with one;
 - one record reader per container (`jsonl_records`, `csv_records`, `dataset_records`): JSON lines
   decoded line by line and CSV decoded with every byte that is not UTF-8 kept as a marker
@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Iterator
 from .errors import (CorpusFormatError, DPODataError, InputEncodingError, InputFileError, SFTDataError,
                      SFTSourceError, SourceError)
 from .sources import Source, column_names, open_dataset
-from .tokenizer import ROLES
+from .tokenizer import message_problem
 
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes "
           "the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
@@ -57,15 +57,9 @@ def messages_problem(messages, answered: bool = True) -> str | None:
     if not isinstance(messages, list) or not messages:
         return "'messages' is missing or not a non-empty list of {\"role\": ..., \"content\": ...}"
     for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return f"message {index} is not an object"
-        if "role" not in message:
-            return f"message {index} has no 'role' (one of {', '.join(ROLES)})"
-        if message["role"] not in ROLES:
-            return f"message {index} has unknown role {message['role']!r} (roles: {', '.join(ROLES)})"
-        if not isinstance(message.get("content"), str):
-            kind = type(message.get("content")).__name__
-            return f"message {index} ({message['role']}) has content of type {kind}, not a string"
+        problem = message_problem(index, message)
+        if problem is not None:
+            return problem
         if answered and message["role"] == "assistant" and not message["content"].strip():
             return f"message {index} is an empty assistant turn (nothing to learn)"
     if answered and not any(m["role"] == "assistant" for m in messages):

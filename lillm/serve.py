@@ -42,7 +42,7 @@ from pathlib import Path
 from .batching import Engine, Job
 from .errors import ChatTemplateError, FlagError, RequestError
 from .model import Transformer
-from .tokenizer import ROLES, Tokenizer
+from .tokenizer import Tokenizer, message_problem
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any context this model has holds as JSON
@@ -151,10 +151,10 @@ def chat_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:
                 or "role" not in message or "content" not in message:
             raise RequestError(f"messages[{index}] must be an object with role and content (and no other field "
                                "but name)", param=f"messages[{index}]")
-        if message["role"] not in ROLES:
-            raise RequestError(f"messages[{index}].role is {json.dumps(message['role'])[:40]}; the roles are "
-                               f"{', '.join(ROLES)}", param=f"messages[{index}].role")
         checked.append({"role": message["role"], "content": _message_text(index, message["content"])})
+        problem = message_problem(index, checked[-1])  # the chat template's rule: its roles
+        if problem is not None:
+            raise RequestError(problem, param=f"messages[{index}].role")
     try:
         ids, _ = tokenizer.apply_chat_template(checked, add_generation_prompt=True)
     except (ChatTemplateError, ValueError) as error:  # e.g. a tokenizer without role tokens or <s>

@@ -262,9 +262,15 @@ class SFTBatches:
         mine = self._next_global_units()[self.rank * per_rank:(self.rank + 1) * per_rank]
         micro = [mine[i:i + self.micro_batch] for i in range(0, per_rank, self.micro_batch)]
         if self.batching == "pad":
-            return [pad_batch([self.examples[u[0]] for u in chunk], self.pad_id) for chunk in micro]
-        return [packed_batch([[self.examples[i] for i in u] for u in chunk], self.seq_len, self.pad_id)
-                for chunk in micro]
+            return [self.padded([self.examples[u[0]] for u in chunk]) for chunk in micro]
+        return [self.packed([[self.examples[i] for i in u] for u in chunk]) for chunk in micro]
+
+    def padded(self, examples: list) -> dict[str, torch.Tensor]:
+        """The tensors of a micro batch of units (pad); a subclass batching other units changes these two."""
+        return pad_batch(examples, self.pad_id)
+
+    def packed(self, rows: list[list]) -> dict[str, torch.Tensor]:
+        return packed_batch(rows, self.seq_len, self.pad_id)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "global_batch": self.global_batch,

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .errors import FlagError, TrainingDiverged
-from .folders import open_run_folder
+from .folders import open_run_folder, write_file_atomic
 from .loss import causal_lm_loss  # the default loss_fn; SFT and distillation pass their own
 from .memory import PRECISION_HELP, PRECISIONS, BF16AdamW, autocast_for, checkpoint_blocks
 from .model import Transformer
@@ -292,10 +292,8 @@ class RunLog:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = self.path.with_name("loss.tmp.png")
-        fig.savefig(tmp, dpi=100)
+        write_file_atomic(self.path.with_name("loss.png"), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
-        os.replace(tmp, self.path.with_name("loss.png"))
 
 
 # ---- the loop --------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from tokenizers import models, pre_tokenizers, trainers
 
 from .errors import VocabExpansionError
 from .model import Transformer
-from .tokenizer import Tokenizer, fertility_report, merge_parts
+from .tokenizer import Tokenizer, bpe_json, fertility_report, merge_parts
 
 FILLER = "<|unused_{}|>"
 
@@ -54,18 +54,9 @@ FILLER = "<|unused_{}|>"
 # ----------------------------------------------------------------------------- expansion: tokenizer
 
 def _bpe_json(tokenizer: Tokenizer) -> dict:
-    data = json.loads(tokenizer.backend.to_str())
-    model = data.get("model", {})
-    if model.get("type") != "BPE":
-        raise VocabExpansionError(f"{tokenizer.source}: vocabulary expansion appends BPE merges, but this tokenizer's "
-                                  f"model is {model.get('type')!r}; use a BPE tokenizer.json")
-    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        raise VocabExpansionError(f"{tokenizer.source}: BPE with continuing_subword_prefix / end_of_word_suffix is "
-                                  "not supported (its words do not start from plain characters)")
-    ids = sorted(set(model["vocab"].values()) | {t["id"] for t in data.get("added_tokens", [])})
-    if ids != list(range(len(ids))):
-        raise VocabExpansionError(f"{tokenizer.source}: token ids are not contiguous 0..{len(ids) - 1}, so new ids "
-                                  "cannot simply follow the old ones")
+    data, problem = bpe_json(tokenizer.backend)
+    if problem is not None:  # new ids follow the old ones, new merges follow the old merges
+        raise VocabExpansionError(f"{tokenizer.source}: vocabulary expansion appends BPE merges and ids: {problem}")
     return data
 
 

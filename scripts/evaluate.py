@@ -11,7 +11,7 @@ score) and the zindi score for the model's size, beside the same numbers for the
 language, input, target, prediction by likelihood, by greedy generation, the row's chrF) and
 submission_<split>.csv in the challenge's layout (ID, Response, Targets), which
 --score-submission (or any other scorer) turns back into the same numbers. A file of the same name
-that lillm did not write is never replaced (lillm/outputs.py).
+that lillm did not write is never replaced (lillm/folders.py).
 
 For each (task, language) of the split (test by default): classification by option likelihood and
 by greedy generation (weighted F1), translation by greedy generation (chrF, BLEU), the loss and bits
@@ -39,7 +39,7 @@ from lillm.challenge import (CHALLENGE_SUBSETS, challenge_average, challenge_fro
 from lillm.cli import ArgumentParser, check_device, number, run_main
 from lillm.errors import InputFileError, SFTDataError
 from lillm.evaluate import evaluate_subset
-from lillm.outputs import check_writable, write_outputs
+from lillm.folders import check_writable, write_reports
 from lillm.rows import by_task_and_lang, evenly_spaced, jsonl_text, read_conversations, read_text
 from lillm.sft import assistant_loss, build_examples
 from lillm.tokenizer import Tokenizer
@@ -207,7 +207,7 @@ def main(argv=None) -> dict:
     texts = [json.dumps(results, indent=2, ensure_ascii=False) + "\n", table, predictions_csv(records),
              jsonl_text(records),
              submission_csv(submission_rows(records, params))]
-    written = write_outputs(dict(zip(outputs, texts)))
+    written = write_reports(dict(zip(outputs, texts)))
     print(table)
     print("written: " + ", ".join(str(p) for p in written))
     return results

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -37,7 +36,7 @@ from lillm.bin_format import token_dtype
 from lillm.data import BinLoader, StepBatches
 from lillm.distill import distillation_loss
 from lillm.errors import InputFileError
-from lillm.folders import check_output, check_run_folder, mark, write_text_atomic
+from lillm.folders import check_output, check_run_folder, mark, write_file_atomic, write_text_atomic
 from lillm.hf import import_llama
 from lillm.importance import (activation_importance, block_influence, random_importance, top_layers,
                               weight_importance)
@@ -254,8 +253,7 @@ class Shrinker:
         args = self.args
         dtype = token_dtype(self.model.config.vocab_size)
         bin_path = heal_dir / "train.bin"
-        self.train_tokens.astype(dtype).tofile(str(bin_path) + ".tmp")
-        os.replace(str(bin_path) + ".tmp", bin_path)
+        write_file_atomic(bin_path, lambda tmp: self.train_tokens.astype(dtype).tofile(str(tmp)))
         accum = accumulation_steps(args.batch, args.micro_batch, self.env.world)
         loader = BinLoader(bin_path, args.seq_len, args.micro_batch * accum, seed=args.seed, rank=self.env.rank,
                            world_size=self.env.world, device=self.env.device, dtype=dtype)

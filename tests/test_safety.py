@@ -401,7 +401,7 @@ def test_no_out_of_any_script_changes_anything_a_user_had(writers_world, capsys,
     changed = [name for name, data in before.items() if after.get(name) != data]
     assert not changed, f"{script} with --out at {place} ({out}) changed {changed}: {err}"
     if script == "scripts.evaluate" and exit_info.value.code == 0:
-        return  # evaluate writes its reports beside a user's files (lillm/outputs.py) and replaces none of them
+        return  # evaluate writes its reports beside a user's files (lillm/folders.py) and replaces none of them
     assert exit_info.value.code == 2, err
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
 
