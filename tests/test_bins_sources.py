@@ -22,6 +22,7 @@ import torch
 from data import prepare_pretrain
 from lillm import sources as sources_module
 from lillm.bins import prepare, write_bins
+from lillm.combine import combine_bins
 from lillm.corpora import CORPORA, HUB_CORPORA
 from lillm.data import BinLoader, check_bins, iter_eval_batches
 from lillm.errors import CorpusFormatError, HubUnavailableError, SourceError
@@ -267,6 +268,34 @@ def test_resume_across_shards_continues_the_same_stream(single_and_sharded, tmp_
     resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     for x, _ in expected:
         assert torch.equal(resumed.next_batch()[0], x[2:])
+
+
+def test_parts_prepared_apart_combine_into_the_stream_of_one_run(tokenizer_path, files, tmp_path):
+    """One machine per slice of the sources, then --combine: the loader reads the stream one machine writes."""
+    both = [files / "swa.txt", files / "hau.txt"]
+    one = run(tokenizer_path, tmp_path / "one", files=both, shard_tokens=700)
+    run(tokenizer_path, tmp_path / "part-0", files=both[:1], shard_tokens=700)
+    run(tokenizer_path, tmp_path / "part-1", files=both[1:])              # one file per split: combined too
+    prepare_pretrain.main(["--combine", str(tmp_path / "part-0"), str(tmp_path / "part-1"),
+                           "--out", str(tmp_path / "all")])
+    combined = json.loads((tmp_path / "all" / "meta.json").read_text())
+    for split in ("train", "val"):
+        assert combined["splits"][split]["sources"] == one["splits"][split]["sources"]
+        streams = [b"".join((folder / shard["file"]).read_bytes() for shard in meta["splits"][split]["shards"])
+                   for folder, meta in ((tmp_path / "one", one), (tmp_path / "all", combined))]
+        assert streams[0] == streams[1]
+    check_bins(tmp_path / "all")
+    single = BinLoader(tmp_path / "one" / "train.bin", seq_len=64, batch_size=8, seed=3)
+    parts = BinLoader(tmp_path / "all" / "train.bin", seq_len=64, batch_size=8, seed=3)
+    for _ in range(10):
+        assert torch.equal(single.next_batch()[0], parts.next_batch()[0])
+    linked = (tmp_path / "all" / "train-00000.bin").stat()
+    assert linked.st_ino == (tmp_path / "part-0" / "train-00000.bin").stat().st_ino   # a hard link, not a copy
+    run(tokenizer_path, tmp_path / "seed-1", files=both[1:], seed=1)
+    with pytest.raises(SourceError, match=r"--seed 1 .* with 0"):
+        combine_bins([tmp_path / "part-0", tmp_path / "seed-1"], tmp_path / "x")
+    with pytest.raises(SourceError, match=r"more than one part"):
+        combine_bins([tmp_path / "part-1", tmp_path / "part-1"], tmp_path / "x")
 
 
 def test_a_missing_shard_is_named(single_and_sharded):
