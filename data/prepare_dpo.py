@@ -12,7 +12,8 @@ our train pairs, their dev split our held-out pairs):
   chrF of --samples samples), kept when it differs from the reference.
 User files: .jsonl rows {"prompt" or "messages", "chosen", "rejected"}, or .parquet / .json / .csv
 in the same layout read through the `datasets` library's local loaders (a Hugging Face preference
-dataset downloaded as files). The logic is lillm.dpo's; this script only chooses and writes.
+dataset downloaded as files). The pairs are lillm.challenge's, the readers lillm.dpo's; this
+script only chooses and writes.
 Files are written to temporary names and renamed; stats.json counts pairs per split and task.
 """
 from __future__ import annotations
@@ -23,29 +24,14 @@ import sys
 from pathlib import Path
 
 from lillm import checkpoint as ckpt
+from lillm.challenge import classification_pairs, translation_pairs
+from lillm.dpo import DPODataError, read_user_pairs, write_jsonl_atomic
 from lillm.errors import LillmError
-from lillm.dpo import (
-    DPODataError,
-    classification_pairs,
-    read_user_pairs,
-    translation_pairs,
-    write_jsonl_atomic,
-)
+from lillm.rows import by_task_and_lang, evenly_spaced
 from lillm.sft import read_conversations
 from lillm.tokenizer import Tokenizer
 
 SPLITS = {"train": "train", "dev": "dev"}  # our split -> the SFT split it is built from
-
-
-def evenly_spaced(rows: list, limit: int | None) -> list:
-    return rows if limit is None or len(rows) <= limit else [rows[i * len(rows) // limit] for i in range(limit)]
-
-
-def by_task_lang(rows: list[dict], limit: int | None) -> list[list[dict]]:
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row.get("task"), row.get("lang")), []).append(row)
-    return [evenly_spaced(g, limit) for _, g in sorted(groups.items(), key=lambda kv: str(kv[0]))]
 
 
 def main(argv=None) -> dict:
@@ -85,7 +71,8 @@ def main(argv=None) -> dict:
                 print(f"{path} not found: no {split} pairs from the challenge data")
                 continue
             rows, _ = read_conversations(path, tasks=args.tasks)
-            for group in by_task_lang(rows, args.limit):
+            for _, group in sorted(by_task_and_lang(rows).items()):
+                group = evenly_spaced(group, args.limit)
                 task, lang = group[0].get("task"), group[0].get("lang")
                 if "options" in group[0]:
                     splits[split] += classification_pairs(group, args.seed, args.negatives)

@@ -19,253 +19,29 @@ Every row is one conversation, the format lillm/sft.py reads:
      "task": ..., "lang": ..., "label": ..., "options": [...], "input": ..., "source": "file:row"}
 "label" and "options" are set for classification tasks, where the answer is one of the options.
 
-Tasks, with the answers in the challenge's words (see SOURCES.md, "Buzuzu-Mavi challenge format"):
-- translation: English -> Swahili and English -> Hausa, MAFAND-MT (train/dev/test as released).
-- sentiment: AfriSenti tweets; Swahili Chanya / Wastani / Hasi, Hausa Kyakkyawa / Tsaka-tsaki / Korau.
-- nli: the machine-translated AfriXNLI files; answers 0 / 1 / 2 = entailment / neutral / contradiction.
-  The premise and hypothesis files are joined to the English file's gold labels on pairID (Swahili)
-  or on promptID + English hypothesis (Hausa, which has no pairID column). The source has only dev
-  and test: its dev goes to our train split, its test to our test split, and nli has no dev split.
-- news: MasakhaNEWS topics, answered with the dataset's own (English) category names; the
-  hau/swa train split is the public 50-articles-per-label few-shot file.
-
-Instructions: each task has several phrasings in the task's language and in English; one is chosen
-per row by a seeded hash of the row's identity, so re-runs give the same files and adding a source
-does not change other rows. --alpaca renders the user turn with the Alpaca prompt (Taori et al.,
-2023) that the public Buzuzu-Mavi solutions used. Files are written to temporary names and renamed
-when complete; stats.json, written last, counts rows per split, task, language and label.
+Tasks (lillm/challenge.py has their sources, answer words and prompts): translation (English ->
+Swahili / Hausa, MAFAND-MT), sentiment (AfriSenti), nli (AfriXNLI, machine-translated; no dev
+split), news (MasakhaNEWS topics). Each row's instruction is one of several phrasings in the task's
+language or in English, chosen by a seeded hash of the row, so re-runs give the same files.
+--alpaca renders the user turn with the Alpaca prompt (Taori et al., 2023) that the public
+Buzuzu-Mavi solutions used. Files are written to temporary names and renamed when complete;
+stats.json, written last, counts rows per split, task, language and label.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
 import json
 from pathlib import Path
-from typing import Iterator
 
-
+from lillm.challenge import LANGS, SPLITS, TASKS, task_rows
 from lillm.checkpoint import write_text_atomic
-from lillm.corpora import CORPORA, data_dir as resolve_data_dir
 from lillm.cli import run_main
-from lillm.errors import LillmError
+from lillm.corpora import data_dir as resolve_data_dir
+from lillm.errors import SFTSourceError
 from lillm.folders import check_output, claim_output
+from lillm.rows import read_csv_rows, render_user
 from lillm.sft import row_problem
 from lillm.sources import ColumnMap, conversations, file_source, hub_source
-
-TASKS = ("translation", "sentiment", "nli", "news")
-LANGS = ("swa", "hau")
-SPLITS = ("train", "dev", "test")
-LANG_NAMES = {"swa": "Swahili", "hau": "Hausa"}
-SENTIMENT_WORDS = {"swa": {"positive": "Chanya", "neutral": "Wastani", "negative": "Hasi"},
-                   "hau": {"positive": "Kyakkyawa", "neutral": "Tsaka-tsaki", "negative": "Korau"}}
-NLI_LABELS = {"entailment": "0", "neutral": "1", "contradiction": "2"}
-NEWS_LABELS = ("business", "entertainment", "health", "politics", "religion", "sports", "technology")
-XNLI_DIR = "afrixnli_mt_joynaomi81"
-XNLI_SPLIT = {"train": "dev", "test": "test"}  # our split -> the source's file; no dev on purpose
-XNLI_FILES = {  # (english, sentence1, sentence2) per source split and language; names contain spaces
-    ("dev", "swa"): ("dev/xnli.dev - eng_dataset.csv", "dev/swahili/sentence1_translations.csv",
-                     "dev/swahili/sentence2_translations.csv"),
-    ("dev", "hau"): ("dev/xnli.dev - eng_dataset.csv", "dev/hausa/sentence1_translated.csv",
-                     "dev/hausa/sentence2_translated.csv"),
-    ("test", "swa"): ("test/xnli.test - english.csv", "test/swahili/sentence1_translations.csv",
-                      "test/swahili/sentence2_translations.csv"),
-    ("test", "hau"): ("test/xnli.test - english.csv", "test/hausa/sentence1_translated.csv",
-                      "test/hausa/sentence2_translated.csv"),
-}
-ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-          "the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
-                   "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-
-# Phrasings per (task, language); {lang}, {a} {b} {c} (sentiment words) and {options} are filled in.
-INSTRUCTIONS = {
-    ("translation", "swa"): ["Tafsiri sentensi ifuatayo kutoka Kiingereza kwenda Kiswahili.",
-                             "Tafsiri maandishi haya ya Kiingereza kwa Kiswahili.",
-                             "Andika tafsiri ya Kiswahili ya sentensi hii ya Kiingereza."],
-    ("translation", "hau"): ["Fassara wannan jumla daga Turanci zuwa Hausa.",
-                             "Fassara rubutun Turanci mai zuwa zuwa harshen Hausa.",
-                             "Rubuta fassarar Hausa ta wannan jumlar Turanci."],
-    ("translation", "en"): ["Translate the following sentence from English to {lang}.",
-                            "Translate this English text into {lang}.",
-                            "Give the {lang} translation of this English sentence."],
-    ("sentiment", "swa"): ["Tambua hisia ya tweet hii. Jibu kwa neno moja: {a}, {b} au {c}.",
-                           "Je, ujumbe huu una hisia gani? Chagua {a}, {b} au {c}.",
-                           "Ainisha hisia ya maandishi yafuatayo kama {a}, {b} au {c}."],
-    ("sentiment", "hau"): ["Gano ra'ayin wannan tweet. Amsa da kalma ɗaya: {a}, {b} ko {c}.",
-                           "Wane irin ra'ayi ne wannan sakon yake nunawa? Zaɓi {a}, {b} ko {c}.",
-                           "Rarraba ra'ayin rubutun da ke ƙasa a matsayin {a}, {b} ko {c}."],
-    ("sentiment", "en"): ["What is the sentiment of this tweet? Answer with one word: {a} (positive), "
-                          "{b} (neutral) or {c} (negative).",
-                          "Classify the sentiment of the following text as {a}, {b} or {c}.",
-                          "Is this message positive ({a}), neutral ({b}) or negative ({c})?"],
-    ("nli", "swa"): ["Soma msingi na dhana. Jibu 0 ikiwa msingi unathibitisha dhana, 1 ikiwa haijulikani, "
-                     "au 2 ikiwa unaipinga.",
-                     "Je, dhana inafuata kutoka kwa msingi? Jibu kwa 0 (ndiyo), 1 (haijulikani) au 2 (inapingana)."],
-    ("nli", "hau"): ["Karanta jumla ta farko da ta biyu. Amsa 0 idan ta farko ta tabbatar da ta biyu, "
-                     "1 idan ba a sani ba, ko 2 idan sun saɓa.",
-                     "Shin jumla ta biyu gaskiya ce bisa ga jumla ta farko? Amsa da 0 (eh), 1 (ba a sani ba) "
-                     "ko 2 (sun saɓa)."],
-    ("nli", "en"): ["Does the premise entail the hypothesis? Answer 0 for entailment, 1 for neutral or "
-                    "2 for contradiction.",
-                    "Read the premise and the hypothesis. Reply 0 if the premise implies the hypothesis, "
-                    "1 if it neither implies nor contradicts it, 2 if it contradicts it."],
-    ("news", "swa"): ["Makala hii ya habari inahusu mada gani? Chagua moja: {options}.",
-                      "Ainisha habari ifuatayo katika mojawapo ya mada hizi: {options}."],
-    ("news", "hau"): ["Wane fanni ne wannan labari ya shafa? Zaɓi ɗaya: {options}.",
-                      "Rarraba labarin da ke ƙasa zuwa ɗaya daga cikin waɗannan fannoni: {options}."],
-    ("news", "en"): ["What is the topic of this news article? Choose one of: {options}.",
-                     "Classify the following news article into one of these categories: {options}."],
-}
-NLI_FIELDS = {"swa": ("Msingi", "Dhana"), "hau": ("Jumla ta farko", "Jumla ta biyu"),
-              "en": ("Premise", "Hypothesis")}
-
-
-class SFTSourceError(LillmError):
-    """A source file that does not have the columns or alignment this script expects."""
-
-
-# ---- reading the sources: each yields (row id, input, answer, label or None) ---------------------
-def _table(path: Path, delimiter: str = ",") -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; see docs/DATA.md, or leave its task out with --tasks")
-    csv.field_size_limit(2**31 - 1)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return list(csv.DictReader(f, delimiter=delimiter))
-
-
-def _need(rows: list[dict], path: Path, columns: tuple[str, ...]) -> None:
-    missing = [c for c in columns if rows and c not in rows[0]]
-    if missing:
-        raise SFTSourceError(f"{path} has no column(s) {missing}; its columns are {list(rows[0])}")
-
-
-def read_translation(root: Path, lang: str, split: str) -> Iterator[tuple]:
-    target = root / CORPORA[f"mafand-{lang}-{split}"].relpath
-    source = target.with_suffix(".en")
-    for path in (source, target):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found; see docs/DATA.md, or leave translation out with --tasks")
-    english = source.read_text(encoding="utf-8-sig").splitlines()
-    translated = target.read_text(encoding="utf-8-sig").splitlines()
-    if len(english) != len(translated):
-        raise SFTSourceError(f"{source} has {len(english)} lines but {target} has {len(translated)}: not aligned")
-    for number, (en, tr) in enumerate(zip(english, translated), start=1):
-        if en.strip() and tr.strip():
-            yield f"{target.name}:{number}", en.strip(), tr.strip(), None
-
-
-def read_sentiment(root: Path, lang: str, split: str) -> Iterator[tuple]:
-    path = root / CORPORA[f"afrisenti-{lang}-{split}"].relpath
-    rows = _table(path, "\t")
-    _need(rows, path, ("tweet", "label"))
-    for number, row in enumerate(rows, start=2):
-        word = SENTIMENT_WORDS[lang].get((row["label"] or "").strip())
-        if word is None:
-            raise SFTSourceError(f"{path}, line {number}: label {row['label']!r} is not one of "
-                                 f"{list(SENTIMENT_WORDS[lang])}")
-        if row["tweet"].strip():
-            yield f"{path.name}:{number}", row["tweet"].strip(), word, word
-
-
-def read_news(root: Path, lang: str, split: str, max_chars: int) -> Iterator[tuple]:
-    path = root / CORPORA[f"masakhanews-{lang}-{split}"].relpath
-    rows = _table(path, "\t")
-    _need(rows, path, ("category", "headline", "text"))
-    for number, row in enumerate(rows, start=2):
-        label = row["category"].strip()
-        if label not in NEWS_LABELS:
-            raise SFTSourceError(f"{path}, row {number}: category {label!r} is not one of {NEWS_LABELS}")
-        text = f"{row['headline'].strip()}\n{row['text'].strip()}".strip()
-        if len(text) > max_chars:  # long articles: keep the start, cut at a word boundary
-            text = text[:max_chars].rsplit(" ", 1)[0] + " ..."
-        yield f"{path.name}:{number}", text, label, label
-
-
-def read_nli(root: Path, lang: str, split: str) -> Iterator[tuple]:
-    """Join translated premises and hypotheses to the English gold labels (see the module docstring)."""
-    if split not in XNLI_SPLIT:
-        return
-    names = XNLI_FILES[(XNLI_SPLIT[split], lang)]
-    english_path, premise_path, hypothesis_path = (root / XNLI_DIR / n for n in names)
-    english, premises, hypotheses = _table(english_path), _table(premise_path), _table(hypothesis_path)
-    _need(english, english_path, ("gold_label", "promptID", "pairID", "sentence2"))
-    _need(premises, premise_path, ("promptID", "sentence1_translated"))
-    _need(hypotheses, hypothesis_path, ("promptID", "sentence2", "sentence2_translated"))
-    by_pair = {r["pairID"]: r["gold_label"] for r in english}
-    by_text: dict[tuple, set] = {}
-    for r in english:
-        by_text.setdefault((r["promptID"], r["sentence2"]), set()).add(r["gold_label"])
-    premise_of = {}
-    for r in premises:
-        premise_of.setdefault(r["promptID"], r["sentence1_translated"].strip())
-    for number, r in enumerate(hypotheses, start=2):
-        if "pairID" in r:
-            labels = {by_pair.get(r["pairID"])} - {None}
-        else:
-            labels = by_text.get((r["promptID"], r["sentence2"]), set())
-        premise, hypothesis = premise_of.get(r["promptID"], ""), r["sentence2_translated"].strip()
-        if len(labels) != 1 or not premise or not hypothesis or next(iter(labels)) not in NLI_LABELS:
-            continue  # unmatched or ambiguous join: skipped (stats.json shows how many rows joined)
-        answer = NLI_LABELS[next(iter(labels))]
-        row_id = f"{XNLI_SPLIT[split]}/{hypothesis_path.parent.name}/{hypothesis_path.name}:{number}"
-        yield row_id, (premise, hypothesis), answer, answer
-
-
-def task_options(task: str, lang: str) -> list[str] | None:
-    if task == "sentiment":
-        return list(SENTIMENT_WORDS[lang].values())
-    if task == "nli":
-        return list(NLI_LABELS.values())
-    if task == "news":
-        return list(NEWS_LABELS)
-    return None
-
-
-# ---- rendering ----------------------------------------------------------------------------------
-def choose(seed: int, key: str, count: int) -> int:
-    """A deterministic index in [0, count) from the seed and a row's identity."""
-    digest = hashlib.blake2b(f"{seed}|{key}".encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % count
-
-
-def render_user(instruction: str, text: str, alpaca: bool) -> str:
-    if alpaca:
-        template = ALPACA if text else ALPACA_NO_INPUT
-        return template.format(instruction=instruction, input=text)
-    return f"{instruction}\n\n{text}" if text else instruction
-
-
-def make_row(task: str, lang: str, row_id: str, source_input, answer: str, label: str | None,
-             seed: int, alpaca: bool) -> dict:
-    phrasings = [(lang, p) for p in INSTRUCTIONS[(task, lang)]] + [("en", p) for p in INSTRUCTIONS[(task, "en")]]
-    instruction_lang, phrasing = phrasings[choose(seed, f"{task}|{lang}|{row_id}", len(phrasings))]
-    options = task_options(task, lang)
-    words = dict(zip("abc", options or []))
-    instruction = phrasing.format(lang=LANG_NAMES[lang], options=", ".join(options or []), **words)
-    if task == "nli":
-        first, second = NLI_FIELDS[instruction_lang]
-        text = f"{first}: {source_input[0]}\n{second}: {source_input[1]}"
-        source_input = f"{source_input[0]}\n{source_input[1]}"
-    else:
-        text = source_input
-    row = {"messages": [{"role": "user", "content": render_user(instruction, text, alpaca)},
-                        {"role": "assistant", "content": answer}],
-           "task": task, "lang": lang, "input": source_input, "source": row_id, "instruction_lang": instruction_lang}
-    if label is not None:
-        row["label"], row["options"] = label, options
-    return row
-
-
-def task_rows(root: Path, task: str, lang: str, split: str, seed: int, alpaca: bool, limit: int | None,
-              max_chars: int) -> list[dict]:
-    readers = {"translation": read_translation, "sentiment": read_sentiment, "nli": read_nli,
-               "news": lambda *where: read_news(*where, max_chars)}
-    items = list(readers[task](root, lang, split))
-    if limit is not None and len(items) > limit:  # evenly spaced: sources are often sorted by label
-        items = [items[i * len(items) // limit] for i in range(limit)]
-    return [make_row(task, lang, f"{task}-{lang}-{split}/{row_id}", source_input, answer, label, seed, alpaca)
-            for row_id, source_input, answer, label in items]
 
 
 # ---- the user's own files ---------------------------------------------------------------------------
@@ -315,7 +91,7 @@ def read_user_file(path: Path, alpaca: bool, strict: bool) -> tuple[list[dict], 
     """Rows of a .jsonl (conversations, or instruction/input/target objects) or .csv file, and problems."""
     rows, problems = [], []
     if path.suffix == ".csv":
-        for number, record in enumerate(_table(path), start=2):
+        for number, record in enumerate(read_csv_rows(path, ",", "check the path given to --files"), start=2):
             try:
                 rows.append(instruction_row(record, f"{path}:{number}", alpaca))
             except SFTSourceError as error:

@@ -51,7 +51,6 @@ between micro batches. The loop divides the summed loss by `loss_count`, the num
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -66,9 +65,9 @@ from .sft import (
     IGNORE_INDEX,
     SFTBatches,
     SFTExample,
+    fit_prompt,
     read_jsonl_rows,
     role_token_ids,
-    shorten_prompt,
 )
 from .tokenizer import Tokenizer
 
@@ -173,15 +172,6 @@ class PreferencePair:
         return len(self.chosen) + len(self.rejected)
 
 
-def _fit_prompt(prompt: list[int], max_tokens: int, role_ids: set[int]) -> list[int]:
-    """The middle of long contents first (lillm.sft.shorten_prompt), then from the left after <s>."""
-    if len(prompt) > max_tokens:
-        prompt, _ = shorten_prompt(prompt, [0] * len(prompt), max_tokens, role_ids)
-    if len(prompt) > max_tokens:
-        prompt = prompt[:1] + prompt[len(prompt) - max_tokens + 1:]
-    return prompt
-
-
 def tokenize_pair(tokenizer: Tokenizer, row: dict, seq_len: int | None = None, too_long: str = "drop",
                   role_ids: set[int] | None = None) -> PreferencePair | None:
     """Both answers after ONE prompt (ids ending in <|assistant|>); labels on the answer and its </s>.
@@ -192,14 +182,14 @@ def tokenize_pair(tokenizer: Tokenizer, row: dict, seq_len: int | None = None, t
     if too_long not in TOO_LONG_CHOICES:
         raise ValueError(f"too_long must be one of {TOO_LONG_CHOICES}, got {too_long!r}")
     messages, chosen, rejected = pair_parts(row)
-    prompt, _ = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    prompt, prompt_mask = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     answers = [tokenizer.encode(text) + [tokenizer.eos_id] for text in (chosen, rejected)]
     longest = max(map(len, answers))
     if seq_len is not None and len(prompt) + longest - 1 > seq_len:
         room = seq_len + 1 - longest
         if too_long == "drop" or room < 2:
             return None
-        prompt = _fit_prompt(prompt, room, role_ids if role_ids is not None else role_token_ids(tokenizer))
+        prompt = fit_prompt(prompt, prompt_mask, room, role_ids if role_ids is not None else role_token_ids(tokenizer))
     examples = []
     for answer in answers:
         ids = prompt + answer
@@ -461,88 +451,6 @@ def dpo_evaluator(pairs: list[PreferencePair], cfg: DPOConfig, batch_size: int =
             model.train(was_training)
 
     return evaluate
-
-
-# ---- preference pairs from the challenge tasks ------------------------------------------------------------
-def _choose(seed: int, key: str, count: int) -> int:
-    digest = hashlib.blake2b(f"{seed}|{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % count
-
-
-def _prompt_of(row: dict) -> list[dict]:
-    messages = row["messages"]
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:last]
-
-
-def _pair_row(row: dict, chosen: str, rejected: str, kind: str, **extra) -> dict:
-    out = {"messages": _prompt_of(row), "chosen": chosen, "rejected": rejected, "task": row.get("task", ""),
-           "lang": row.get("lang", ""), "source": row.get("source", ""), "pair": kind}
-    return out | extra
-
-
-def classification_pairs(rows: list[dict], seed: int = 0, negatives: str = "one") -> list[dict]:
-    """Gold label against a wrong option: one drawn by a seeded hash of the row (negatives="one"),
-    or every wrong option ("all"). Rows are SFT conversations with "label" and "options"."""
-    pairs = []
-    for row in rows:
-        wrong = [o for o in row["options"] if o != row["label"]]
-        if not wrong:
-            continue
-        if negatives == "one":
-            wrong = [wrong[_choose(seed, str(row.get("source", "")) + str(row["label"]), len(wrong))]]
-        pairs += [_pair_row(row, row["label"], option, "gold vs wrong label") for option in wrong]
-    return pairs
-
-
-def sentence_chrf(hypothesis: str, reference: str) -> float:
-    from .evaluate import chrf
-    return chrf([hypothesis], [reference])
-
-
-@torch.no_grad()
-def translation_pairs(model, tokenizer: Tokenizer, rows: list[dict], samples: int = 2, temperature: float = 0.8,
-                      top_k: int | None = 50, max_new_tokens: int = 96, batch_size: int = 16, seed: int = 0,
-                      progress: bool = False) -> tuple[list[dict], dict]:
-    """Reference translation against the model's own sampled translation, when the sample scores lower.
-
-    Per source sentence the model samples `samples` translations; the one with the lowest sentence
-    chrF against the reference becomes the rejected answer, unless it equals the reference (chrF 100,
-    nothing to prefer). Returns the pair rows and counts.
-    """
-    from tqdm import tqdm
-
-    from .evaluate import prompt_and_answer, prompt_ids
-    from .generate import generate
-
-    model.eval()
-    max_len = model.config.max_seq_len
-    budget = max(1, min(max_new_tokens, max_len // 2))
-    pairs, stats = [], {"sources": len(rows), "pairs": 0, "same_as_reference": 0, "empty": 0}
-    starts = range(0, len(rows), batch_size)
-    for start in tqdm(starts, desc="sampling translations", disable=not progress, dynamic_ncols=True):
-        chunk = rows[start:start + batch_size]
-        prompts = [prompt_ids(tokenizer, prompt_and_answer(row)[0], max_len - budget) for row in chunk]
-        candidates: list[list[str]] = [[] for _ in chunk]
-        for k in range(samples):
-            outputs = generate(model, prompts, budget, temperature=temperature, top_k=top_k, eos_id=tokenizer.eos_id,
-                               pad_id=tokenizer.pad_id, seed=seed * 1_000_003 + start * samples + k)
-            for i, ids in enumerate(outputs):
-                candidates[i].append(tokenizer.decode(ids).strip())
-        for row, texts in zip(chunk, candidates):
-            reference = prompt_and_answer(row)[1]
-            scored = sorted((sentence_chrf(t, reference), t) for t in texts if t)
-            if not scored:
-                stats["empty"] += 1
-                continue
-            score, worst = scored[0]
-            if worst == reference.strip():
-                stats["same_as_reference"] += 1
-                continue
-            pairs.append(_pair_row(row, reference, worst, "reference vs sampled translation",
-                                   rejected_chrf=round(score, 2)))
-    stats["pairs"] = len(pairs)
-    return pairs, stats
 
 
 def read_user_pairs(path: str | Path, strict: bool = False) -> tuple[list[dict], list[str]]:

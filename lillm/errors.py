@@ -30,6 +30,11 @@ class SFTDataError(LillmError):
     """A conversation file, or a row in it, that cannot be trained on."""
 
 
+class SFTSourceError(LillmError):
+    """A source of conversations (a challenge task file, a user's table or row) without the columns,
+    alignment or values it needs."""
+
+
 class DPODataError(LillmError):
     """A preference-pair file, or a row in it, that cannot be trained on."""
 

@@ -188,6 +188,22 @@ def role_token_ids(tokenizer: Tokenizer) -> set[int]:
     return {tokenizer.token_to_id(f"<|{r}|>") for r in ROLES} - {None}
 
 
+def fit_prompt(ids: list[int], mask: list[int], max_tokens: int, role_ids: set[int]) -> list[int]:
+    """A prompt of at most max_tokens: the middle of long contents first (shorten_prompt), then
+    tokens from the left after `<s>`, so the end of the prompt, next to the answer, stays."""
+    if len(ids) > max_tokens:
+        ids, _ = shorten_prompt(ids, mask, max_tokens, role_ids)
+    if len(ids) > max_tokens:
+        ids = ids[:1] + ids[len(ids) - max_tokens + 1:]
+    return ids
+
+
+def prompt_ids(tokenizer: Tokenizer, messages: list[dict], max_tokens: int) -> list[int]:
+    """Template ids ending in `<|assistant|>`, fitted to max_tokens (fit_prompt): what a model answers."""
+    ids, mask = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return fit_prompt(ids, mask, max_tokens, role_token_ids(tokenizer))
+
+
 def fit_example(ids: list[int], mask: list[int], seq_len: int | None, too_long: str, role_ids: set[int]
                 ) -> tuple[list[int], list[int]] | None:
     """Template ids and mask -> (input_ids, labels) of at most seq_len tokens; None when dropped.

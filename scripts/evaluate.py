@@ -4,7 +4,7 @@
     python scripts/evaluate.py --checkpoint out/sft_run --tasks sentiment nli --no-greedy
     python scripts/evaluate.py --score-submission out/sft_run/submission_test.csv
 
-The headline is the Buzuzu-Mavi challenge's own metric (lillm/evaluate.py): pooled macro F1 for
+The headline is the Buzuzu-Mavi challenge's own metric (lillm/challenge.py): pooled macro F1 for
 sentiment and XNLI by option likelihood, the mean per-sentence chrF for MT, their mean (the task
 score) and the zindi score for the model's size, beside the same numbers for the baselines. Into
 --out (default: the checkpoint) go eval_<split>.md/.json, predictions_<split>.csv/.jsonl (id, task,
@@ -17,7 +17,7 @@ For each (task, language) of the split (test by default): classification by opti
 by greedy generation (weighted F1), translation by greedy generation (chrF, BLEU), the loss and bits
 per byte on the reference answers, and baselines: the majority class of the train split, and copying
 the English source for translation. Then the challenge average and the zindi score for the model's
-parameter count (see lillm/evaluate.py). --limit N keeps N evenly spaced rows per task and language
+parameter count (see lillm/challenge.py). --limit N keeps N evenly spaced rows per task and language
 (sources are often sorted by label), so a CPU run stays short.
 """
 from __future__ import annotations
@@ -34,27 +34,20 @@ import torch
 from tqdm import tqdm
 
 from lillm import checkpoint as ckpt
-from lillm.evaluate import (CHALLENGE_SUBSETS, challenge_average, challenge_from_records, evaluate_subset,
-                            prediction_records, score_submission, submission_csv, submission_rows, subset_score,
-                            zindi_score)
-from lillm.outputs import check_writable, write_outputs
-from lillm.sft import assistant_loss, build_examples, read_conversations
-from lillm.tokenizer import Tokenizer
+from lillm.challenge import (CHALLENGE_SUBSETS, challenge_average, challenge_from_records, prediction_records,
+                             score_submission, submission_csv, submission_rows, subset_score, zindi_score)
 from lillm.cli import check_device, need, run_main
 from lillm.errors import InputFileError, SFTDataError
-
-
-def evenly_spaced(rows: list, limit: int) -> list:
-    return rows if len(rows) <= limit else [rows[i * len(rows) // limit] for i in range(limit)]
+from lillm.evaluate import evaluate_subset
+from lillm.outputs import check_writable, write_outputs
+from lillm.rows import by_task_and_lang, evenly_spaced
+from lillm.sft import assistant_loss, build_examples, read_conversations
+from lillm.tokenizer import Tokenizer
 
 
 def group_rows(rows: list[dict], limit: int | None) -> dict[tuple[str, str], list[dict]]:
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for row in rows:
-        groups.setdefault((str(row.get("task", "")), str(row.get("lang", ""))), []).append(row)
-    if limit is not None:
-        groups = {k: evenly_spaced(g, limit) for k, g in groups.items()}
-    return dict(sorted(groups.items()))
+    """Rows per (task, lang), sorted, at most limit of each, evenly spaced."""
+    return {key: evenly_spaced(group, limit) for key, group in sorted(by_task_and_lang(rows).items())}
 
 
 def loss_and_bpb(model, tokenizer, rows, seq_len: int, batch_size: int) -> dict:

@@ -1,22 +1,22 @@
 """The Buzuzu-Mavi challenge's metric, computed by hand; the submission file; safe output writing."""
 import pytest
 
-from lillm.evaluate import (
+from lillm.challenge import (
     SIZE_ID,
-    SubmissionError,
     challenge_from_records,
     challenge_scores,
     class_index,
-    macro_f1,
     parse_loglikelihoods,
     score_submission,
     sentence_chrf,
     submission_csv,
     submission_id,
     submission_rows,
+    task_options,
     zindi_score,
 )
-from lillm.errors import OutputConflict
+from lillm.errors import OutputConflict, SubmissionError
+from lillm.metrics import macro_f1
 from lillm.outputs import write_outputs
 
 
@@ -45,13 +45,8 @@ def test_nli_labels_are_the_digits_and_sentiment_words_follow_the_data():
 
 
 def test_sentiment_words_match_the_sft_data_options():
-    import importlib.util
-    from pathlib import Path
-    spec = importlib.util.spec_from_file_location("prepare_sft_words", Path(__file__).parents[1] / "data" / "prepare_sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     for lang in ("swa", "hau"):  # options are written positive, neutral, negative: the challenge's order
-        assert [class_index("sentiment", lang, w) for w in module.task_options("sentiment", lang)] == [0, 1, 2]
+        assert [class_index("sentiment", lang, w) for w in task_options("sentiment", lang)] == [0, 1, 2]
 
 
 # ---- chrF --------------------------------------------------------------------------------------------

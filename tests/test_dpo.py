@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lillm import checkpoint as ckpt
+from lillm.challenge import classification_pairs, translation_pairs
 from lillm.config import get_preset
 from lillm.dpo import (
     DPOConfig,
@@ -16,7 +17,6 @@ from lillm.dpo import (
     adapters_disabled,
     add_reference_logps,
     build_pairs,
-    classification_pairs,
     packed_pair_batch,
     pair_batch,
     preference_metrics,
@@ -24,7 +24,6 @@ from lillm.dpo import (
     read_user_pairs,
     sequence_logps,
     tokenize_pair,
-    translation_pairs,
 )
 from lillm.model import Transformer
 from lillm.peft import apply_peft

@@ -6,9 +6,11 @@ import torch.nn.functional as F
 
 from lillm import checkpoint as ckpt
 from lillm.config import INKUBA_PARAMS, get_preset
-from lillm.evaluate import (bleu, challenge_average, chrf, classify_by_likelihood, evaluate_subset, match_option,
-                            option_scores, prompt_ids, tokenize_13a, weighted_f1, zindi_score)
+from lillm.challenge import challenge_average, zindi_score
+from lillm.evaluate import classify_by_likelihood, evaluate_subset, match_option, option_scores
+from lillm.metrics import bleu, chrf, tokenize_13a, weighted_f1
 from lillm.model import Transformer
+from lillm.sft import prompt_ids
 from lillm.tokenizer import train_bpe
 
 HYPOTHESES = ["Watoto wanacheza mpira uwanjani kila jioni.", "Gwamnati ta ƙaddamar da sabon shiri.",

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from data import prepare_sft
+from lillm import challenge
 from lillm.corpora import data_dir
 from lillm.sft import read_conversations
 
@@ -44,13 +45,13 @@ def test_labels_are_in_the_challenges_words(built):
     assert labels[("sentiment", "swa")] == {"Chanya", "Wastani", "Hasi"}
     assert labels[("sentiment", "hau")] == {"Kyakkyawa", "Tsaka-tsaki", "Korau"}
     assert labels[("nli", "swa")] == labels[("nli", "hau")] == {"0", "1", "2"}
-    assert labels[("news", "swa")] <= set(prepare_sft.NEWS_LABELS)
+    assert labels[("news", "swa")] <= set(challenge.NEWS_TOPICS)
 
 
 def test_splits_follow_the_sources(built):
     out, stats = built
     by_split = {split: Counter((r["task"], r["lang"]) for r in load(out, split)) for split in ("train", "dev", "test")}
-    for task in prepare_sft.TASKS:
+    for task in challenge.TASKS:
         for lang in ("swa", "hau"):
             assert by_split["train"][(task, lang)] == 30 and by_split["test"][(task, lang)] == 30
     assert by_split["dev"][("sentiment", "swa")] == 30
@@ -65,22 +66,22 @@ def test_splits_follow_the_sources(built):
 
 def test_nli_premise_and_hypothesis_are_joined_to_the_english_gold_label(tmp_path):
     root = real_data_dir()
-    if not (root / prepare_sft.XNLI_DIR).is_dir():
+    if not (root / challenge.XNLI_DIR).is_dir():
         pytest.skip("AfriXNLI files absent")
-    swa = list(prepare_sft.read_nli(root, "swa", "train"))
-    hau = list(prepare_sft.read_nli(root, "hau", "train"))
+    swa = list(challenge.read_nli(root, "swa", "train"))
+    hau = list(challenge.read_nli(root, "hau", "train"))
     # XNLI dev, promptID 1: "He called his mom ..." is neutral, "He didn't say a word." a contradiction.
     assert swa[0][1] == ("Na akasema, Mama, niko nyumbani.",
                          "Alimpigia simu mama yake mara tu basi la shule lilipomshusha.") and swa[0][2] == "1"
     assert hau[1][1][1] == "Bai ce wata kalma ba." and hau[1][2] == "2"
     assert len(swa) == len(hau) == 2490
-    assert list(prepare_sft.read_nli(root, "swa", "dev")) == []
+    assert list(challenge.read_nli(root, "swa", "dev")) == []
 
 
 def test_instructions_vary_deterministically_in_both_languages(built, tmp_path):
     out, _ = built
     rows = load(out, "train")
-    for task in prepare_sft.TASKS:
+    for task in challenge.TASKS:
         langs = {r["instruction_lang"] for r in rows if r["task"] == task and r["lang"] == "swa"}
         assert langs == {"swa", "en"}, task
     again = tmp_path / "again"

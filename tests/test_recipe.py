@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lillm.evaluate import score_submission
+from lillm.challenge import score_submission
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {"scratch": ["tokenizer", "bins", "pretrain", "sft-data", "sft-translation", "sft-all", "evaluate"],
