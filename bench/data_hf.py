@@ -18,7 +18,9 @@ the first shards of the largest. On each:
 
 Each run is a fresh process in its own session. Reported per run: seconds, MB/s of UTF-8 text
 and tokens/s per worker (wall clock), MB per CPU-second (user + system time of the process and its
-workers: a loaded machine stretches it far less than the wall clock), peak memory (the largest sum
+workers: a loaded machine stretches it far less than the wall clock), the main process's ceiling
+(MB per CPU-second of the process that reads, de-duplicates and writes: no number of workers
+goes faster; the 50 ms memory sampler's share included), peak memory (the largest sum
 of proportional set size, PSS: RSS with shared pages counted once, over the process and its
 workers, sampled every 50 ms), the first digits of the bins' SHA-256 (equal digits, equal bins:
 lillm's must agree across formats and worker counts), and the load average at start and end.
@@ -204,10 +206,10 @@ def child(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     run = run_lillm if args.child == "lillm" else run_anchor
     with PeakMemory() as memory:
-        start = time.perf_counter()
+        start, main_cpu = time.perf_counter(), time.process_time()
         result = run(args.files, args.tokenizer, out, args.workers)
-        seconds = time.perf_counter() - start
-    print(json.dumps({**result, "seconds": seconds, "peak_rss": memory.peak}))
+        seconds, main_cpu = time.perf_counter() - start, time.process_time() - main_cpu
+    print(json.dumps({**result, "seconds": seconds, "main_cpu_seconds": main_cpu, "peak_rss": memory.peak}))
 
 
 def children_cpu_seconds() -> float:
@@ -262,23 +264,25 @@ def row(size_gb: float, fmt: str, workers: int, pipeline: str, result: dict) -> 
     return {"size_gb": size_gb, "format": fmt, "workers": workers, "pipeline": pipeline,
             "mb_s": megabytes / result["seconds"], "tokens_s_per_worker": result["tokens"] / result["seconds"] / workers,
             "mb_per_cpu_s": megabytes / result["cpu_seconds"], "peak_mib": result["peak_rss"] / 2**20,
+            "main_ceiling_mb_s": megabytes / result["main_cpu_seconds"] if result.get("main_cpu_seconds") else None,
             "bins": result["bins"], "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
             "bytes": result["bytes"], "tokens": result["tokens"], "load": result["load"]}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| corpus | pipeline | workers | s | MB/s | tokens/s per worker | MB per CPU-s | peak memory | bins "
-             "| load |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| corpus | pipeline | workers | s | MB/s | tokens/s per worker | MB per CPU-s | main ceiling MB/s "
+             "| peak memory | bins | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         load = f"{r['load'][0]:.1f}-{r['load'][1]:.1f}"
         corpus = f"{r['size_gb']:g} GB {r['format']}"
         if r.get("timed_out"):
             lines.append(f"| {corpus} | {r['pipeline']} | {r['workers']} | > {r['seconds']:.0f} (stopped) | "
-                         f"< {r['size_gb'] * 1e3 / r['seconds']:.2f} | - | - | - | - | {load} |")
+                         f"< {r['size_gb'] * 1e3 / r['seconds']:.2f} | - | - | - | - | - | {load} |")
             continue
+        ceiling = f"{r['main_ceiling_mb_s']:.1f}" if r.get("main_ceiling_mb_s") else "-"
         lines.append(f"| {corpus} | {r['pipeline']} | {r['workers']} | {r['seconds']:.0f} | {r['mb_s']:.2f} | "
-                     f"{r['tokens_s_per_worker']:,.0f} | {r['mb_per_cpu_s']:.2f} | {r['peak_mib']:,.0f} MiB | "
-                     f"`{r['bins']}` | {load} |")
+                     f"{r['tokens_s_per_worker']:,.0f} | {r['mb_per_cpu_s']:.2f} | {ceiling} | "
+                     f"{r['peak_mib']:,.0f} MiB | `{r['bins']}` | {load} |")
     return "\n".join(lines)
 
 
