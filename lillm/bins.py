@@ -279,7 +279,7 @@ class DocumentWriter:
         self.seen = seen                             # the digests of the documents written so far
         self.buffers = [deque() for _ in sources]   # per source: [result, next document index]
         self.reading_done = [False] * len(sources)
-        self.kept = [{"documents": 0, "tokens": 0} for _ in sources]   # for budgets
+        self.kept = [{"documents": 0, "tokens": 0, "bytes": 0} for _ in sources]   # for budgets
         self.train_tokens = [0] * len(sources)
         self.ended_by: str | None = None
 
@@ -333,27 +333,29 @@ class DocumentWriter:
         if length == 0:
             self.stats["dropped"][index]["empty"] += 1
             return
-        if lookup.seen(position):
+        digest = lookup.digest(position)
+        if lookup.seen(position, digest):
             self.stats["dropped"][index]["duplicates"] += 1
             return
         source, kept = self.sources[index], self.kept[index]
         if source.max_tokens is not None and kept["tokens"] + length > source.max_tokens:
             self.finish(index, "max_tokens")
             return
-        digest = lookup.digest(position)
         self.seen.add(digest)
         split = "val" if int.from_bytes(digest[:8], "big") < self.val_below else "train"
-        self.writers[split].write(tokens[offsets[position]:offsets[position] + length])
+        start = int(offsets[position])
+        self.writers[split].write(tokens[start:start + length])
+        size = int(sizes[position])
         counts = self.stats["splits"][split][index]
         counts["documents"] += 1
         counts["tokens"] += length
-        counts["bytes"] += int(sizes[position])
+        counts["bytes"] += size
         kept["documents"] += 1
         kept["tokens"] += length
+        kept["bytes"] += size
         if split == "train":
             self.train_tokens[index] += length
-        total_bytes = sum(self.stats["splits"][s][index]["bytes"] for s in self.stats["splits"])
-        self.schedule.chars_per_token[index] = max(total_bytes / kept["tokens"], 0.5)
+        self.schedule.chars_per_token[index] = max(kept["bytes"] / kept["tokens"], 0.5)
         if source.max_docs is not None and kept["documents"] >= source.max_docs:
             self.finish(index, "max_docs")
         elif source.max_tokens is not None and kept["tokens"] >= source.max_tokens:

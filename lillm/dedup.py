@@ -285,8 +285,9 @@ class ChunkLookup:
     def digest(self, index: int) -> bytes:
         return self.digests[DIGEST_BYTES * index:DIGEST_BYTES * (index + 1)]
 
-    def seen(self, index: int) -> bool:
-        if self.digest(index) in self.owner.recent:
+    def seen(self, index: int, digest: bytes | None = None) -> bool:
+        """Whether document `index` of the chunk was added; `digest`, when given, is its digest (saves a slice)."""
+        if (self.digest(index) if digest is None else digest) in self.owner.recent:
             return True
         if not self.owner.runs:
             return False
