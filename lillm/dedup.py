@@ -27,17 +27,22 @@ filter only saves disk reads; the runs decide, so every answer is the answer of 
 every digest added, tested against one (tests/test_dedup.py).
 
 Memory: recent (~16 MB at the default limit), the filter (1.25 bytes per spilled digest, at most
-`filter_bytes`), the fences (1/32 byte per digest). Disk: 16 bytes per digest, in a hidden folder
-beside the output, removed at the end.
+`filter_bytes`), the fences (1/32 byte per digest). Disk: 16 bytes per digest (twice that during
+the largest merge), in a hidden folder `.dedup-<pid>-*.tmp` beside the output, removed at the end;
+one left by a killed run (its pid gone) is removed by the next run in that folder.
 """
 from __future__ import annotations
 
 import mmap
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .folders import pid_alive
 
 DIGEST_BYTES = 16
 KEY = np.dtype([("hi", "<u8"), ("lo", "<u8")])
@@ -48,6 +53,7 @@ FIRST_FILTER_BITS = 1 << 23  # the filter's first size (1 MiB); it doubles as ru
 BITS_PER_KEY = 10
 PROBES = 7                  # ~ln 2 * BITS_PER_KEY, the number of probes that minimises false positives
 MERGE_KEYS = 1 << 18        # keys per window of a streamed merge or filter rebuild (4 MiB)
+SPILL_FOLDER = re.compile(r"\.dedup-(\d+)-.+\.tmp")
 
 
 def as_keys(digests: bytes) -> np.ndarray:
@@ -184,14 +190,15 @@ def merge_runs(older: Run, newer: Run, path: Path) -> Run:
 class DigestSet:
     """A set of 16-byte digests (bytes) in bounded memory: `add`, `in`, `lookup` for a chunk at once.
 
-    Spill files go to a hidden folder `.dedup-*.tmp` made in `folder` and removed by close().
+    Spill files go to a hidden folder `.dedup-<pid>-*.tmp` made in `folder` and removed by close().
     """
 
     def __init__(self, folder, recent_limit: int = RECENT_LIMIT, filter_bytes: int = FILTER_BYTES,
                  first_filter_bits: int = FIRST_FILTER_BITS):
         if recent_limit < 1:
             raise ValueError(f"recent_limit must be at least 1, got {recent_limit}")
-        self.folder = Path(tempfile.mkdtemp(dir=folder, prefix=".dedup-", suffix=".tmp"))
+        remove_stale_spills(Path(folder))
+        self.folder = Path(tempfile.mkdtemp(dir=folder, prefix=f".dedup-{os.getpid()}-", suffix=".tmp"))
         self.recent_limit, self.max_filter_bits = recent_limit, 8 * filter_bytes
         self.recent: set[bytes] = set()
         self.runs: list[Run] = []
@@ -272,6 +279,14 @@ class DigestSet:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def remove_stale_spills(folder: Path) -> None:
+    """Spill folders of runs that were killed (their process is gone); a live run's folder stays."""
+    for path in folder.glob(".dedup-*.tmp"):
+        match = SPILL_FOLDER.fullmatch(path.name)
+        if match and path.is_dir() and not pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 class ChunkLookup:

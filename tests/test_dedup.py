@@ -1,6 +1,7 @@
 """Tests for lillm/dedup.py: a DigestSet answers exactly as a Python set of every digest added, through
 spills, merges, filter growth, false positives and keys sharing their first 8 bytes."""
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -91,3 +92,14 @@ def test_the_filter_grows_with_the_spilled_digests_up_to_its_cap(tmp_path):
         keys = b"".join(digest(n) for n in range(1000))
         lookup = digests.lookup(keys)
         assert [lookup.seen(n) for n in range(1000)] == [True] * 900 + [False] * 100
+
+
+def test_a_killed_runs_spill_folder_is_removed_and_a_live_ones_kept(tmp_path):
+    dead, live = tmp_path / ".dedup-999999999-x.tmp", tmp_path / f".dedup-{os.getppid()}-y.tmp"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "run-000001.keys").write_bytes(bytes(16))
+    (tmp_path / "user.txt").write_text("not ours")
+    with DigestSet(tmp_path) as digests:
+        assert digests.folder.name.startswith(f".dedup-{os.getpid()}-")
+        assert not dead.exists() and live.exists() and (tmp_path / "user.txt").exists()
