@@ -36,17 +36,16 @@ from lillm.dpo import (
     LOSS_TYPES,
     TOO_LONG_CHOICES,
     DPOConfig,
-    DPODataError,
     DPOLoss,
     PreferenceBatches,
     add_reference_logps,
     build_pairs,
     dpo_evaluator,
-    read_pairs,
 )
-from lillm.errors import FlagError
+from lillm.errors import DPODataError, FlagError
 from lillm.peft import describe
-from lillm.sft import BATCHING_CHOICES, cap_per_task
+from lillm.rows import cap_per_task, read_pairs
+from lillm.sft import BATCHING_CHOICES
 from lillm.train import setup_distributed, train
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from lillm.cli import (accumulation_steps, add_finetuning_data_args, check_finetuning_args, load_finetuning_start, add_peft_args, add_training_args, apply_peft_from_args,
                        finish, need, print_summary, run_main, train_config_from_args)
+from lillm.errors import SFTDataError
 from lillm.peft import describe
-from lillm.sft import (cap_per_task, BATCHING_CHOICES, TOO_LONG_CHOICES, SFTBatches, SFTDataError, add_neftune, build_examples,
-                       read_conversations, sft_evaluator)
+from lillm.rows import cap_per_task, read_conversations
+from lillm.sft import BATCHING_CHOICES, TOO_LONG_CHOICES, SFTBatches, add_neftune, build_examples, sft_evaluator
 from lillm.train import setup_distributed, train
 
 EPILOG = """two-stage schedule (the public 40M Buzuzu-Mavi model: translation first, then every task):

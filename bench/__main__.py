@@ -14,7 +14,8 @@ thread count on both sides; bench.harness holds what every comparison shares):
            rate (bench/data.py; lillm only, there is no transformers counterpart)
 Each runs alone too: python -m bench.train, bench.decode, bench.data (the same flags). Beside
 them: bench.mfu (where a GPU step loses MFU), bench.import_hf (importing InkubaLM-0.4B) and
-bench.peft (full fine-tuning against LoRA, QLoRA, prefix tuning and adapters).
+bench.peft (full fine-tuning against LoRA, QLoRA, prefix tuning and adapters), bench.optim (Muon against AdamW:
+the training step and the optimizer step alone).
 
 Each comparison warms both sides up, then alternates them over several repetitions and reports the
 medians; "lillm advantage" > 1 means lillm is faster (or, for memory, smaller). The machine's load

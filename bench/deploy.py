@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import json
 import os
 import platform
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from bench.harness import hf_model_like, time_alternating
 from lillm import checkpoint as ckpt
 from lillm.config import get_preset
+from lillm.errors import FlagError
 from lillm.generate import generate
 from lillm.gguf import export_gguf
 from lillm.model import Transformer
@@ -209,6 +211,8 @@ def main(argv=None) -> None:
     int8 = quantize_int8(model)
     theirs = hf_model_like(model.config, model.state_dict()).eval()
     llama = None
+    if args.llama_cpp and importlib.util.find_spec("llama_cpp") is None:
+        raise FlagError("llama.cpp's side needs llama-cpp-python: pip install -e '.[llama]' (or pass --no-llama-cpp)")
     if args.llama_cpp:
         gguf_dir = Path(tempfile.mkdtemp(prefix="bench_deploy_gguf_"))
         path = export_gguf(folder, gguf_dir / "model-q8_0.gguf", "q8_0")

@@ -10,10 +10,10 @@ our train pairs, their dev split our held-out pairs):
   a seeded hash (--negatives all: every wrong label);
 - translation: the reference against the --model's own sampled translation (the lowest sentence
   chrF of --samples samples), kept when it differs from the reference.
-User files: .jsonl rows {"prompt" or "messages", "chosen", "rejected"}, or .parquet / .json / .csv
-in the same layout read through the `datasets` library's local loaders (a Hugging Face preference
-dataset downloaded as files). The pairs are lillm.challenge's, the readers lillm.dpo's; this
-script only chooses and writes.
+User files: .jsonl or .csv rows {"prompt" or "messages", "chosen", "rejected"}, or .parquet / .json
+in the same layout read through the `datasets` library (a Hugging Face preference dataset
+downloaded as files). The pairs are lillm.challenge's, the readers lillm.rows'; this script only
+chooses and writes.
 Files are written to temporary names and renamed; stats.json counts pairs per split and task.
 """
 from __future__ import annotations
@@ -25,10 +25,8 @@ from pathlib import Path
 
 from lillm import checkpoint as ckpt
 from lillm.challenge import classification_pairs, translation_pairs
-from lillm.dpo import DPODataError, read_user_pairs, write_jsonl_atomic
-from lillm.errors import LillmError
-from lillm.rows import by_task_and_lang, evenly_spaced
-from lillm.sft import read_conversations
+from lillm.errors import DPODataError, LillmError
+from lillm.rows import by_task_and_lang, evenly_spaced, jsonl_text, read_conversations, read_user_pairs
 from lillm.tokenizer import Tokenizer
 
 SPLITS = {"train": "train", "dev": "dev"}  # our split -> the SFT split it is built from
@@ -95,7 +93,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
-        write_jsonl_atomic(out / f"{split}.jsonl", rows)
+        ckpt.write_text_atomic(out / f"{split}.jsonl", jsonl_text(rows))
         counts: dict[str, int] = {}
         for row in rows:
             key = f"{row.get('task', '')}/{row.get('lang', '')}"

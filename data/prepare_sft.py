@@ -9,12 +9,12 @@
     python data/prepare_sft.py --tasks none --files instruct.parquet --messages-column messages
 
 Tables (--hf datasets, and --files that are .parquet, .arrow, save_to_disk folders, or any file when
-a column flag is given) are read through `datasets` (lillm.sources.conversations): each row becomes
+a column flag is given) are read through `datasets` (lillm.rows.read_table_conversations): each row becomes
 a conversation from a messages column, or from prompt and response columns (an instruction column
 goes before the prompt); without flags the layout is recognised (messages; instruction + inputs +
 targets as in InkubaLM's instruct data; inputs + targets as in Aya; prompt + response).
 
-Every row is one conversation, the format lillm/sft.py reads:
+Every row is one conversation, the format lillm.rows.read_conversations reads:
     {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}],
      "task": ..., "lang": ..., "label": ..., "options": [...], "input": ..., "source": "file:row"}
 "label" and "options" are set for classification tasks, where the answer is one of the options.
@@ -39,88 +39,13 @@ from lillm.cli import run_main
 from lillm.corpora import data_dir as resolve_data_dir
 from lillm.errors import SFTSourceError
 from lillm.folders import check_output, claim_output
-from lillm.rows import read_csv_rows, render_user
-from lillm.sft import row_problem
-from lillm.sources import ColumnMap, conversations, file_source, hub_source
-
-
-# ---- the user's own files ---------------------------------------------------------------------------
-def _first(row: dict, names: tuple[str, ...]) -> str | None:
-    for name in names:
-        if row.get(name) is not None:
-            return str(row[name])
-    return None
-
-
-def instruction_row(record: dict, where: str, alpaca: bool) -> dict:
-    """An instruction/input/target record (CSV row or JSON object) as a conversation."""
-    instruction = _first(record, ("instruction",))
-    target = _first(record, ("target", "targets", "output"))
-    if instruction is None or target is None or not target.strip():
-        raise SFTSourceError(f"{where}: needs 'instruction' and a non-empty 'target' (or 'targets'/'output'); "
-                             f"has {sorted(record)}")
-    text = (_first(record, ("input", "inputs")) or "").strip()
-    row = {"messages": [{"role": "user", "content": render_user(instruction.strip(), text, alpaca)},
-                        {"role": "assistant", "content": target.strip()}],
-           "task": _first(record, ("task",)) or "custom", "lang": _first(record, ("lang", "langs")) or "",
-           "input": text, "source": where}
-    if record.get("label") is not None:
-        row["label"] = record["label"]
-    return row
-
-
-def read_table_rows(source, columns: ColumnMap, limit, strict: bool) -> tuple[list[dict], list[str]]:
-    """Conversations of a table read through `datasets` (lillm.sources.conversations), and problems."""
-    rows, problems = [], []
-    for row, problem in conversations(source, columns, limit):
-        if problem is None:
-            rows.append(row)
-        elif strict:
-            raise SFTSourceError(problem + "; fix the row or run without --strict to skip it")
-        else:
-            problems.append(problem)
-    return rows, problems
+from lillm.rows import ColumnMap, jsonl_text, read_table_conversations, read_user_conversations
+from lillm.sources import file_source, hub_source
 
 
 def column_map(args) -> ColumnMap:
     return ColumnMap(args.prompt_column, args.response_column, args.instruction_column, args.messages_column,
                      args.lang_column, tuple(args.keep_langs or ()))
-
-
-def read_user_file(path: Path, alpaca: bool, strict: bool) -> tuple[list[dict], list[str]]:
-    """Rows of a .jsonl (conversations, or instruction/input/target objects) or .csv file, and problems."""
-    rows, problems = [], []
-    if path.suffix == ".csv":
-        for number, record in enumerate(read_csv_rows(path, ",", "check the path given to --files"), start=2):
-            try:
-                rows.append(instruction_row(record, f"{path}:{number}", alpaca))
-            except SFTSourceError as error:
-                problems.append(str(error))
-    elif path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8-sig") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {number}"
-                try:
-                    record = json.loads(line)
-                    if isinstance(record, dict) and "messages" not in record and "instruction" in record:
-                        record = instruction_row(record, where, alpaca)
-                    problem = row_problem(record)
-                except json.JSONDecodeError as error:
-                    problem = f"not valid JSON ({error.msg})"
-                except SFTSourceError as error:
-                    problem = str(error).removeprefix(f"{where}: ")
-                if problem is None:
-                    rows.append(record)
-                else:
-                    problems.append(f"{where}: {problem}")
-    else:
-        raise SFTSourceError(f"{path}: unknown file type {path.suffix!r}; give .jsonl or .csv "
-                             "(columns instruction, input, target)")
-    if problems and strict:
-        raise SFTSourceError(problems[0] + "; fix the row or run without --strict to skip it")
-    return rows, problems
 
 
 # ---- writing ----------------------------------------------------------------------------------------
@@ -179,23 +104,21 @@ def main(argv=None) -> dict:
     for split, files in (("train", args.files), ("dev", args.dev_files), ("test", args.test_files)):
         for path in map(Path, files):
             if path.suffix in (".jsonl", ".json", ".csv") and not by_columns:
-                rows, bad = read_user_file(path, args.alpaca, args.strict)
+                rows, bad = read_user_conversations(path, args.alpaca, args.strict)
             else:
-                rows, bad = read_table_rows(file_source(path), columns, args.max_rows, args.strict)
+                rows, bad = read_table_conversations(file_source(path), columns, args.max_rows, args.strict)
             splits[split] += rows
             problems += bad
     for spec in args.hf:
-        rows, bad = read_table_rows(hub_source(spec, args.hf_split), columns, args.max_rows, args.strict)
+        rows, bad = read_table_conversations(hub_source(spec, args.hf_split), columns, args.max_rows, args.strict)
         splits["train"] += rows
         problems += bad
-    for message in problems:
-        print(f"skipped: {message}")
     if not any(splits.values()):
         raise SFTSourceError("no rows: choose --tasks, or give --files or --hf")
 
     out = claim_output(args.out, "sft-data", overwrite=args.overwrite)  # a folder of other files is refused
     for split, rows in splits.items():
-        write_text_atomic(out / f"{split}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_text_atomic(out / f"{split}.jsonl", jsonl_text(rows))
     stats = {"tasks": tasks, "langs": args.langs, "alpaca": args.alpaca, "limit": args.limit, "seed": args.seed,
              "splits": {split: {"rows": len(rows), "by_task": split_stats(rows)} for split, rows in splits.items()},
              "skipped_rows": problems,

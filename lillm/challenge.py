@@ -237,7 +237,7 @@ def read_nli(root: Path, lang: str, split: str) -> Iterator[tuple]:
 # ---- conversations ---------------------------------------------------------------------------------
 def make_row(task: str, lang: str, row_id: str, source_input, answer: str, label: str | None,
              seed: int, alpaca: bool) -> dict:
-    """One conversation of a task, in the format lillm/sft.py reads, with a seeded choice of phrasing."""
+    """One conversation of a task, in the format lillm.rows.read_conversations reads, with a seeded choice of phrasing."""
     phrasings = [(lang, p) for p in INSTRUCTIONS[(task, lang)]] + [("en", p) for p in INSTRUCTIONS[(task, "en")]]
     instruction_lang, phrasing = phrasings[seeded_choice(seed, f"{task}|{lang}|{row_id}", len(phrasings))]
     options = task_options(task, lang)

@@ -272,6 +272,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return steps[-1]
 
 
-def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
+def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: set[str] = frozenset()) -> None:
+    """Remove all but the last keep_last step folders (0: keep all), never those named in `keep`."""
     for stale in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        if stale.name in keep:
+            continue
         discard(stale)  # renamed to a hidden name first: never listed half-deleted

@@ -28,7 +28,8 @@ from .folders import check_run_folder
 from .peft import METHODS as PEFT_METHODS
 from .peft import apply_peft
 from .tokenizer import Tokenizer
-from .train import Dist, TrainConfig
+from .muon import muon_conflict
+from .train import Dist, TrainConfig, decay_start
 
 
 def add_training_args(parser: argparse.ArgumentParser, **defaults) -> None:
@@ -38,8 +39,18 @@ def add_training_args(parser: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--micro-batch", type=int, default=defaults.get("micro_batch", 8),
                    help="sequences per forward pass on each process (lower it if memory runs out)")
     g.add_argument("--lr", type=float, default=defaults.get("lr", 3e-4), help="peak learning rate")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="the schedule's floor as a fraction of --lr")
     g.add_argument("--warmup-steps", type=int, default=defaults.get("warmup_steps", 100))
+    g.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
+                   help="after warm-up: cosine decay to the floor, or wsd (warmup-stable-decay): the peak lr until "
+                        "the last --decay-fraction of the steps, which decay by 1-sqrt; a WSD run keeps its "
+                        "stable-phase checkpoint, from which it can be continued for more steps")
+    g.add_argument("--decay-fraction", type=float, default=0.2, help="wsd: the fraction of --max-steps that decays")
+    g.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="adamw; or muon: Muon for the transformer blocks' matrices, AdamW (--lr) for embeddings, "
+                        "head and norms (lillm/muon.py)")
+    g.add_argument("--muon-lr", type=float, default=0.02, help="Muon's peak learning rate (same schedule as --lr)")
+    g.add_argument("--muon-momentum", type=float, default=0.95, help="Muon's Nesterov momentum")
     g.add_argument("--weight-decay", type=float, default=defaults.get("weight_decay", 0.1))
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--eval-every", type=int, default=defaults.get("eval_every", 200))
@@ -90,6 +101,8 @@ def train_config_from_args(args, **extra) -> TrainConfig:
     return TrainConfig(
         out_dir=args.out, max_steps=args.max_steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        schedule=args.schedule, decay_fraction=args.decay_fraction, optimizer=args.optimizer,
+        muon_lr=args.muon_lr, muon_momentum=args.muon_momentum,
         eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
         log_every=args.log_every, max_bad_steps=args.max_bad_steps, compile=args.compile,
         precision=args.precision, seed=args.seed, fsdp=args.fsdp, overwrite=getattr(args, "overwrite", False),
@@ -152,6 +165,18 @@ def check_training_args(args, allow_zero_steps: bool = False) -> None:
     need(args.lr > 0, "--lr", args.lr, "must be positive")
     need(0 <= args.min_lr_ratio <= 1, "--min-lr-ratio", args.min_lr_ratio, "must be between 0 and 1")
     need(args.warmup_steps >= 0, "--warmup-steps", args.warmup_steps, "must be 0 or more")
+    need(0 < args.decay_fraction <= 1, "--decay-fraction", args.decay_fraction, "must be in (0, 1]")
+    if args.schedule == "wsd":
+        stable_end = decay_start(args.max_steps, args.decay_fraction)
+        need(args.warmup_steps <= stable_end, "--warmup-steps", args.warmup_steps,
+             f"must end before the decay begins (step {stable_end} of --max-steps {args.max_steps} with "
+             f"--decay-fraction {args.decay_fraction})", "lower --warmup-steps or --decay-fraction")
+    need(args.muon_lr > 0, "--muon-lr", args.muon_lr, "must be positive")
+    need(0 <= args.muon_momentum < 1, "--muon-momentum", args.muon_momentum, "must be in [0, 1)")
+    if args.optimizer == "muon":
+        conflict = muon_conflict(args.precision, getattr(args, "peft", "none"))
+        if conflict:
+            raise FlagError(conflict)
     need(args.weight_decay >= 0, "--weight-decay", args.weight_decay, "must be 0 or more")
     need(args.grad_clip > 0, "--grad-clip", args.grad_clip, "must be positive")
     need(args.eval_every >= 0, "--eval-every", args.eval_every, "must be 0 (never) or more")

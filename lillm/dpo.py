@@ -48,25 +48,24 @@ batch (one forward pass for both), or are packed end to end into rows of seq_len
 kept inside each sequence (lillm.sft's packing); `sequence_ids` tells which of the 2n sequences each
 token belongs to, so the summed log-probabilities are the same either way. A pair is never split
 between micro batches. The loop divides the summed loss by `loss_count`, the number of pairs.
+
+Preference rows are read and checked by lillm/rows.py (`pair_parts`); pairs made from the
+challenge's tasks come from lillm/challenge.py.
 """
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .errors import DPODataError
+from .rows import pair_parts
 from .sft import (
     IGNORE_INDEX,
     SFTBatches,
     SFTExample,
     fit_prompt,
-    read_jsonl_rows,
     role_token_ids,
 )
 from .tokenizer import Tokenizer
@@ -93,69 +92,6 @@ class DPOConfig:
     @property
     def needs_reference(self) -> bool:
         return self.loss_type == "dpo"
-
-
-# ---- reading preference rows ----------------------------------------------------------------------
-def _response_text(value, name: str) -> str:
-    """A response as a string, or as [{"role": "assistant", "content": ...}] (the TRL layout)."""
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
-        if value[0].get("role") != "assistant":
-            raise DPODataError(f"'{name}' as a message list must be one assistant message")
-        value = value[0].get("content")
-    if not isinstance(value, str):
-        raise DPODataError(f"'{name}' must be a string (or one assistant message), got {type(value).__name__}")
-    if not value.strip():
-        raise DPODataError(f"'{name}' is empty")
-    return value
-
-
-def pair_parts(row) -> tuple[list[dict], str, str]:
-    """(prompt messages, chosen text, rejected text) of a preference row; DPODataError says what is wrong.
-
-    A row is {"prompt": "...", "chosen": ..., "rejected": ...} or {"messages": [... ending with the
-    user's turn], "chosen": ..., "rejected": ...}.
-    """
-    if not isinstance(row, dict):
-        raise DPODataError(f"expected a JSON object with prompt/messages, chosen and rejected, got {type(row).__name__}")
-    missing = [k for k in ("chosen", "rejected") if k not in row]
-    if missing:
-        raise DPODataError(f"no {' or '.join(repr(m) for m in missing)} (a row needs prompt or messages, "
-                           f"chosen and rejected; it has {sorted(row)})")
-    if isinstance(row.get("messages"), list) and row["messages"]:
-        messages = row["messages"]
-        for index, message in enumerate(messages):
-            if not (isinstance(message, dict) and isinstance(message.get("content"), str)
-                    and message.get("role") in ("system", "user", "assistant")):
-                raise DPODataError(f"message {index} must be {{\"role\": system/user/assistant, \"content\": str}}")
-        if messages[-1]["role"] == "assistant":
-            raise DPODataError("'messages' ends with an assistant turn; it must end with the turn being answered")
-    elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
-        messages = [{"role": "user", "content": row["prompt"]}]
-    else:
-        raise DPODataError("no 'prompt' string or non-empty 'messages' list")
-    chosen, rejected = _response_text(row["chosen"], "chosen"), _response_text(row["rejected"], "rejected")
-    if chosen == rejected:
-        raise DPODataError("'chosen' and 'rejected' are the same text (nothing to prefer)")
-    return messages, chosen, rejected
-
-
-def read_pairs(paths: str | Path | Iterable[str | Path], strict: bool = False, tasks: Iterable[str] | None = None,
-               max_reported: int = 10) -> tuple[list[dict], list[str]]:
-    """Rows of preference JSON-lines files (see pair_parts), and the problems of the rows skipped.
-
-    Every problem names the file and line; strict=True raises DPODataError at the first one.
-    """
-    return read_jsonl_rows(paths, pair_problem, DPODataError, "preference file", "data/prepare_dpo.py",
-                           strict, tasks, max_reported)
-
-
-def pair_problem(row: dict) -> str | None:
-    """What is wrong with a preference row, or None."""
-    try:
-        pair_parts(row)
-    except DPODataError as error:
-        return str(error)
-    return None
 
 
 # ---- tokenizing --------------------------------------------------------------------------------------
@@ -451,44 +387,3 @@ def dpo_evaluator(pairs: list[PreferencePair], cfg: DPOConfig, batch_size: int =
             model.train(was_training)
 
     return evaluate
-
-
-def read_user_pairs(path: str | Path, strict: bool = False) -> tuple[list[dict], list[str]]:
-    """Preference rows from a user file: .jsonl read here; .parquet (how Hugging Face stores datasets)
-    through pyarrow; .json / .csv through the `datasets` library's local loaders. Same layout:
-    prompt (or messages), chosen, rejected."""
-    path = Path(path)
-    if path.suffix == ".jsonl":
-        return read_pairs(path, strict=strict)
-    if path.suffix not in (".parquet", ".json", ".csv"):
-        raise DPODataError(f"{path}: unknown file type {path.suffix!r}; give .jsonl, .parquet, .json or .csv "
-                           "with prompt (or messages), chosen and rejected")
-    if not path.is_file():
-        raise FileNotFoundError(f"preference file {path} does not exist")
-    try:
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-            table = pq.read_table(path).to_pylist()
-        else:
-            import datasets
-            table = datasets.load_dataset(path.suffix[1:], data_files=str(path), split="train")
-    except ImportError as error:
-        raise DPODataError(f"{path}: reading {path.suffix} files needs {error.name} (pip install "
-                           f"{'pyarrow' if path.suffix == '.parquet' else 'datasets'}), or convert it to JSON lines") from None
-    rows, problems = [], []
-    for number, row in enumerate(table, start=1):
-        try:
-            pair_parts(row)
-            rows.append(dict(row))
-        except DPODataError as error:
-            message = f"{path}, row {number}: {error}"
-            if strict:
-                raise DPODataError(message + "; fix the row or run without --strict to skip it") from None
-            problems.append(message)
-    return rows, problems
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    from .checkpoint import write_text_atomic
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-

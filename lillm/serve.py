@@ -53,11 +53,10 @@ from pathlib import Path
 from .errors import ChatTemplateError, LillmError
 from .generate import generate_stream
 from .model import Transformer
-from .tokenizer import Tokenizer
+from .tokenizer import ROLES, Tokenizer
 
 CHAT_PAGE = Path(__file__).with_name("chat.html")
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any context this model has holds as JSON
-ROLES = ("system", "user", "assistant")
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "stream_options",
                    "n", "user"}
 CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens"}

@@ -1,5 +1,7 @@
 """Supervised fine-tuning data: conversations -> token ids with a loss mask -> padded or packed batches.
 
+The conversations arrive read and checked (lillm/rows.py); this module tokenizes them.
+
 Instruction tuning (Ouyang et al., 2022; Taori et al., 2023, Alpaca) trains a pretrained model on
 conversations, with the loss on the assistant's words only: the model should learn to answer, not to
 write the user's questions. The chat template (lillm.tokenizer.apply_chat_template) is built from
@@ -29,116 +31,18 @@ uniform noise in [-1, 1] scaled by alpha / sqrt(L * d) to the input embeddings w
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
-from .errors import InputFileError, SFTDataError
+from .errors import SFTDataError
 from .tokenizer import ROLES, Tokenizer
 
 IGNORE_INDEX = -100
 TOO_LONG_CHOICES = ("drop", "truncate")
 BATCHING_CHOICES = ("pad", "pack")
-
-
-# ---- reading ------------------------------------------------------------------------------------
-def row_problem(row) -> str | None:
-    """Why a parsed JSON-lines row is not a usable conversation, or None when it is."""
-    if not isinstance(row, dict):
-        return f"expected a JSON object with 'messages', got {type(row).__name__}"
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return "'messages' is missing or not a non-empty list of {\"role\": ..., \"content\": ...}"
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return f"message {index} is not an object"
-        if "role" not in message:
-            return f"message {index} has no 'role' (one of {', '.join(ROLES)})"
-        if message["role"] not in ROLES:
-            return f"message {index} has unknown role {message['role']!r} (roles: {', '.join(ROLES)})"
-        if not isinstance(message.get("content"), str):
-            kind = type(message.get("content")).__name__
-            return f"message {index} ({message['role']}) has content of type {kind}, not a string"
-        if message["role"] == "assistant" and not message["content"].strip():
-            return f"message {index} is an empty assistant turn (nothing to learn)"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "no assistant turn (nothing to learn)"
-    return None
-
-
-def read_conversations(paths: str | Path | Iterable[str | Path], strict: bool = False,
-                       tasks: Iterable[str] | None = None, max_reported: int = 10) -> tuple[list[dict], list[str]]:
-    """Rows of JSON-lines conversation files, and the problems of the rows skipped.
-
-    Every problem names the file and the line. strict=True raises SFTDataError at the first one.
-    tasks keeps only rows whose "task" is listed. Blank lines are skipped silently.
-    """
-    return read_jsonl_rows(paths, row_problem, SFTDataError, "conversation file", "data/prepare_sft.py",
-                           strict, tasks, max_reported)
-
-
-def read_jsonl_rows(paths: str | Path | Iterable[str | Path], problem_of: Callable[[dict], str | None],
-                    error: type[Exception], kind: str, maker: str, strict: bool = False,
-                    tasks: Iterable[str] | None = None, max_reported: int = 10) -> tuple[list[dict], list[str]]:
-    """Rows of JSON-lines files that `problem_of` accepts (it returns None, or what is wrong), and the
-    problems of the rows skipped, each naming the file and line; strict=True raises `error` at the first.
-    Shared by SFT conversations and DPO preference pairs."""
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    wanted = None if tasks is None else set(tasks)
-    rows, problems = [], []
-    for path in map(Path, paths):
-        if path.is_dir():
-            raise InputFileError(f"{kind} {path} is a folder; pass the .jsonl file in it")
-        if not path.is_file():
-            raise InputFileError(f"{kind} {path} does not exist; make it with {maker}")
-        with open(path, "rb") as f:  # decoded line by line: one bad byte costs its row, not the file
-            for number, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                except UnicodeDecodeError as decode_error:
-                    line, problem = "?", (f"not UTF-8 (byte {raw[decode_error.start]:#04x} "
-                                          f"at column {decode_error.start + 1})")
-                else:
-                    problem = None
-                if not line.strip():
-                    continue
-                try:
-                    if problem is None:
-                        row = json.loads(line)
-                        problem = problem_of(row)
-                except json.JSONDecodeError as decode_error:
-                    problem = f"not valid JSON ({decode_error.msg} at column {decode_error.colno})"
-                if problem is not None:
-                    message = f"{path}, line {number}: {problem}"
-                    if strict:
-                        raise error(f"{message}; fix or delete the row (or read without strict to skip it)")
-                    problems.append(message)
-                    continue
-                if wanted is None or row.get("task") in wanted:
-                    rows.append(row)
-    for message in problems[:max_reported]:
-        print(f"skipped: {message}")
-    if len(problems) > max_reported:
-        print(f"skipped {len(problems) - max_reported} more malformed rows")
-    return rows, problems
-
-
-def cap_per_task(rows: list[dict], cap: int | None) -> list[dict]:
-    """At most cap rows per (task, lang), evenly spaced, so large sources do not drown small ones."""
-    if cap is None:
-        return rows
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row.get("task"), row.get("lang")), []).append(row)
-    kept = []
-    for group in groups.values():
-        kept += group if len(group) <= cap else [group[i * len(group) // cap] for i in range(cap)]
-    return kept
 
 
 # ---- tokenizing -----------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ whatever the number of target tokens in each micro batch (which varies in SFT).
 
 The rest is the standard recipe (nanoGPT, "Language Models are Few-Shot Learners"
 appendix B): AdamW (Loshchilov & Hutter, 2019) without weight decay on norms and
-biases, linear warm-up then cosine decay to a floor, gradient clipping, bf16 autocast
+biases (or Muon for the blocks' matrices, lillm/muon.py), linear warm-up then cosine
+decay to a floor (or warmup-stable-decay, see `lr_at`), gradient clipping, bf16 autocast
 on GPU, DDP (Li et al., 2020) with `no_sync` while accumulating, a guard that skips
 steps whose loss or gradient is not finite, periodic evaluation, atomic checkpoints
 that resume exactly, JSON-lines logs, a loss plot, and MFU (Chowdhery et al., 2022,
@@ -37,12 +38,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .errors import TrainingDiverged
+from .errors import FlagError, TrainingDiverged
 from .folders import open_run_folder
 from .loss import causal_lm_loss  # the default loss_fn; SFT and distillation pass their own
 from .memory import BF16AdamW, checkpoint_blocks
 from .model import Transformer
 from .moe import router_metrics
+from .muon import Muon, MuonWithAdamW, muon_matrices
 
 
 @dataclass
@@ -50,8 +52,13 @@ class TrainConfig:
     out_dir: str = "out/run"
     max_steps: int = 1000
     lr: float = 3e-4
-    min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.1           # the schedule decays to lr * min_lr_ratio
     warmup_steps: int = 100
+    schedule: str = "cosine"            # cosine, or wsd: warmup-stable-decay (lr_at)
+    decay_fraction: float = 0.2         # wsd: the last fraction of max_steps decays, by 1 - sqrt
+    optimizer: str = "adamw"            # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
@@ -89,25 +96,53 @@ LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
 
 
 # ---- the pieces ---------------------------------------------------------------------
+def decay_start(max_steps: int, decay_fraction: float) -> int:
+    """WSD: the first step of the decay; steps before it run at the peak lr (after warm-up)."""
+    return max_steps - round(decay_fraction * max_steps)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over warmup_steps, then cosine from lr down to lr * min_lr_ratio at max_steps."""
+    """Linear warm-up over warmup_steps, then the schedule down to the floor lr * min_lr_ratio.
+
+    cosine: from lr down to the floor at max_steps (Loshchilov & Hutter, 2017).
+    wsd, warmup-stable-decay (Hu et al., 2024, MiniCPM; Hagele et al., 2024, "Scaling Laws and
+    Compute-Optimal Training Beyond Fixed Training Durations"): lr stays at its peak until the
+    last decay_fraction of the steps, which fall to the floor by 1 - sqrt(progress), the cool-down
+    shape Hagele et al. found better than linear (matching cosine at equal steps). Before the decay
+    the lr does not depend on max_steps, so a checkpoint from the stable phase can be continued
+    for more steps as if the longer run had been planned from the start (lillm keeps that
+    checkpoint: see train()).
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        start = decay_start(cfg.max_steps, cfg.decay_fraction)
+        if step < start:
+            return cfg.lr
+        progress = (step - start + 1) / (cfg.max_steps - start)  # the last step runs at the floor
+        return floor + (cfg.lr - floor) * (1 - math.sqrt(min(1.0, progress)))
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """Decay matrices (and embeddings); never norms or biases, whose scale is their job."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW: decay matrices (and embeddings); never norms or biases, whose scale is their job.
+    With cfg.optimizer == "muon", the blocks' matrices go to Muon instead (lillm/muon.py)."""
+    matrices = muon_matrices(model, cfg.precision) if cfg.optimizer == "muon" else []
+    to_muon = {id(p) for p in matrices}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in to_muon]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.precision == "bf16-true":  # bf16 moments, stochastic rounding (lillm.memory explains why)
         return BF16AdamW(groups, lr=cfg.lr, betas=cfg.betas, seed=cfg.seed)
     fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+    if not matrices:
+        return adamw
+    muon = Muon([{"params": matrices, "lr_ratio": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr, momentum=cfg.muon_momentum)
+    return MuonWithAdamW(muon, adamw)
 
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets; MFU is undefined elsewhere.
@@ -331,6 +366,10 @@ def _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, i
     progress = Progress()
     if resume:  # weights go in before sharding; optimizer state once the optimizer exists
         latest, state = _load_latest(out, model)
+        saved = state["config"].get("optimizer", "adamw")
+        if saved != cfg.optimizer:  # the other optimizer's state cannot continue this one's
+            raise FlagError(f"--resume: {latest} was trained with --optimizer {saved}, not {cfg.optimizer}; resume "
+                            f"with --optimizer {saved}, or start a new run from its weights with --init-from")
     wrapped = _wrap(model, env, cfg)
     optimizer = make_optimizer(model, cfg, env.device)
     if resume:
@@ -347,6 +386,10 @@ def _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, i
     if resume:
         log.truncate_after(progress.step)
     info = dict(info or {}, train_config=asdict(cfg))
+    # WSD: the checkpoint at the end of the stable phase is kept whatever keep_last says, so the
+    # run can be continued for more steps from it (lr_at; docs/ explains how).
+    stable_end = decay_start(cfg.max_steps, cfg.decay_fraction) if cfg.schedule == "wsd" else None
+    kept = {f"step_{stable_end:06d}"} if stable_end else set()
 
     def save(tag_step: int):
         model_state, optimizer_state = _full_states(model, optimizer, cfg)
@@ -356,7 +399,7 @@ def _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, i
             ckpt.save_checkpoint(out / f"step_{tag_step:06d}", model, tokenizer_path, state,
                                  dict(info, step=tag_step, tokens=progress.tokens), state_dict=model_state,
                                  overwrite=True)  # a step folder of this locked run: lillm's own
-            ckpt.prune_checkpoints(out, cfg.keep_last)
+            ckpt.prune_checkpoints(out, cfg.keep_last, keep=kept)
         if env.world > 1:
             dist.barrier()
 
@@ -380,7 +423,7 @@ def _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, i
         t0 = time.perf_counter()
         lr = lr_at(progress.step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # Muon's group: --muon-lr / --lr
         micro = [_to_device(b, env.device) for b in source.next_step()]
         targets = all_reduce_sum(sum(count_targets(b) for b in micro).float(), env)
         step_tokens = sum(b["input_ids"].numel() for b in micro) * env.world
@@ -440,7 +483,7 @@ def _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, i
             metrics = {**record, **run_eval()}
             if env.is_main and "val_loss" in metrics:
                 bar.write(json.dumps({k: metrics[k] for k in metrics if k.startswith("val") or k == "step"}))
-        if (cfg.save_every and progress.step % cfg.save_every == 0) or done:
+        if (cfg.save_every and progress.step % cfg.save_every == 0) or done or progress.step == stable_end:
             save(progress.step)
     bar.close()
     return metrics

@@ -40,8 +40,8 @@ from lillm.cli import check_device, need, run_main
 from lillm.errors import InputFileError, SFTDataError
 from lillm.evaluate import evaluate_subset
 from lillm.outputs import check_writable, write_outputs
-from lillm.rows import by_task_and_lang, evenly_spaced
-from lillm.sft import assistant_loss, build_examples, read_conversations
+from lillm.rows import by_task_and_lang, evenly_spaced, jsonl_text, read_conversations
+from lillm.sft import assistant_loss, build_examples
 from lillm.tokenizer import Tokenizer
 
 
@@ -208,7 +208,7 @@ def main(argv=None) -> dict:
     table = (f"## The challenge's score ({args.split}, {args.limit or 'all'} rows per task and language)\n\n"
              + challenge_table(results["challenge"]) + "\n## Detail\n\n" + markdown(results))
     texts = [json.dumps(results, indent=2, ensure_ascii=False) + "\n", table, predictions_csv(records),
-             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+             jsonl_text(records),
              submission_csv(submission_rows(records, params))]
     written = write_outputs(dict(zip(outputs, texts)))
     print(table)

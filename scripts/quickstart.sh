@@ -6,7 +6,7 @@
 #   STEPS=2000 PRESET=small bash scripts/quickstart.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+source scripts/python_env.sh   # outside a virtual environment: make and use .venv
 
 echo "== 1/5 install"
 $PY -m pip install -q -e .

@@ -19,7 +19,7 @@
 # from scripts/evaluate.py, eval/eval_test.md (the challenge's score) and eval/submission_test.csv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+source scripts/python_env.sh   # outside a virtual environment: make and use .venv (PYTHON=... chooses)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # lillm importable from a clone, installed or not
 
 usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -91,6 +91,10 @@ stage() {  # stage NAME COMMAND...: print it, run it (unless --dry-run), log its
   printf '{"stage": "%s", "seconds": %s, "road": "%s", "device": "%s", "tiny": %s}\n' \
     "$name" "$(( $(date +%s) - t0 ))" "$ROAD" "$DEVICE" "$TINY" >> "$OUT/recipe.log"
 }
+if [ "$DRY" = 0 ] && ! $PY -c "import lillm.train" 2>/dev/null; then
+  echo "== installing lillm into $($PY -c 'import sys; print(sys.prefix)')"
+  $PY -m pip install -q -e .
+fi
 [ "$DRY" = 1 ] || mkdir -p "$OUT"
 echo "road $ROAD on $DEVICE$([ "$TINY" = 1 ] && echo ' (tiny)') into $OUT"
 

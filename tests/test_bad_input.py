@@ -132,6 +132,15 @@ CASES = [
     ("pretrain", PRE + " --grad-clip 0", 2, ["--grad-clip 0"]),
     ("pretrain", PRE + " --device banana", 2, ["--device banana", "cpu or cuda"]),
     ("pretrain", PRE + " --micro-batch 3", 2, ["multiple of micro batch", "--micro-batch"]),
+    # ---- pretrain.py and sft_train.py: optimizer and schedule (lillm/muon.py, lillm.train.lr_at)
+    ("pretrain", PRE + " --optimizer muon --precision bf16-true", 2,
+     ["--optimizer muon with --precision bf16-true", "use --precision auto or bf16"]),
+    ("sft_train", SFT + " --optimizer muon --peft lora", 2, ["--optimizer muon with --peft lora", "--optimizer adamw"]),
+    ("pretrain", PRE + " --muon-lr 0", 2, ["--muon-lr 0", "positive"]),
+    ("pretrain", PRE + " --muon-momentum 1", 2, ["--muon-momentum 1", "[0, 1)"]),
+    ("pretrain", PRE + " --decay-fraction 0", 2, ["--decay-fraction 0", "(0, 1]"]),
+    ("pretrain", PRE + " --schedule wsd --max-steps 10 --warmup-steps 9", 2,
+     ["--warmup-steps 9", "before the decay begins (step 8", "lower --warmup-steps or --decay-fraction"]),
     # ---- pretrain.py: files and tokenizers
     ("pretrain", PRE.replace("{bins}", "{missing}"), 2, ["meta.json not found", "prepare_pretrain.py"]),
     ("pretrain", PRE.replace("{bins}", "{bins_noval}") + " --eval-every 5", 2, ["no val split", "--eval-every 0"]),

@@ -145,7 +145,7 @@ def test_mfu_script_runs_every_variant_on_the_cpu(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("module", ["bench", "bench.train", "bench.decode", "bench.data", "bench.mfu",
                                     "bench.import_hf", "bench.peft", "bench.moe", "bench.deploy", "bench.serve", "bench.memory",
-                                    "bench.data_hf"])
+                                    "bench.data_hf", "bench.optim"])
 def test_every_benchmark_runs_as_a_module_and_explains_itself(module, monkeypatch, capsys):
     """`python -m module --help`, run the way -m runs it (runpy) in this process: a fresh interpreter
     per module would spend a minute importing torch (test_step_memory... runs a real `python -m`)."""
@@ -166,3 +166,13 @@ def test_the_memory_reader_sees_an_allocation_and_the_stopwatch_its_time():
     after = harness.read_memory()
     assert after.peak - before.now >= 60 * 2**20 and after.lifetime_peak >= before.now
     assert watch.seconds > 0 and block.sum() > 0
+
+
+def test_the_optimizer_benchmark_times_adamw_and_muon_side_by_side(tmp_path, capsys):
+    from bench import optim
+    record = optim.main(["--presets", "tiny", "--batch", "2", "--seq-len", "8", "--repeats", "1", "--warmup", "1",
+                         "--json", str(tmp_path / "optim.json")])
+    assert [row["what"] for row in record["rows"]] == ["step", "optimizer"]
+    assert all(row["adamw_s"] > 0 and row["muon_s"] > 0 for row in record["rows"])
+    assert json.loads((tmp_path / "optim.json").read_text())["rows"] == json.loads(json.dumps(record["rows"]))
+    assert "| tiny | step |" in capsys.readouterr().out

@@ -11,7 +11,6 @@ from lillm.challenge import classification_pairs, translation_pairs
 from lillm.config import get_preset
 from lillm.dpo import (
     DPOConfig,
-    DPODataError,
     DPOLoss,
     PreferenceBatches,
     adapters_disabled,
@@ -20,13 +19,13 @@ from lillm.dpo import (
     packed_pair_batch,
     pair_batch,
     preference_metrics,
-    read_pairs,
-    read_user_pairs,
     sequence_logps,
     tokenize_pair,
 )
+from lillm.errors import DPODataError
 from lillm.model import Transformer
 from lillm.peft import apply_peft
+from lillm.rows import read_pairs, read_user_pairs
 from lillm.sft import IGNORE_INDEX
 from lillm.tokenizer import train_bpe
 

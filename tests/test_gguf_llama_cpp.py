@@ -20,7 +20,7 @@ from lillm.model import Transformer
 from lillm.spm import load_tokenizer
 from lillm.tokenizer import Tokenizer, train_bpe
 
-llama_cpp = pytest.importorskip("llama_cpp")
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: pip install -e '.[llama]'")
 pytestmark = pytest.mark.slow
 
 TEXT = ["Habari za asubuhi, rafiki yangu.", "Ina kwana? Lafiya lau.", "Sawubona, unjani namhlanje?"] * 20
@@ -135,7 +135,7 @@ def test_llama_cpp_tokenizes_200_dev_sentences_per_language_as_lillm(tmp_path, t
 
 
 def test_chat_template_renders_to_lillm_chat_ids(tmp_path, trained):
-    jinja2 = pytest.importorskip("jinja2")
+    jinja2 = pytest.importorskip("jinja2", reason="jinja2 is not installed: pip install -e '.[llama]'")
     folder, _, tokenizer = trained
     if tokenizer.token_to_id("<|user|>") is None:
         pytest.skip("tokenizer without role tokens")

@@ -7,7 +7,7 @@ import pytest
 from data import prepare_sft
 from lillm import challenge
 from lillm.corpora import data_dir
-from lillm.sft import read_conversations
+from lillm.rows import read_conversations
 
 
 

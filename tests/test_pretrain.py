@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lillm import checkpoint as ckpt
 from lillm.tokenizer import train_bpe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,9 +70,12 @@ def losses(out):
             if "loss" in json.loads(l)]
 
 
-@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
-def test_two_process_run_equals_one_process_with_the_same_global_batch(bins, tmp_path, sharding):
-    common = ["--max-steps", "5", "--global-batch-tokens", str(8 * 32), "--save-every", "5"]
+@pytest.mark.parametrize("sharding, optimizer", [([], "adamw"), (["--fsdp"], "adamw"), ([], "muon"), (["--fsdp"], "muon")],
+                         ids=["ddp", "fsdp", "ddp-muon", "fsdp-muon"])
+def test_two_process_run_equals_one_process_with_the_same_global_batch(bins, tmp_path, sharding, optimizer):
+    """Muon: under DDP every rank orthogonalises the same all-reduced gradient; under FSDP every rank
+    gathers the whole matrix, orthogonalises it and keeps its shard (lillm/muon.py)."""
+    common = ["--max-steps", "5", "--global-batch-tokens", str(8 * 32), "--save-every", "5", "--optimizer", optimizer]
     run_pretrain(bins, tmp_path / "one", *common, "--micro-batch", "2")             # 2 x 4 accumulation
     run_pretrain(bins, tmp_path / "two", *common, *sharding, "--micro-batch", "2", nproc=2)  # 2 x 2 x 2 processes
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -82,6 +86,11 @@ def test_two_process_run_equals_one_process_with_the_same_global_batch(bins, tmp
     w2 = load_file(tmp_path / "two/step_000005/model.safetensors")
     for name in w1:
         assert torch.allclose(w1[name], w2[name], atol=1e-5), name
+    for run in ("one", "two"):  # each run's state is the optimizer's asked for, saved whole by name
+        state = ckpt.load_train_state(tmp_path / run / "step_000005")["optimizer"]["state"]
+        matrix = state["model.layers.0.mlp.up_proj.weight"]
+        assert ("momentum_buffer" in matrix) == (optimizer == "muon") and "exp_avg" in state["model.norm.weight"]
+        assert tuple(matrix["momentum_buffer" if optimizer == "muon" else "exp_avg"].shape) == (176, 64)
 
 
 def test_two_process_moe_run_equals_one_process_with_the_same_global_batch(bins, tmp_path):

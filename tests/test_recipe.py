@@ -3,6 +3,7 @@ import csv
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ STAGES = {"scratch": ["tokenizer", "bins", "pretrain", "sft-data", "sft-translat
 
 def recipe(*args, env=None, check=True):
     return subprocess.run(["bash", str(REPO / "scripts" / "recipe.sh"), *args], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, check=check, timeout=600)
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **(env or {})},
+                          check=check, timeout=600)
 
 
 @pytest.mark.parametrize("road", ["scratch", "shrink"])

@@ -326,7 +326,7 @@ def test_inference_serve_flag_starts_a_server_on_localhost(tmp_path, model_and_t
 # ----------------------------------------------------------------------------- a real browser
 def chromium_driver(profile: Path):
     """Debian's chromium and chromium-driver through selenium, or a skip when any of them is absent."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed: pip install -e '.[browser]'")
     browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if browser is None or driver is None:
         pytest.skip("chromium / chromedriver absent (apt-get install chromium chromium-driver)")

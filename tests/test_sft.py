@@ -7,8 +7,10 @@ import torch.nn.functional as F
 from lillm import checkpoint as ckpt
 from lillm.config import get_preset
 from lillm.model import Transformer
-from lillm.sft import (IGNORE_INDEX, SFTBatches, SFTDataError, SFTExample, add_neftune, build_examples,
-                       pack_rows, packed_batch, pad_batch, read_conversations, shorten_prompt, tokenize_conversation)
+from lillm.errors import SFTDataError
+from lillm.rows import read_conversations
+from lillm.sft import (IGNORE_INDEX, SFTBatches, SFTExample, add_neftune, build_examples, pack_rows, packed_batch,
+                       pad_batch, shorten_prompt, tokenize_conversation)
 from lillm.tokenizer import train_bpe
 from lillm.loss import causal_lm_loss
 

@@ -11,7 +11,8 @@ from lillm.cli import run_main
 import train_tokenizer
 from data import prepare_sft
 from lillm.errors import CorpusFormatError
-from lillm.sources import ColumnMap, budgeted, conversations, file_source
+from lillm.rows import ColumnMap, read_table_conversations
+from lillm.sources import budgeted, file_source
 from lillm.tokenizer import Tokenizer
 
 
@@ -34,9 +35,7 @@ def inkuba_style(tmp_path):
 
 
 def test_inkuba_layout_is_recognised_and_filtered_by_language(inkuba_style):
-    got = list(conversations(file_source(inkuba_style), ColumnMap(lang="langs", keep_langs=("Swahili",))))
-    rows = [row for row, _ in got if row]
-    problems = [problem for _, problem in got if problem]
+    rows, problems = read_table_conversations(file_source(inkuba_style), ColumnMap(lang="langs", keep_langs=("Swahili",)))
     assert [r["messages"][0]["content"] for r in rows] == ["Tafsiri kwa Kiswahili.\n\nGood morning",
                                                            "Tafsiri kwa Kiswahili.\n\nThank you"]
     assert rows[0]["messages"][1] == {"role": "assistant", "content": "Habari za asubuhi"}
@@ -70,7 +69,7 @@ def test_save_to_disk_folder_with_prompt_and_response_columns(tmp_path):
 def test_missing_columns_list_the_columns_that_exist(inkuba_style, tmp_path, capsys):
     with pytest.raises(CorpusFormatError, match=r"no column 'question'; its columns are \['instruction', 'inputs', "
                                                 r"'targets', 'task', 'langs'\]"):
-        list(conversations(file_source(inkuba_style), ColumnMap("question", "targets")))
+        read_table_conversations(file_source(inkuba_style), ColumnMap("question", "targets"))
     with pytest.raises(SystemExit) as info:
         run_main(prepare_sft.main, ["--tasks", "none", "--files", str(inkuba_style), "--prompt-column", "question",
                           "--response-column", "answer", "--out", str(tmp_path / "o")])

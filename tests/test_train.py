@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from lillm import checkpoint as ckpt
 from lillm.config import get_preset
 from lillm.model import Transformer
 from lillm.loss import causal_lm_loss
-from lillm.train import TrainConfig, TrainingDiverged, lr_at, make_optimizer, train
+from lillm.train import TrainConfig, TrainingDiverged, decay_start, lr_at, make_optimizer, train
 
 
 class RandomTokens:
@@ -124,3 +125,40 @@ def test_resume_in_process_continues_exactly(tmp_path):
 def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
         train(tiny_model(), RandomTokens(), TrainConfig(out_dir=str(tmp_path), max_steps=2), resume=True)
+
+
+def test_wsd_warms_up_holds_the_peak_then_decays_by_one_minus_sqrt_to_the_floor():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.2)
+    assert decay_start(110, 0.2) == 88  # the last round(0.2 x 110) = 22 steps decay
+    assert [lr_at(s, cfg) for s in (0, 9)] == [pytest.approx(0.1), pytest.approx(1.0)]  # warm-up as cosine's
+    assert all(lr_at(s, cfg) == 1.0 for s in range(10, 88))
+    assert lr_at(88, cfg) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(1 / 22)))
+    assert lr_at(98, cfg) == pytest.approx(0.1 + 0.9 * (1 - math.sqrt(11 / 22)))
+    assert lr_at(109, cfg) == pytest.approx(0.1)  # the last step runs at the floor
+    decay = [lr_at(s, cfg) for s in range(87, 110)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    # before the decay the lr does not depend on max_steps: what lets a stable-phase checkpoint run on
+    longer = TrainConfig(**{**cfg.__dict__, "max_steps": 220})
+    assert all(lr_at(s, cfg) == lr_at(s, longer) for s in range(88))
+
+
+def wsd_config(out, max_steps, **changes):
+    return TrainConfig(out_dir=str(out), max_steps=max_steps, save_every=4, keep_last=1, eval_every=0, log_every=1,
+                       warmup_steps=2, schedule="wsd", decay_fraction=0.25, **changes)
+
+
+def test_a_wsd_run_keeps_its_stable_checkpoint_and_can_be_continued_from_it_exactly(tmp_path):
+    """The docs' recipe: copy the stable-phase step folder into a new run folder, then --resume with a
+    larger max_steps: the result equals a run planned that long from the start, bit for bit."""
+    short = tmp_path / "short"
+    train(tiny_model(), RandomTokens(), wsd_config(short, 10))  # decay: steps 8 and 9 (round(2.5) = 2)
+    assert [p.name for p in ckpt.list_checkpoints(short)] == ["step_000008", "step_000010"]  # keep_last=1, plus 8
+    longer = tmp_path / "longer"
+    longer.mkdir()
+    shutil.copytree(short / "step_000008", longer / "step_000008")
+    continued = tiny_model(seed=1)
+    train(continued, RandomTokens(seed=5), wsd_config(longer, 16), resume=True)  # decay: steps 12 to 15
+    planned = tiny_model()
+    train(planned, RandomTokens(), wsd_config(tmp_path / "planned", 16))
+    for (name, a), b in zip(planned.state_dict().items(), continued.state_dict().values()):
+        assert torch.equal(a, b), name
