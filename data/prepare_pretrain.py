@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an existing token-bin folder (replaces only its bins and meta.json)")
     args = parser.parse_args(argv)
+    if args.combine and (args.langs or args.corpora or args.files or args.hf):
+        parser.error("--combine joins folders already prepared: give it no sources (--langs, --corpora, --files, --hf)")
     if not (args.langs or args.corpora or args.files or args.hf or args.combine):
         args.langs = ["swa", "hau"]
     return args

@@ -295,6 +295,8 @@ def test_parts_prepared_apart_combine_into_the_stream_of_one_run(tokenizer_path,
         combine_bins([tmp_path / "part-0", tmp_path / "seed-1"], tmp_path / "x")
     with pytest.raises(SourceError, match=r"more than one part"):
         combine_bins([tmp_path / "part-1", tmp_path / "part-1"], tmp_path / "x")
+    with pytest.raises(SystemExit):
+        prepare_pretrain.parse_args(["--combine", str(tmp_path / "part-0"), "--files", str(both[0])])
 
 
 def test_a_missing_shard_is_named(single_and_sharded):
