@@ -20,9 +20,9 @@ Each run is a fresh process in its own session. Reported per run: seconds, MB/s 
 and tokens/s per worker (wall clock), MB per CPU-second (user + system time of the process and its
 workers: a loaded machine stretches it far less than the wall clock), the main process's ceiling
 (MB per CPU-second of the process that reads, de-duplicates and writes: no number of workers
-goes faster; the 50 ms memory sampler's share included), peak memory (the largest sum
+goes faster), peak memory (the largest sum
 of proportional set size, PSS: RSS with shared pages counted once, over the process and its
-workers, sampled every 50 ms), the first digits of the bins' SHA-256 (equal digits, equal bins:
+workers, sampled every 50 ms on a thread whose CPU time is taken out of the rates), the first digits of the bins' SHA-256 (equal digits, equal bins:
 lillm's must agree across formats and worker counts), and the load average at start and end.
 """
 from __future__ import annotations
@@ -66,15 +66,20 @@ def tree_rss(pid: int) -> int:
 
 
 class PeakMemory:
-    """Samples tree_rss(this process) every `every` seconds on a thread; .peak is the largest seen."""
+    """Samples tree_rss(this process) every `every` seconds on a thread; .peak is the largest seen.
+
+    .cpu_seconds is the sampling thread's own CPU time (reading /proc costs a few percent of a core),
+    so that it can be taken out of the process's.
+    """
 
     def __init__(self, every: float = 0.05):
-        self.every, self.peak, self._stop = every, 0, threading.Event()
+        self.every, self.peak, self.cpu_seconds, self._stop = every, 0, 0.0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.is_set():
             self.peak = max(self.peak, tree_rss(os.getpid()))
+            self.cpu_seconds = time.thread_time()
             time.sleep(self.every)
 
     def __enter__(self):
@@ -209,7 +214,8 @@ def child(args) -> None:
         start, main_cpu = time.perf_counter(), time.process_time()
         result = run(args.files, args.tokenizer, out, args.workers)
         seconds, main_cpu = time.perf_counter() - start, time.process_time() - main_cpu
-    print(json.dumps({**result, "seconds": seconds, "main_cpu_seconds": main_cpu, "peak_rss": memory.peak}))
+    print(json.dumps({**result, "seconds": seconds, "main_cpu_seconds": main_cpu, "peak_rss": memory.peak,
+                      "sampler_cpu_seconds": memory.cpu_seconds}))
 
 
 def children_cpu_seconds() -> float:
@@ -261,10 +267,12 @@ def row(size_gb: float, fmt: str, workers: int, pipeline: str, result: dict) -> 
         return {"size_gb": size_gb, "format": fmt, "workers": workers, "pipeline": pipeline, "timed_out": True,
                 "seconds": result["seconds"], "load": result["load"]}
     megabytes = result["bytes"] / 1e6
+    sampler = result.get("sampler_cpu_seconds", 0.0)    # the memory sampler's CPU is not the pipeline's
+    main_cpu = result["main_cpu_seconds"] - sampler if result.get("main_cpu_seconds") else None
     return {"size_gb": size_gb, "format": fmt, "workers": workers, "pipeline": pipeline,
             "mb_s": megabytes / result["seconds"], "tokens_s_per_worker": result["tokens"] / result["seconds"] / workers,
-            "mb_per_cpu_s": megabytes / result["cpu_seconds"], "peak_mib": result["peak_rss"] / 2**20,
-            "main_ceiling_mb_s": megabytes / result["main_cpu_seconds"] if result.get("main_cpu_seconds") else None,
+            "mb_per_cpu_s": megabytes / (result["cpu_seconds"] - sampler), "peak_mib": result["peak_rss"] / 2**20,
+            "main_ceiling_mb_s": megabytes / main_cpu if main_cpu else None, "sampler_cpu_seconds": sampler,
             "bins": result["bins"], "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
             "bytes": result["bytes"], "tokens": result["tokens"], "load": result["load"]}
 
