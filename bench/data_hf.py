@@ -19,11 +19,11 @@ the first shards of the largest. On each:
 Each run is a fresh process in its own session. Reported per run: seconds, MB/s of UTF-8 text
 and tokens/s per worker (wall clock), MB per CPU-second (user + system time of the process and its
 workers: a loaded machine stretches it far less than the wall clock), the main process's ceiling
-(MB per CPU-second of the process that reads, de-duplicates and writes: no number of workers
-goes faster), peak memory (the largest sum
-of proportional set size, PSS: RSS with shared pages counted once, over the process and its
-workers, sampled every 50 ms on a thread whose CPU time is taken out of the rates), the first digits of the bins' SHA-256 (equal digits, equal bins:
-lillm's must agree across formats and worker counts), and the load average at start and end.
+(MB per CPU-second of the process that reads, de-duplicates and writes: no number of workers goes
+faster), peak memory (the largest sum of proportional set size, PSS: RSS with shared pages counted
+once, over the process and its workers, sampled every 50 ms on a thread whose CPU time is taken out
+of the rates), the first digits of the bins' SHA-256 (equal digits, equal bins: lillm's must agree
+across formats and worker counts), and the load average at start and end.
 """
 from __future__ import annotations
 
