@@ -11,8 +11,9 @@ the same way and gets the same `Source` back:
 
 Nothing is downloaded whole: hub datasets and hf:// files are opened with `streaming=True`
 (the rows arrive over HTTP as they are read, as in Lhoest et al., 2021, "Datasets: A Community
-Library for NLP"), local parquet/JSON files are read in record batches, and a save_to_disk folder
-is memory-mapped Arrow. So a corpus bigger than memory, or than the disk, can be tokenized.
+Library for NLP"), local parquet, Arrow and JSON lines files are read a record batch at a time by
+lillm.datafiles (pyarrow and json, without importing `datasets`), and a save_to_disk folder is
+memory-mapped Arrow. So a corpus bigger than memory, or than the disk, can be tokenized.
 
 The hub is reached only when a source needs it, and never waited on: with HF_DATASETS_OFFLINE /
 HF_HUB_OFFLINE set, or when the endpoint does not answer within a few seconds, the source fails at
@@ -32,6 +33,7 @@ from typing import Iterator
 from urllib.parse import urlparse
 
 from .corpora import CORPORA, HUB_CORPORA, data_dir as resolve_data_dir, read_documents, select_corpora
+from .datafiles import BATCH_ROWS, check_text_column, clean_texts, missing_column, read_texts
 from .errors import CorpusFormatError, HubUnavailableError, InputFileError, LillmError, SourceError
 
 TEXT_FORMATS = {".txt": "txt", ".tsv": "tsv", ".csv": "csv", ".conll": "conll"}
@@ -40,7 +42,6 @@ DATASET_FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".jso
 DEFAULT_TEXT_COLUMN = "text"
 OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 HUB_TIMEOUT_S = 3.0
-BATCH_ROWS = 1024   # rows per Arrow batch read from a dataset: big enough to amortise, small for memory
 DOWNLOAD_HINT = ("to use a local copy, download it where there is network (`hf download NAME --repo-type dataset "
                  "--local-dir DIR`) and pass its files with --files DIR/... (parquet, jsonl, arrow, or a "
                  "save_to_disk folder)")
@@ -75,13 +76,27 @@ class Source:
 
     @property
     def reads_with_datasets(self) -> bool:
+        """Read through `datasets` (rows as dicts); a local data file's texts are read by lillm.datafiles."""
         return self.fmt in ("json", "parquet", "arrow", "disk", "hub", "memory")
+
+    @property
+    def is_local_data_file(self) -> bool:
+        return self.fmt in ("json", "parquet", "arrow") and not self.needs_network
 
     def documents(self) -> Iterator[str]:
         """The non-empty documents, stripped, in the source's order."""
+        if self.is_local_data_file:
+            return read_texts(self.path, self.fmt, self.text_column or DEFAULT_TEXT_COLUMN, self.where())
         if not self.reads_with_datasets:
             return read_documents(self.path, self.fmt, self.text_column)
         return dataset_texts(open_dataset(self), self.text_column or DEFAULT_TEXT_COLUMN, self)
+
+    def check_text_column(self) -> None:
+        """Open the source and check its text column, so a bad name or no network fails before any work."""
+        if self.is_local_data_file:
+            check_text_column(self.path, self.fmt, self.text_column or DEFAULT_TEXT_COLUMN, self.where())
+        elif self.reads_with_datasets:
+            require_columns(open_dataset(self), [self.text_column or DEFAULT_TEXT_COLUMN], self)
 
     def records(self) -> Iterator[dict]:
         """Rows as dicts (for instruction data); only for sources read through `datasets`."""
@@ -471,23 +486,14 @@ def require_columns(dataset, columns: list[str], source: Source, flag: str = "--
     have = column_names(dataset)
     missing = [column for column in columns if column not in have]
     if missing:
-        raise CorpusFormatError(f"{source.where()} has no column {missing[0]!r}; its columns are {have}; "
-                                f"pass {flag} NAME naming one of them")
+        raise missing_column(source.where(), missing[0], have, flag)
 
 
 def dataset_texts(dataset, column: str, source: Source) -> Iterator[str]:
     """The stripped, non-empty strings of one column, read in Arrow batches."""
     require_columns(dataset, [column], source)
     for batch in dataset.select_columns([column]).iter(batch_size=BATCH_ROWS):
-        for text in batch[column]:
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise CorpusFormatError(f"{source.where()}: column {column!r} holds {type(text).__name__} values, "
-                                        f"not text; pass --text-column NAME naming a text column")
-            text = text.strip()
-            if text:
-                yield text
+        yield from clean_texts(batch[column], column, source.where())
 
 
 def budgeted(documents, max_docs: int | None = None, max_bytes: int | None = None) -> Iterator[str]:
