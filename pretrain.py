@@ -10,24 +10,36 @@ Batches come from lillm.data.BinLoader, the loop is lillm.train.train (shared wi
 from __future__ import annotations
 
 import argparse
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lillm import checkpoint as ckpt
-from lillm.cli import (accumulation_steps, add_peft_args, add_training_args, apply_peft_from_args,
-                       check_training_args, finish, need, print_summary, run_main, train_config_from_args)
+from lillm.cli import (ArgumentParser, accumulation_steps, add_peft_args, add_training_args, apply_peft_from_args,
+                       check_tokenizer_change, check_training_args, finish, number, print_summary, run_main,
+                       train_config_from_args)
 from lillm.config import PRESETS, get_preset
 from lillm.errors import BinFormatError, FlagError, TokenizerMismatchError
 from lillm.folders import check_run_folder
-from lillm.data import BinLoader, StepBatches, check_bins, load_meta
+from lillm.bin_format import check_bins, load_meta, split_files
+from lillm.data import BinLoader, StepBatches
 from lillm.model import Transformer
 from lillm.peft import describe
 from lillm.tokenizer import Tokenizer
-from lillm.vocab import train_only_new_rows
+from lillm.vocab_expand import train_only_new_rows
 from lillm.perplexity import bin_evaluator, unigram_bits_per_byte
+from lillm.resume import check_resume
 from lillm.train import setup_distributed, train
+
+
+@dataclass
+class PretrainRun:
+    """What a pretraining checkpoint records of its stage (TrainConfig.settings)."""
+    data: str
+    preset: str
+    seq_len: int
+    global_batch_tokens: int
 
 
 def build_model(args, vocab_size: int) -> tuple[Transformer, str]:
@@ -52,13 +64,8 @@ def build_model(args, vocab_size: int) -> tuple[Transformer, str]:
 def check_args(args) -> None:
     """Every flag checked before anything is read or trained."""
     check_training_args(args)
-    need(args.seq_len >= 1, "--seq-len", args.seq_len, "must be at least 1")
-    need(args.global_batch_tokens >= 1, "--global-batch-tokens", args.global_batch_tokens, "must be at least 1")
-    need(args.eval_batches >= 1, "--eval-batches", args.eval_batches, "must be at least 1",
-         "use --eval-every 0 to train without evaluation")
-    if args.train_new_rows_from is not None:
-        need(args.train_new_rows_from >= 0, "--train-new-rows-from", args.train_new_rows_from, "must be 0 or more")
-    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite,
+                     reads={"--data": args.data, "--init-from": args.init_from, "--tokenizer": args.tokenizer})
 
 
 def check_splits(data: Path, meta: dict, tokenizer: Tokenizer, args) -> bool:
@@ -77,42 +84,29 @@ def check_splits(data: Path, meta: dict, tokenizer: Tokenizer, args) -> bool:
     for split in ("train", "val") if args.eval_every > 0 else ("train",):
         tokens = splits[split]["tokens"]
         if tokens < args.seq_len + 1:
-            raise BinFormatError(f"{data / splits[split]['file']} holds {tokens} tokens, fewer than one window of "
+            files = ", ".join(name for name, _ in split_files(splits[split]))
+            raise BinFormatError(f"{data} ({split}: {files}) holds {tokens} tokens, fewer than one window of "
                                  f"--seq-len {args.seq_len} + 1; use a smaller --seq-len or prepare more data")
     return args.eval_every > 0
 
 
-def check_init_tokenizer(args, meta: dict) -> None:
-    """--init-from's tokenizer must be the bins' one (same hash), unless the change is asked for."""
-    folder = ckpt.resolve_checkpoint(args.init_from)
-    theirs = ckpt.tokenizer_sha256(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
-    if theirs is None or theirs == meta["tokenizer_sha256"]:
-        return
-    message = (f"--init-from {folder} was trained with tokenizer sha256 {theirs[:16]}..., but the bins in "
-               f"{args.data} were made with sha256 {meta['tokenizer_sha256'][:16]}... ({meta.get('tokenizer_path')})")
-    if not args.allow_tokenizer_change:
-        raise TokenizerMismatchError(f"{message}; prepare the bins with {folder / 'tokenizer.json'}, or pass "
-                                     "--allow-tokenizer-change if the change is deliberate")
-    print(f"warning: {message}; continuing because --allow-tokenizer-change was given", file=sys.stderr)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="out/data", help="folder with train.bin, val.bin, meta.json")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one meta.json names)")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--init-from", default=None,
                         help="start from this checkpoint (or run) folder's weights with a fresh optimizer (continued pretraining)")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--global-batch-tokens", type=int, default=16384,
+    parser.add_argument("--seq-len", type=number(1), default=128)
+    parser.add_argument("--global-batch-tokens", type=number(1), default=16384,
                         help="tokens per optimizer step over all processes and accumulation steps")
-    parser.add_argument("--eval-batches", type=int, default=20, help="val batches per evaluation")
+    parser.add_argument("--eval-batches", type=number(1, fix="use --eval-every 0 to train without evaluation"), default=20, help="val batches per evaluation")
     parser.add_argument("--curriculum", action="store_true",
                         help="read train.bin in order (sources in the order given to prepare_pretrain --corpora) "
                              "instead of random windows")
     parser.add_argument("--allow-tokenizer-change", action="store_true",
                         help="train --init-from's model on bins made with another tokenizer (normally refused)")
-    parser.add_argument("--train-new-rows-from", type=int, default=None, metavar="ID",
+    parser.add_argument("--train-new-rows-from", type=number(0), default=None, metavar="ID",
                         help="continued pretraining after scripts/expand_vocab.py: train only embedding rows >= ID "
                              "(the base vocab size), everything else frozen; weight decay is set to 0")
     add_training_args(parser, out="out/pretrain", max_steps=200, lr=1e-3, warmup_steps=20, eval_every=50,
@@ -128,8 +122,11 @@ def main(argv=None):
     tokenizer = Tokenizer.from_file(tokenizer_path)
     check_bins(data, tokenizer)
     evaluating = check_splits(data, meta, tokenizer, args)
-    if args.init_from:
-        check_init_tokenizer(args, meta)
+    if args.init_from:  # the bins' tokenizer must be the one the checkpoint was trained with
+        init = ckpt.resolve_checkpoint(args.init_from)
+        check_tokenizer_change(init, meta["tokenizer_sha256"], f"the tokenizer of the bins in {args.data} "
+                               f"({meta.get('tokenizer_path')})", f"prepare the bins with {init / 'tokenizer.json'}",
+                               args.allow_tokenizer_change)
     model, origin = build_model(args, tokenizer.vocab_size)
     model = apply_peft_from_args(model, args)
     if args.train_new_rows_from is not None:
@@ -140,15 +137,15 @@ def main(argv=None):
         raise FlagError(f"--global-batch-tokens {args.global_batch_tokens} must be a multiple of --seq-len {seq_len}; "
                         f"use {max(1, args.global_batch_tokens // seq_len) * seq_len}")
     accum = accumulation_steps(args.global_batch_tokens // seq_len, args.micro_batch, env.world)
+    cfg = train_config_from_args(args, seq_len, PretrainRun(str(data), args.preset, seq_len, args.global_batch_tokens))
+    if args.resume:  # before the baseline scans the data: every difference from the run's settings, named
+        check_resume(cfg, model)
     loader = BinLoader(data / "train.bin", seq_len, args.micro_batch * accum, seed=args.seed,
                        rank=env.rank, world_size=env.world, device=env.device, sequential=args.curriculum)
     evaluate = bin_evaluator(data / "val.bin", seq_len, args.micro_batch, args.eval_batches,
                              meta["splits"]["val"]["bytes_per_token"], env.device) if evaluating else None
     # the baseline is computed now, not after training, so a problem with it costs no training time
     baseline = {"unigram_val_bpb": round(unigram_bits_per_byte(data, meta), 5)} if "val" in meta["splits"] else {}
-    cfg = train_config_from_args(args, stage="pretrain", data=str(data), preset=args.preset, seq_len=seq_len,
-                                 global_batch_tokens=args.global_batch_tokens)
-    cfg.flops_per_token = model.config.flops_per_token(seq_len)
     if env.is_main:
         active = model.config.active_params() if model.config.n_experts else None  # a mixture of experts
         print(f"model: {origin}, {model.num_params():,} parameters{f' ({active:,} active)' if active else ''}; "

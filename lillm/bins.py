@@ -1,7 +1,7 @@
 """Writing token bins: sources in, train/val token files (one file or shards) and meta.json out.
 
 The recipe of nanoGPT's prepare.py (tokenize once, offline, into flat files of token ids that
-training memory-maps; lillm/data.py reads them), made deterministic, able to mix sources, and
+training memory-maps; lillm/data.py reads them; the format is lillm/bin_format.py), made deterministic, able to mix sources, and
 able to run on corpora larger than memory or disk. Every document, in order:
 1. comes from a `lillm.sources.Source` (a registered corpus, a local file, a hub dataset, streamed);
 2. is normalised to Unicode NFC: a letter typed as base + combining mark (e + U+0301) becomes the
@@ -40,7 +40,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import tempfile
 import threading
 import time
 import unicodedata
@@ -51,26 +50,14 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from .errors import BinFormatError, LillmError, SourceError
+from .bin_format import META_NAME, bin_name, token_dtype
+from .errors import BinFormatError, EmptyCorpusError, SourceError
+from .folders import new_file, write_text_atomic
 from .sources import DEFAULT_KINDS, Source, open_dataset, parse_mix, require_columns, resolve_sources
 from .tokenizer import Tokenizer
 
-META_NAME = "meta.json"
-UINT16_VOCAB_LIMIT = 1 << 16      # uint16 holds ids 0..65535
 CHUNK_BYTES = 1 << 20   # text per task sent to a worker: big enough to hide pickling, small for memory
 DIGEST_BYTES = 16
-
-
-class EmptyCorpusError(LillmError):
-    """A source that gives no document once empty and duplicate ones are dropped."""
-
-
-# ---- the format ---------------------------------------------------------------------------------
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest little-endian unsigned dtype that holds every id below vocab_size."""
-    if vocab_size <= UINT16_VOCAB_LIMIT:
-        return np.dtype("<u2")
-    return np.dtype("<u4")
 
 
 # ---- encoding (in worker processes) ---------------------------------------------------------------
@@ -226,14 +213,14 @@ class ShardedWriter:
         self.file = None
 
     def _final_name(self, index: int) -> str:
-        return f"{self.split}.bin" if not self.shard_tokens else f"{self.split}-{index:05d}.bin"
+        return bin_name(self.split, index if self.shard_tokens else None)
 
     def _open_next(self) -> None:
         self.close()
         name = self._final_name(len(self.shards))
-        handle, temporary = tempfile.mkstemp(dir=self.out_dir, prefix=f".{name}.", suffix=".tmp")
-        self.file = os.fdopen(handle, "wb")
-        self.shards.append({"file": name, "tokens": 0, "temporary": Path(temporary)})
+        temporary = new_file(self.out_dir / name)  # hidden, with the user's umask mode (lillm.folders)
+        self.file = open(temporary, "wb")
+        self.shards.append({"file": name, "tokens": 0, "temporary": temporary})
 
     def write(self, tokens: np.ndarray) -> None:
         while len(tokens):
@@ -255,7 +242,6 @@ class ShardedWriter:
             self._open_next()      # an empty split still gets its (empty) file
         self.close()
         for shard in self.shards:
-            os.chmod(shard["temporary"], 0o644)
             os.replace(shard["temporary"], self.out_dir / shard["file"])
         return [{"file": shard["file"], "tokens": shard["tokens"]} for shard in self.shards]
 
@@ -405,18 +391,14 @@ def build_meta(tokenizer: Tokenizer, sources: list[Source], stats: dict, setting
     return meta
 
 
-def write_outputs(out_dir: Path, writers: dict, meta_for) -> dict:
+def publish_bins(out_dir: Path, writers: dict, meta_for) -> dict:
     """Bins then meta.json; the old meta.json goes first, so a crash in between leaves none."""
     for writer in writers.values():
         writer.close()
     (out_dir / META_NAME).unlink(missing_ok=True)
     shards = {split: writer.commit() for split, writer in writers.items()}
     meta = meta_for(shards)
-    handle, name = tempfile.mkstemp(dir=out_dir, prefix=f".{META_NAME}.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        f.write(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    os.chmod(name, 0o644)
-    os.replace(name, out_dir / META_NAME)
+    write_text_atomic(out_dir / META_NAME, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return meta
 
 
@@ -466,8 +448,8 @@ def write_bins(tokenizer_path, out_dir, sources: list[Source], val_fraction: flo
             results.close()
         check_counts(sources, stats, val_fraction)
         mixture = None if mix is None else achieved_mixture(sources, mix, stats, writer.ended_by)
-        return write_outputs(out_dir, writers,
-                             lambda shards: build_meta(tokenizer, sources, stats, settings, shards, mixture))
+        return publish_bins(out_dir, writers,
+                            lambda shards: build_meta(tokenizer, sources, stats, settings, shards, mixture))
     finally:
         for split_writer in writers.values():
             split_writer.discard()

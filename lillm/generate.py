@@ -18,6 +18,9 @@ and each new token replays it with one launch.
 Sampling: temperature scales the logits; top-k keeps the k most likely tokens;
 top-p (Holtzman et al., 2019, "The Curious Case of Neural Text Degeneration") keeps
 the smallest set whose probability reaches p. Temperature 0 is greedy.
+
+Streaming: `TextStream` turns the tokens of a row into text as they arrive (inference.py prints
+them, lillm/batching.py streams them to the server), never splitting a character.
 """
 from __future__ import annotations
 
@@ -247,3 +250,21 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
                 on_token(row, token)
             done[row] = eos_id is not None and token == eos_id
     return outputs
+
+
+class TextStream:
+    """Turns one row's token ids into text pieces, for a terminal or a server's stream. Decoding the
+    whole row and handing out the new suffix keeps multi-byte characters whole (a byte-level token
+    may hold half of one): text ending in a half character waits for the next token."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def piece(self, token: int | None = None, final: bool = False) -> str:
+        if token is not None:
+            self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") and not final:  # wait for the rest of a split character
+            return ""
+        new, self.shown = text[len(self.shown):], text
+        return new

@@ -107,7 +107,7 @@ class KVCache(nn.Module):
 
     def rows(self, rows: slice, length: int) -> KVCache:
         """The same storage seen as rows[rows] and positions [0, length): writes go to this cache.
-        lillm.serve prefills one slot through rows(slice(s, s + 1), n) and decodes the busy slots
+        lillm.batching prefills one slot through rows(slice(s, s + 1), n) and decodes the busy slots
         through rows(slice(0, busy), longest) so attention reads no more than is in use."""
         view = KVCache.__new__(KVCache)
         nn.Module.__init__(view)
@@ -204,10 +204,35 @@ class Block(nn.Module):
         else:
             self.mlp = mlp if mlp is not None else MLP(cfg)
 
+    @property
+    def feed_forward(self) -> nn.Module:
+        """The dense MLP, or the mixture of experts that stands in its place."""
+        return self.block_sparse_moe if "block_sparse_moe" in self._modules else self.mlp
+
     def forward(self, x, cos, sin, mask=None, cache_pos=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)
-        feed_forward = self.block_sparse_moe if "block_sparse_moe" in self._modules else self.mlp
-        return x + feed_forward(self.post_attention_layernorm(x))
+        return x + self.feed_forward(self.post_attention_layernorm(x))
+
+
+# A dense MLP's projections and the same projection in a Mixtral expert (w1 = gate, w3 = up, w2 = down).
+EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def projection_slots(block: Block, name: str) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) of the linear layer(s) a projection name means in this block: q/k/v/o_proj in
+    the attention; gate/up/down_proj in the MLP or, in a mixture of experts, that projection of every
+    expert. Every feature that wraps or replaces projections (LoRA, QLoRA, adapters, int8) goes through
+    here, so it works on dense, shared-MLP and mixture-of-experts blocks alike. A mixture's router is no
+    projection: it is left as it is (it decides which experts run; its cost is d_model x n_experts)."""
+    if name in ATTENTION_PROJECTIONS:
+        return [(block.self_attn, name)]
+    if name not in EXPERT_NAMES:
+        raise KeyError(f"{name} is not a projection; choose from {ATTENTION_PROJECTIONS + tuple(EXPERT_NAMES)}")
+    feed_forward = block.feed_forward
+    if isinstance(feed_forward, SparseMoE):
+        return [(expert, EXPERT_NAMES[name]) for expert in feed_forward.experts]
+    return [(feed_forward, name)]
 
 
 class LlamaModel(nn.Module):
@@ -290,7 +315,7 @@ class Transformer(nn.Module):
         cache_pos: where the T new tokens go in the KV cache (None = no cache). An int attends over
             the keys written so far; a 0-d tensor makes every shape fixed for CUDA graphs: keys are
             the whole cache, attention_mask (if given) covers the whole cache, and nothing is read
-            back to the host. A (B,) tensor gives every row its own position (lillm.serve's slots):
+            back to the host. A (B,) tensor gives every row its own position (lillm.batching's slots):
             keys are the whole cache, each row sees its keys up to its own position, and the
             positions are also the rotary positions unless position_ids says otherwise.
         return_hidden: return the final normed hidden states (B, T, d_model) instead of the logits,

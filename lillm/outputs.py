@@ -5,7 +5,7 @@ same name there: their own `submission_test.csv`, say. So lillm records what it 
 manifest, `.lillm-written.json` (file name -> SHA-256 of the bytes written), and replaces a file
 only when it is absent or still exactly what lillm wrote last time. A file lillm did not write, or
 one edited since, is refused with a message that names it and the way out. Every write goes to a
-temporary name first and is renamed into place (lillm.checkpoint.write_text_atomic), so a reader
+temporary name first and is renamed into place (lillm.folders.write_text_atomic), so a reader
 sees the old file or the new one, never half of one.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .checkpoint import write_text_atomic
+from .folders import write_text_atomic
 from .errors import OutputConflict
 
 __all__ = ["MANIFEST", "OutputConflict", "check_writable", "write_outputs"]
@@ -40,6 +40,8 @@ def _manifest(folder: Path) -> dict[str, str]:
 def check_writable(paths: list[Path]) -> None:
     """Raise OutputConflict naming the first path that exists and is not lillm's unchanged output."""
     for path in map(Path, paths):
+        if path.parent.exists() and not path.parent.is_dir():
+            raise OutputConflict(f"--out {path.parent} is a file, not a folder; choose a folder for the results")
         if not path.exists():
             continue
         recorded = _manifest(path.parent).get(path.name)

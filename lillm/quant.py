@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import Transformer
+from .model import Transformer, projection_slots
 
 KERNELS = ("auto", "fbgemm", "weight-only", "dequant")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -208,14 +208,15 @@ def quantize_int8(model: Transformer, kernel: str = "auto", head: bool = True, i
         return made[key]
 
     for block in model.model.layers:
-        for parent in (block.self_attn, getattr(block, "mlp", None)):
-            for fused, names in FUSED.items() if fuse and parent is not None else ():
+        for parent in (block.self_attn, block.feed_forward) if fuse else ():  # a mixture's experts stay apart
+            for fused, names in FUSED.items():
                 parts = [getattr(parent, name, None) for name in names]
                 if all(isinstance(part, nn.Linear) for part in parts):  # not a LoRA-wrapped one
                     setattr(parent, fused, int8_of(*parts))
                     for name in names:
                         delattr(parent, name)
-            for name in PROJECTIONS:
+        for projection in PROJECTIONS:  # in a mixture of experts: every expert's (the router stays fp32)
+            for parent, name in projection_slots(block, projection):
                 if isinstance(getattr(parent, name, None), nn.Linear):
                     setattr(parent, name, int8_of(getattr(parent, name)))
     if head:

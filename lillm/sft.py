@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .errors import SFTDataError
+from .errors import FlagError, SFTDataError
 from .tokenizer import ROLES, Tokenizer
 
 IGNORE_INDEX = -100
@@ -274,8 +274,9 @@ class SFTBatches:
         mine = self.state_dict()
         for key in ("seed", "global_batch", "num_examples", "batching", "seq_len"):
             if state[key] != mine[key]:
-                raise ValueError(f"SFT data state has {key}={state[key]!r} but this run has {mine[key]!r}: "
-                                 "the stream would not continue; resume with the same data, flags and global batch")
+                raise FlagError(f"--resume: the run's data state has {key}={state[key]!r} but this run has "
+                                f"{mine[key]!r}: the stream would not continue; resume with the same data, flags and "
+                                "global batch (or start a new run)")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 

@@ -22,15 +22,17 @@ gets its own one-line error naming the fix.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
 from .corpora import CORPORA, HUB_CORPORA, data_dir as resolve_data_dir, read_documents, select_corpora
-from .errors import CorpusFormatError, HubUnavailableError, SourceError
+from .errors import CorpusFormatError, HubUnavailableError, InputFileError, LillmError, SourceError
 
 TEXT_FORMATS = {".txt": "txt", ".tsv": "tsv", ".csv": "csv", ".conll": "conll"}
 DATASET_FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json",
@@ -252,18 +254,18 @@ def resolve_sources(langs=(), corpora=None, files=None, text_column=None, data_d
         if source.reads_with_datasets or source.path.exists():
             continue
         if source.name in CORPORA:
-            raise FileNotFoundError(f"corpus {source.name}: {source.path} not found; check --data-dir / "
+            raise InputFileError(f"corpus {source.name}: {source.path} not found; check --data-dir / "
                                     f"$LILLM_DATA_DIR (the data folder, see SOURCES.md there)")
-        raise FileNotFoundError(f"{source.path} not found (given with --files); check the path")
+        raise InputFileError(f"{source.path} not found (given with --files); check the path")
     for source in chosen:
         if source.fmt in ("json", "parquet", "arrow", "disk") and not source.needs_network and not source.path.exists():
-            raise FileNotFoundError(f"{source.path} not found (given with --files); check the path")
+            raise InputFileError(f"{source.path} not found (given with --files); check the path")
     names = [source.name for source in chosen]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise SourceError(f"source(s) {repeated} given twice; name each corpus or file once")
     if not chosen:
-        raise FileNotFoundError(f"no corpus file found for langs={langs}; check --data-dir / $LILLM_DATA_DIR")
+        raise InputFileError(f"no corpus file found for langs={langs}; check --data-dir / $LILLM_DATA_DIR")
     doc_limits = parse_budgets(max_docs, "--max-docs", names)
     token_limits = parse_budgets(max_tokens, "--max-tokens", names)
     return [Source(**{**source.__dict__, "max_docs": doc_limits.get(source.name, source.max_docs),
@@ -377,20 +379,84 @@ def open_dataset(source: Source):
     import datasets
 
     if source.fmt == "disk":
-        loaded = datasets.load_from_disk(source.location)
+        try:
+            with datasets_quiet():
+                loaded = datasets.load_from_disk(source.location)
+        except Exception as error:  # a damaged save_to_disk folder: its JSON or arrow files
+            raise unreadable(source, error) from None
         if isinstance(loaded, datasets.DatasetDict):
             if source.split not in loaded:
                 raise SourceError(f"{source.location} holds splits {list(loaded)}, not {source.split!r}; "
                                   f"choose one with --hf-split")
             loaded = loaded[source.split]
-        return loaded
+        return Guarded(loaded, source)
     try:
-        return datasets.load_dataset(source.fmt, data_files=source.location, split="train", streaming=True)
+        with datasets_quiet():
+            return Guarded(datasets.load_dataset(source.fmt, data_files=source.location, split="train",
+                                                 streaming=True), source)
     except Exception as error:  # a broken file gets one line, not a traceback
         if source.needs_network:
             raise hub_error(source.location, source.location, error) from None
-        raise CorpusFormatError(f"{source.location}: cannot be read as {source.fmt} ({type(error).__name__}: "
-                                f"{' '.join(str(error).split())[:300]})") from None
+        raise unreadable(source, error) from None
+
+
+@contextmanager
+def datasets_quiet():
+    """`datasets` logs a reading error before raising it; lillm reports it itself, in one line."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def unreadable(source: Source, error: Exception, row: int | None = None) -> CorpusFormatError:
+    """A data file that pyarrow or datasets cannot read (a line that is not a JSON object, an empty or
+    damaged parquet file, a damaged save_to_disk folder), as one line that names it."""
+    where = source.location if row is None else f"{source.location}, row {row}"
+    return CorpusFormatError(f"{where}: cannot be read as {source.fmt} ({type(error).__name__}: "
+                             f"{' '.join(str(error).split())[:300]}); fix or re-export the file")
+
+
+class Guarded:
+    """A dataset whose rows are read through `datasets` and pyarrow, which parse lazily: an error they
+    raise while rows are read (not only when the file is opened) becomes `unreadable`'s one line.
+    Everything else is the dataset's own."""
+
+    def __init__(self, dataset, source: Source):
+        self.dataset, self.source = dataset, source
+
+    def _guard(self, rows):
+        count = 0
+        while True:
+            try:
+                with datasets_quiet():
+                    row = next(rows)
+            except StopIteration:
+                return
+            except (LillmError, KeyboardInterrupt):
+                raise
+            except Exception as error:  # pyarrow.ArrowInvalid, json errors, OSError ... from the reader
+                raise unreadable(self.source, error, count + 1) from None
+            count += 1
+            yield row
+
+    def __iter__(self):
+        return self._guard(iter(self.dataset))
+
+    def iter(self, *args, **kwargs):  # batches (dataset_texts reads Arrow batches)
+        return self._guard(iter(self.dataset.iter(*args, **kwargs)))
+
+    def take(self, n: int) -> "Guarded":
+        return Guarded(self.dataset.take(n), self.source)
+
+    def select_columns(self, *args, **kwargs) -> "Guarded":
+        return Guarded(self.dataset.select_columns(*args, **kwargs), self.source)
+
+    def __getattr__(self, name: str):
+        return getattr(self.dataset, name)
 
 
 def column_names(dataset) -> list[str]:

@@ -21,18 +21,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .errors import ChatTemplateError, InputFileError, TokenizerFileError
+from .errors import ChatTemplateError, InputFileError, TokenizerFileError, TokenizerMismatchError
+from .folders import write_text_atomic
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 ROLES = ("system", "user", "assistant")
 N_BYTES = 256
+CHECKPOINT_RECORD = "lillm.json"  # what a lillm checkpoint folder records about itself (lillm.checkpoint)
 
 
 class Tokenizer:
@@ -65,25 +66,20 @@ class Tokenizer:
         except Exception as error:  # the Rust side raises a bare Exception
             raise TokenizerFileError(f"cannot load tokenizer {path}: {error}; if its merges name tokens that are "
                                      f"not in its vocab, lillm.tokenizer.load_lenient(path) can load it") from error
-        return cls(backend, str(path))
+        tokenizer = cls(backend, str(path))
+        check_recorded_hash(path, tokenizer.sha256)
+        return tokenizer
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write tokenizer.json atomically (temporary file, then os.replace)."""
+        """Write tokenizer.json atomically (a hidden temporary file, then a rename: lillm.folders)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.backend.to_str(pretty=True))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, self.backend.to_str(pretty=True))
 
     @property
     def sha256(self) -> str:
         """Hash of the canonical (compact) tokenizer.json text: same tokenizer, same hash."""
-        return hashlib.sha256(self.backend.to_str(pretty=False).encode("utf-8")).hexdigest()
+        return backend_sha256(self.backend)
 
     # -- encoding
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
@@ -245,6 +241,31 @@ def _reachable_tokens(vocab: Mapping[str, int], merges: list[tuple[str, str]], a
                 reachable.add(result)
                 changed = True
     return reachable
+
+
+def backend_sha256(backend: tokenizers.Tokenizer) -> str:
+    """Tokenizer.sha256 of a bare `tokenizers` object: the hash checkpoints and token bins record."""
+    return hashlib.sha256(backend.to_str(pretty=False).encode("utf-8")).hexdigest()
+
+
+def recorded_sha256(folder: str | os.PathLike) -> str | None:
+    """The tokenizer hash a lillm checkpoint folder records (lillm.json, written by save_checkpoint), or None."""
+    try:
+        record = json.loads((Path(folder) / CHECKPOINT_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record.get("tokenizer_sha256") if isinstance(record, dict) else None
+
+
+def check_recorded_hash(path: Path, sha256: str) -> None:
+    """A checkpoint's tokenizer.json must be the one it was saved with, on every load: a tokenizer of the
+    same size swapped in would decode the model's ids into other text without any other error."""
+    recorded = recorded_sha256(path.parent) if path.name == "tokenizer.json" else None
+    if recorded and recorded != sha256:
+        raise TokenizerMismatchError(
+            f"{path} (sha256 {sha256[:16]}...) is not the tokenizer {path.parent} was saved with (sha256 "
+            f"{recorded[:16]}..., recorded in its {CHECKPOINT_RECORD}): it was replaced, and the model's ids would "
+            "decode into other text; put the checkpoint's own tokenizer.json back")
 
 
 def load_lenient(path: str | os.PathLike) -> tuple[Tokenizer, str]:

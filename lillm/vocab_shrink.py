@@ -34,7 +34,7 @@ Healing after a shrink can distil from the unshrunk model: `OldIdTeacher` lets i
 student's (new) ids, and lillm.distill's teacher_token_ids gathers its logits at the kept ids.
 Supports BPE tokenizer.json files without continuing_subword_prefix / end_of_word_suffix:
 lillm's byte-level BPE and SentencePiece-style BPE with byte fallback (lillm.spm rebuilds
-InkubaLM's and repairs the Buzuzu-Mavi one). Expansion (new tokens) is lillm/vocab.py.
+InkubaLM's and repairs the Buzuzu-Mavi one). Expansion (new tokens) is lillm/vocab_expand.py.
 """
 from __future__ import annotations
 

@@ -36,11 +36,11 @@ from tqdm import tqdm
 from lillm import checkpoint as ckpt
 from lillm.challenge import (CHALLENGE_SUBSETS, challenge_average, challenge_from_records, prediction_records,
                              score_submission, submission_csv, submission_rows, subset_score, zindi_score)
-from lillm.cli import check_device, need, run_main
+from lillm.cli import ArgumentParser, check_device, number, run_main
 from lillm.errors import InputFileError, SFTDataError
 from lillm.evaluate import evaluate_subset
 from lillm.outputs import check_writable, write_outputs
-from lillm.rows import by_task_and_lang, evenly_spaced, jsonl_text, read_conversations
+from lillm.rows import by_task_and_lang, evenly_spaced, jsonl_text, read_conversations, read_text
 from lillm.sft import assistant_loss, build_examples
 from lillm.tokenizer import Tokenizer
 
@@ -136,29 +136,26 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--score-submission", default=None, metavar="CSV",
                         help="only score a submission file (ID, Response, Targets) with the challenge's metric")
     parser.add_argument("--checkpoint", default="out/sft_run", help="checkpoint folder, or run folder (latest step)")
     parser.add_argument("--data", default="out/sft", help="folder with <split>.jsonl (and train.jsonl for baselines)")
     parser.add_argument("--split", default="test", choices=["train", "dev", "test"])
     parser.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: all in the split)")
-    parser.add_argument("--limit", type=int, default=100, help="rows per task and language (0 = all)")
+    parser.add_argument("--limit", type=number(0, rule="must be 0 (all) or more"), default=100, help="rows per task and language (0 = all)")
     parser.add_argument("--no-greedy", action="store_true", help="skip generation (likelihood scoring only)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest generated translation")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=number(1), default=128, help="longest generated translation")
+    parser.add_argument("--batch-size", type=number(1), default=16)
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="folder for eval_<split>.json/.md (default: the checkpoint)")
     args = parser.parse_args(argv)
-    need(args.limit >= 0, "--limit", args.limit, "must be 0 (all) or more")
-    need(args.max_new_tokens >= 1, "--max-new-tokens", args.max_new_tokens, "must be at least 1")
-    need(args.batch_size >= 1, "--batch-size", args.batch_size, "must be at least 1")
     if args.score_submission:
         path = Path(args.score_submission)
         if not path.is_file():
             raise InputFileError(f"--score-submission {path}: no such file; give the submission CSV")
-        scores = score_submission(path.read_text(encoding="utf-8"), str(path))
+        scores = score_submission(read_text(path), str(path))
         print(challenge_table({f"{path.name}": scores}))
         return scores
     check_device(args.device)
@@ -170,7 +167,7 @@ def main(argv=None) -> dict:
     model = ckpt.load_model(folder, device=args.device).eval()
     tokenizer = Tokenizer.from_file(args.tokenizer or folder / "tokenizer.json")
     data = Path(args.data)
-    rows, _ = read_conversations(data / f"{args.split}.jsonl", tasks=args.tasks)
+    rows, _ = read_conversations(data / f"{args.split}.jsonl", tasks=args.tasks, require_tasks=True)
     train_rows = []
     if args.split != "train" and (data / "train.jsonl").is_file():
         train_rows, _ = read_conversations(data / "train.jsonl", tasks=args.tasks)

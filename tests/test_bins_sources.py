@@ -15,7 +15,8 @@ from data import prepare_pretrain
 from lillm import sources as sources_module
 from lillm.bins import prepare
 from lillm.corpora import CORPORA, HUB_CORPORA
-from lillm.data import BinLoader, check_bins, iter_eval_batches
+from lillm.bin_format import check_bins
+from lillm.data import BinLoader, iter_eval_batches
 from lillm.errors import CorpusFormatError, HubUnavailableError, SourceError
 from lillm.sources import dataset_source, resolve_sources
 from lillm.tokenizer import train_bpe

@@ -1,10 +1,10 @@
-"""Change a model's vocabulary: the tokenizer and the embedding rows move together.
+"""Grow a model's vocabulary: new tokens appended to the tokenizer and embedding rows made for them.
 
 A vocabulary is two things that must agree: the tokenizer (which string is which id) and
-the model's embedding and output rows (what each id means). This module changes both.
-SHRINKING (keep only the tokens a language uses) is for now in lillm/vocab_shrink.py.
+the model's embedding and output rows (what each id means). This module grows both;
+shrinking (keep only the tokens a language uses) is lillm/vocab_shrink.py.
 
-EXPANSION (the bafoGPT road; Cui et al., 2023, "Efficient and Effective Text Encoding for
+Expansion (the bafoGPT road; Cui et al., 2023, "Efficient and Effective Text Encoding for
 Chinese LLaMA"): a model pretrained on Swahili and Hausa splits isiZulu into many short
 pieces. We learn the tokens it lacks and append them, without moving any existing id.
 
