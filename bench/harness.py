@@ -87,25 +87,29 @@ def synchronize(device) -> None:
 
 
 class Stopwatch:
-    """Wall-clock seconds of a with-block: `with Stopwatch(device) as watch: ...; watch.seconds`."""
+    """Wall-clock seconds of a with-block: `with Stopwatch(device) as watch: ...; watch.seconds`.
+    watch.cpu_seconds: the CPU time this process used meanwhile (all its threads); on a shared
+    machine it is what the block cost, whatever share of the cores the other jobs left it."""
 
     def __init__(self, device="cpu"):
         self.device = device
-        self.seconds = 0.0
+        self.seconds = self.cpu_seconds = 0.0
 
     def __enter__(self) -> Self:
         synchronize(self.device)
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exception) -> None:
         synchronize(self.device)
         self.seconds = time.perf_counter() - self.start
+        self.cpu_seconds = time.process_time() - self.cpu_start
 
 
 def time_alternating(calls: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                     device="cpu") -> dict[str, list[float]]:
-    """Seconds per call for each named call: warm-up, then alternating repetitions."""
+                     device="cpu", cpu_seconds: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Seconds per call for each named call: warm-up, then alternating repetitions.
+    cpu_seconds, when given, is filled with each call's CPU seconds (Stopwatch.cpu_seconds)."""
     for call in calls.values():
         for _ in range(warmup):
             call()
@@ -116,6 +120,8 @@ def time_alternating(calls: dict[str, Callable[[], object]], repeats: int, warmu
             with Stopwatch(device) as watch:
                 calls[name]()
             seconds[name].append(watch.seconds)
+            if cpu_seconds is not None:
+                cpu_seconds.setdefault(name, []).append(watch.cpu_seconds)
     return seconds
 
 
