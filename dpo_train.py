@@ -14,12 +14,11 @@ evaluation the log gets the held-out pairs' loss, implicit rewards, margin and p
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from lillm.cli import (
+    ArgumentParser,
     accumulation_steps,
     add_finetuning_data_args,
     add_peft_args,
@@ -29,10 +28,12 @@ from lillm.cli import (
     check_finetuning_args,
     finish,
     load_finetuning_start,
+    number,
     print_summary,
     run_main,
     task_score_evaluator,
     train_config_from_args,
+    FinetuningRun,
 )
 from lillm.dpo import (
     LOSS_TYPES,
@@ -45,22 +46,31 @@ from lillm.dpo import (
     dpo_evaluator,
 )
 from lillm.errors import DPODataError, FlagError
+from lillm.memory import autocast_for
+from lillm.resume import check_resume
 from lillm.peft import describe
 from lillm.rows import cap_per_task, read_pairs
 from lillm.sft import BATCHING_CHOICES
 from lillm.train import setup_distributed, train
 
 
+@dataclass
+class DPORun(FinetuningRun):
+    """What a DPO checkpoint records of its stage (TrainConfig.settings)."""
+    objective: DPOConfig
+    pairs: dict  # rows read, kept and dropped (lillm.dpo.build_pairs)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init-from", default="out/sft_run", help="SFT checkpoint folder, or run folder (latest step)")
     parser.add_argument("--data", default="out/dpo", help="folder with train.jsonl and dev.jsonl (data/prepare_dpo.py)")
     add_finetuning_data_args(parser, "data/prepare_dpo.py", "pairs")
     parser.add_argument("--loss", choices=LOSS_TYPES, default="dpo", help="dpo (with a reference) or simpo (without)")
-    parser.add_argument("--beta", type=float, default=None, help="reward scale (default 0.1 for dpo, 2.0 for simpo)")
-    parser.add_argument("--label-smoothing", type=float, default=0.0,
+    parser.add_argument("--beta", type=number(0, kind=float, above=True), default=None, help="reward scale (default 0.1 for dpo, 2.0 for simpo)")
+    parser.add_argument("--label-smoothing", type=number(0, 0.5, float, below=True), default=0.0,
                         help="conservative DPO: assumed probability that a pair's preference is flipped")
-    parser.add_argument("--gamma", type=float, default=0.5, help="SimPO's target margin")
+    parser.add_argument("--gamma", type=number(0, kind=float, rule="must be 0 or more (the margin SimPO asks of the chosen answer)"), default=0.5, help="SimPO's target margin")
     parser.add_argument("--too-long", choices=TOO_LONG_CHOICES, default="truncate",
                         help="pairs that do not fit: drop them, or shorten the prompt's middle")
     parser.add_argument("--batching", choices=BATCHING_CHOICES, default="pad",
@@ -81,7 +91,7 @@ def main(argv=None):
     model = apply_peft_from_args(model, args).to(env.device)
 
     data = Path(args.data)
-    rows, _ = read_pairs(data / "train.jsonl", strict=args.strict, tasks=args.tasks)
+    rows, _ = read_pairs(data / "train.jsonl", strict=args.strict, tasks=args.tasks, require_tasks=True)
     pairs, stats = build_pairs(tokenizer, cap_per_task(rows, args.max_per_task), seq_len, args.too_long,
                                verbose=env.is_main)
     if not pairs:
@@ -90,10 +100,14 @@ def main(argv=None):
     if (data / "dev.jsonl").is_file():
         dev_rows, _ = read_pairs(data / "dev.jsonl", strict=args.strict, tasks=args.tasks)
         dev_pairs, _ = build_pairs(tokenizer, cap_per_task(dev_rows, args.eval_limit), seq_len, "truncate", verbose=False)
+    settings = DPORun(str(data), str(init), args.tasks, seq_len, args.batching, args.global_batch, args.too_long,
+                      dpo, stats)
+    cfg = train_config_from_args(args, seq_len, settings)
+    if args.resume:  # before the reference pass over every pair: every difference from the run's settings
+        check_resume(cfg, model)
     if dpo.needs_reference:  # the --init-from model (adapters off) IS the reference, before any step
         # In the precision the loop will run the policy in, so that policy = reference gives h = 0 exactly.
-        bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
-        with torch.autocast(env.device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+        with autocast_for(args.precision, env.device):
             add_reference_logps(model, pairs + dev_pairs, args.micro_batch, tokenizer.pad_id, progress=env.is_main)
     evaluate = dpo_evaluator(dev_pairs, dpo, args.micro_batch, tokenizer.pad_id) if dev_pairs else None
     evaluate = both_evaluators(evaluate, task_score_evaluator(args, tokenizer))
@@ -102,11 +116,6 @@ def main(argv=None):
                                unit="packed rows" if args.batching == "pack" else "pairs")
     source = PreferenceBatches(pairs, args.micro_batch, accum, args.batching, seq_len, tokenizer.pad_id,
                                seed=args.seed, rank=env.rank, world=env.world)
-    cfg = train_config_from_args(args, stage="dpo", data=str(data), init_from=str(init), tasks=args.tasks,
-                                 seq_len=seq_len, batching=args.batching, global_batch=args.global_batch,
-                                 loss=dpo.loss_type, beta=dpo.beta, label_smoothing=dpo.label_smoothing,
-                                 gamma=dpo.gamma, too_long=args.too_long, pairs=stats)
-    cfg.flops_per_token = model.config.flops_per_token(seq_len)
     if env.is_main:
         print(f"model: {init}, {model.num_params():,} parameters; {len(pairs):,} pairs ({args.batching}, seq_len "
               f"{seq_len}), {len(dev_pairs):,} dev pairs; {dpo.loss_type} beta {dpo.beta}; micro batch "

@@ -18,28 +18,25 @@ import sys
 import torch
 
 from lillm import checkpoint as ckpt
-from lillm.cli import check_device, need, run_main
+from lillm.cli import ArgumentParser, check_device, number, run_main
 from lillm.errors import CheckpointError, FlagError, TokenizerMismatchError
-from lillm.generate import generate
+from lillm.generate import TextStream, generate
 from lillm.peft import load_peft
 from lillm.quant import quantize_int8
 from lillm.tokenizer import Tokenizer
 
 
 class StreamPrinter:
-    """Print a row's text as tokens arrive. Decoding the whole row each time and printing the new
-    suffix keeps multi-byte characters whole (a token may hold half of one)."""
+    """generate()'s on_token: print a row's text as tokens arrive (lillm.generate.TextStream)."""
 
     def __init__(self, tokenizer: Tokenizer, out=None):
-        self.tokenizer, self.out, self.ids, self.shown = tokenizer, out or sys.stdout, [], ""
+        self.stream, self.out = TextStream(tokenizer), out or sys.stdout
 
     def __call__(self, row: int, token: int):
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if not text.endswith("\ufffd"):  # wait for the rest of a split character
-            self.out.write(text[len(self.shown):])
+        piece = self.stream.piece(token)
+        if piece:
+            self.out.write(piece)
             self.out.flush()
-            self.shown = text
 
 
 def load(folder: str, device: str, adapter: str | None = None):
@@ -60,11 +57,7 @@ def load(folder: str, device: str, adapter: str | None = None):
 
 
 def check_sampling(args) -> None:
-    """Sampling flags refused by name before the model is loaded (not clamped, not crashed on in torch)."""
-    need(args.max_new_tokens >= 1, "--max-new-tokens", args.max_new_tokens, "must be at least 1")
-    need(args.temperature >= 0, "--temperature", args.temperature, "must be 0 (greedy) or more")
-    need(args.top_k >= 0, "--top-k", args.top_k, "must be 0 (off) or more")
-    need(0 < args.top_p <= 1, "--top-p", args.top_p, "must be in (0, 1]", "1 turns it off")
+    """The device, before the model is loaded (the sampling numbers are checked by their flags' ranges)."""
     check_device(args.device)
 
 
@@ -137,16 +130,16 @@ def serve(model, tokenizer: Tokenizer, args) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint folder (config.json, model.safetensors, tokenizer.json), or a run folder (its latest step)")
     parser.add_argument("--prompt", action="append", help="a prompt; repeat for a batch (default: read stdin lines)")
     parser.add_argument("--chat", action="store_true", help="chat with an SFT model using the chat template")
     parser.add_argument("--system", default=None, help="system message for --chat")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=number(1), default=100)
+    parser.add_argument("--temperature", type=number(0, kind=float, rule="must be 0 (greedy) or more"), default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=number(0, rule="must be 0 (off) or more"), default=50)
+    parser.add_argument("--top-p", type=number(0, 1, float, above=True, fix="1 turns it off"), default=0.95)
+    parser.add_argument("--seed", type=number(0), default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--adapter", default=None, help="a lillm.peft adapter folder to apply to the checkpoint")
     parser.add_argument("--compile", action="store_true",
@@ -161,11 +154,12 @@ def main(argv=None):
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on with --serve (127.0.0.1: this machine only; the server has no "
                              "authentication, so think before 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=8000, help="port for --serve (0: any free port)")
-    parser.add_argument("--slots", "--max-batch", type=int, default=8,
+    parser.add_argument("--port", type=number(0, 65535, rule="must be between 0 (any free port) and 65535"),
+                        default=8000, help="port for --serve (0: any free port)")
+    parser.add_argument("--slots", "--max-batch", type=number(1), default=8,
                         help="--serve: requests decoded together at most (continuous batching: a new request "
                              "joins at the next decoding step while a slot is free)")
-    parser.add_argument("--max-queue", type=int, default=64,
+    parser.add_argument("--max-queue", type=number(1), default=64,
                         help="--serve: requests waiting for a slot at most; beyond that the server answers 503 "
                              "with Retry-After")
     args = parser.parse_args(argv)
@@ -175,6 +169,9 @@ def main(argv=None):
         raise FlagError(f"--slots must be at least 1 and --max-queue at least 0 (got {args.slots} and "
                         f"{args.max_queue})")
     check_sampling(args)
+    if args.serve:  # a port in use or a host that does not resolve is refused before the model is loaded
+        from lillm.serve import listen
+        listen(args.host, args.port).server_close()
     model, tokenizer = load(args.checkpoint, args.device, args.adapter)
     if args.quantize == "int8":
         model = quantize_int8(model, inplace=True)

@@ -13,28 +13,45 @@ Batches come from lillm.data.BinLoader, the loop is lillm.train.train (shared wi
 from __future__ import annotations
 
 import argparse
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lillm import checkpoint as ckpt
-from lillm.cli import (accumulation_steps, add_peft_args, add_training_args, apply_peft_from_args,
-                       check_training_args, finish, need, print_summary, run_main, train_config_from_args)
+from lillm.cli import (ArgumentParser, accumulation_steps, add_peft_args, add_training_args, apply_peft_from_args,
+                       check_tokenizer_change, check_training_args, finish, number, print_summary, run_main,
+                       train_config_from_args)
 from lillm.config import PRESETS, get_preset, parse_overrides
-from lillm.errors import BinFormatError, FlagError, TokenizerMismatchError
+from lillm.errors import BinFormatError, FlagError, InputFileError, TokenizerMismatchError
 from lillm.folders import check_run_folder
-from lillm.data import BinLoader, StepBatches, check_bins, load_meta
-from lillm.model import Transformer
-from lillm.errors import InputFileError
+from lillm.bin_format import check_bins, load_meta, split_files
+from lillm.data import BinLoader, StepBatches
 from lillm.mixture import TaskMixture, task_micro_batches
+from lillm.model import Transformer
 from lillm.peft import describe
 from lillm.rows import read_conversations
 from lillm.sft import LOSS_ON_CHOICES, SFTBatches, build_examples
 from lillm.tokenizer import Tokenizer
-from lillm.vocab import train_only_new_rows
+from lillm.vocab_expand import train_only_new_rows
 from lillm.perplexity import bin_evaluator, unigram_bits_per_byte
+from lillm.resume import check_resume
 from lillm.train import setup_distributed, train
+
+
+@dataclass
+class PretrainRun:
+    """What a pretraining checkpoint records of its stage (TrainConfig.settings)."""
+    data: str
+    preset: str
+    seq_len: int
+    global_batch_tokens: int
+    model: list = field(default_factory=list)  # --model KEY=VALUE changes to the preset's shape
+    task_data: str | None = None                # mid-training (lillm/mixture.py)
+    task_share: float | None = None
+    task_start: float | None = None
+    task_loss: str | None = None
+    tasks: list | None = None
 
 
 def build_model(args, vocab_size: int) -> tuple[Transformer, str]:
@@ -63,20 +80,13 @@ def build_model(args, vocab_size: int) -> tuple[Transformer, str]:
 def check_args(args) -> None:
     """Every flag checked before anything is read or trained."""
     check_training_args(args)
-    need(args.seq_len >= 1, "--seq-len", args.seq_len, "must be at least 1")
-    need(args.global_batch_tokens >= 1, "--global-batch-tokens", args.global_batch_tokens, "must be at least 1")
-    need(args.eval_batches >= 1, "--eval-batches", args.eval_batches, "must be at least 1",
-         "use --eval-every 0 to train without evaluation")
-    if args.train_new_rows_from is not None:
-        need(args.train_new_rows_from >= 0, "--train-new-rows-from", args.train_new_rows_from, "must be 0 or more")
     if args.init_from and args.model:
         raise FlagError(f"--model {' '.join(args.model)} changes a preset's shape, but --init-from {args.init_from} "
                         "brings its own: leave out --model")
-    need(0 < args.task_share <= 1, "--task-share", args.task_share, "must be in (0, 1]")
-    need(0 <= args.task_start < 1, "--task-start", args.task_start, "must be in [0, 1): a fraction of --max-steps")
     if args.task_data and not (Path(args.task_data) / "train.jsonl").is_file():
         raise InputFileError(f"--task-data {args.task_data}: no train.jsonl there; make one with data/prepare_sft.py")
-    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite,
+                     reads={"--data": args.data, "--init-from": args.init_from, "--tokenizer": args.tokenizer})
 
 
 def check_splits(data: Path, meta: dict, tokenizer: Tokenizer, args) -> bool:
@@ -95,23 +105,10 @@ def check_splits(data: Path, meta: dict, tokenizer: Tokenizer, args) -> bool:
     for split in ("train", "val") if args.eval_every > 0 else ("train",):
         tokens = splits[split]["tokens"]
         if tokens < args.seq_len + 1:
-            raise BinFormatError(f"{data / splits[split]['file']} holds {tokens} tokens, fewer than one window of "
+            files = ", ".join(name for name, _ in split_files(splits[split]))
+            raise BinFormatError(f"{data} ({split}: {files}) holds {tokens} tokens, fewer than one window of "
                                  f"--seq-len {args.seq_len} + 1; use a smaller --seq-len or prepare more data")
     return args.eval_every > 0
-
-
-def check_init_tokenizer(args, meta: dict) -> None:
-    """--init-from's tokenizer must be the bins' one (same hash), unless the change is asked for."""
-    folder = ckpt.resolve_checkpoint(args.init_from)
-    theirs = ckpt.tokenizer_sha256(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
-    if theirs is None or theirs == meta["tokenizer_sha256"]:
-        return
-    message = (f"--init-from {folder} was trained with tokenizer sha256 {theirs[:16]}..., but the bins in "
-               f"{args.data} were made with sha256 {meta['tokenizer_sha256'][:16]}... ({meta.get('tokenizer_path')})")
-    if not args.allow_tokenizer_change:
-        raise TokenizerMismatchError(f"{message}; prepare the bins with {folder / 'tokenizer.json'}, or pass "
-                                     "--allow-tokenizer-change if the change is deliberate")
-    print(f"warning: {message}; continuing because --allow-tokenizer-change was given", file=sys.stderr)
 
 
 def task_mixture(args, text: StepBatches, accum: int, tokenizer: Tokenizer, seq_len: int, env) -> TaskMixture:
@@ -131,7 +128,7 @@ def task_mixture(args, text: StepBatches, accum: int, tokenizer: Tokenizer, seq_
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="out/data", help="folder with train.bin, val.bin, meta.json")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one meta.json names)")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
@@ -139,23 +136,25 @@ def main(argv=None):
                         help="change the preset's shape, e.g. --model n_layers=6 d_ff=704 (lillm.config.ModelConfig)")
     parser.add_argument("--init-from", default=None,
                         help="start from this checkpoint (or run) folder's weights with a fresh optimizer (continued pretraining)")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--global-batch-tokens", type=int, default=16384,
+    parser.add_argument("--seq-len", type=number(1), default=128)
+    parser.add_argument("--global-batch-tokens", type=number(1), default=16384,
                         help="tokens per optimizer step over all processes and accumulation steps")
-    parser.add_argument("--eval-batches", type=int, default=20, help="val batches per evaluation")
+    parser.add_argument("--eval-batches", type=number(1, fix="use --eval-every 0 to train without evaluation"), default=20, help="val batches per evaluation")
     parser.add_argument("--curriculum", action="store_true",
                         help="read train.bin in order (sources in the order given to prepare_pretrain --corpora) "
                              "instead of random windows")
     parser.add_argument("--allow-tokenizer-change", action="store_true",
                         help="train --init-from's model on bins made with another tokenizer (normally refused)")
-    parser.add_argument("--train-new-rows-from", type=int, default=None, metavar="ID",
+    parser.add_argument("--train-new-rows-from", type=number(0), default=None, metavar="ID",
                         help="continued pretraining after scripts/expand_vocab.py: train only embedding rows >= ID "
                              "(the base vocab size), everything else frozen; weight decay is set to 0")
     mid = parser.add_argument_group("mid-training: task conversations in the pretraining stream (lillm/mixture.py)")
     mid.add_argument("--task-data", default=None, metavar="FOLDER", help="train.jsonl of data/prepare_sft.py")
     mid.add_argument("--tasks", nargs="+", default=None, help="only these tasks of --task-data (default: all)")
-    mid.add_argument("--task-share", type=float, default=0.5, help="share of each step's micro batches")
-    mid.add_argument("--task-start", type=float, default=0.0, help="tasks join at this fraction of --max-steps")
+    mid.add_argument("--task-share", type=number(0, 1, float, above=True), default=0.5,
+                     help="share of each step's micro batches")
+    mid.add_argument("--task-start", type=number(0, 1, float, below=True), default=0.0,
+                     help="tasks join at this fraction of --max-steps")
     mid.add_argument("--task-loss", choices=LOSS_ON_CHOICES, default="all",
                      help="all: every token of a conversation (nanochat); assistant: the answers only (SFT)")
     add_training_args(parser, out="out/pretrain", max_steps=200, lr=1e-3, warmup_steps=20, eval_every=50,
@@ -171,8 +170,11 @@ def main(argv=None):
     tokenizer = Tokenizer.from_file(tokenizer_path)
     check_bins(data, tokenizer)
     evaluating = check_splits(data, meta, tokenizer, args)
-    if args.init_from:
-        check_init_tokenizer(args, meta)
+    if args.init_from:  # the bins' tokenizer must be the one the checkpoint was trained with
+        init = ckpt.resolve_checkpoint(args.init_from)
+        check_tokenizer_change(init, meta["tokenizer_sha256"], f"the tokenizer of the bins in {args.data} "
+                               f"({meta.get('tokenizer_path')})", f"prepare the bins with {init / 'tokenizer.json'}",
+                               args.allow_tokenizer_change)
     model, origin = build_model(args, tokenizer.vocab_size)
     model = apply_peft_from_args(model, args)
     if args.train_new_rows_from is not None:
@@ -183,6 +185,12 @@ def main(argv=None):
         raise FlagError(f"--global-batch-tokens {args.global_batch_tokens} must be a multiple of --seq-len {seq_len}; "
                         f"use {max(1, args.global_batch_tokens // seq_len) * seq_len}")
     accum = accumulation_steps(args.global_batch_tokens // seq_len, args.micro_batch, env.world)
+    mid_training = dict(task_data=args.task_data, task_share=args.task_share, task_start=args.task_start,
+                        task_loss=args.task_loss, tasks=args.tasks) if args.task_data else {}
+    cfg = train_config_from_args(args, seq_len, PretrainRun(str(data), args.preset, seq_len, args.global_batch_tokens,
+                                                            model=list(args.model), **mid_training))
+    if args.resume:  # before the baseline scans the data: every difference from the run's settings, named
+        check_resume(cfg, model)
     loader = BinLoader(data / "train.bin", seq_len, args.micro_batch * accum, seed=args.seed,
                        rank=env.rank, world_size=env.world, device=env.device, sequential=args.curriculum)
     source = StepBatches(loader, accum)
@@ -192,11 +200,6 @@ def main(argv=None):
                              meta["splits"]["val"]["bytes_per_token"], env.device) if evaluating else None
     # the baseline is computed now, not after training, so a problem with it costs no training time
     baseline = {"unigram_val_bpb": round(unigram_bits_per_byte(data, meta), 5)} if "val" in meta["splits"] else {}
-    cfg = train_config_from_args(args, stage="pretrain", data=str(data), preset=args.preset, seq_len=seq_len,
-                                 global_batch_tokens=args.global_batch_tokens, task_data=args.task_data,
-                                 task_share=args.task_share if args.task_data else None, task_start=args.task_start,
-                                 task_loss=args.task_loss, tasks=args.tasks)
-    cfg.flops_per_token = model.config.flops_per_token(seq_len)
     if env.is_main:
         active = model.config.active_params() if model.config.n_experts else None  # a mixture of experts
         print(f"model: {origin}, {model.num_params():,} parameters{f' ({active:,} active)' if active else ''}; "

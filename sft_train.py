@@ -15,16 +15,25 @@ latest step_N is used); training starts with a fresh optimizer.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
-from lillm.cli import (accumulation_steps, add_finetuning_data_args, check_finetuning_args, load_finetuning_start, add_peft_args, add_training_args, apply_peft_from_args,
-                       both_evaluators, finish, need, print_summary, run_main, task_score_evaluator,
+from lillm.cli import (ArgumentParser, FinetuningRun, accumulation_steps, add_finetuning_data_args, add_peft_args,
+                       add_training_args, apply_peft_from_args, both_evaluators, check_finetuning_args, finish,
+                       load_finetuning_start, number, print_summary, run_main, task_score_evaluator,
                        train_config_from_args)
 from lillm.errors import SFTDataError
 from lillm.peft import describe
 from lillm.rows import cap_per_task, read_conversations
 from lillm.sft import BATCHING_CHOICES, TOO_LONG_CHOICES, SFTBatches, add_neftune, build_examples, sft_evaluator
 from lillm.train import setup_distributed, train
+
+@dataclass
+class SFTRun(FinetuningRun):
+    """What an SFT checkpoint records of its stage (TrainConfig.settings)."""
+    neftune_alpha: float
+    examples: dict  # rows read, kept, dropped and truncated (lillm.sft.build_examples)
+
 
 EPILOG = """two-stage schedule (the public 40M Buzuzu-Mavi model: translation first, then every task):
   python sft_train.py --init-from out/pretrain --tasks translation --out out/sft_mt --max-steps 300
@@ -34,11 +43,10 @@ The second run starts from the first one's latest checkpoint with a fresh optimi
 
 def check_args(args) -> None:
     check_finetuning_args(args)
-    need(args.neftune_alpha >= 0, "--neftune-alpha", args.neftune_alpha, "must be 0 (off) or more")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
+    parser = ArgumentParser(description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--init-from", default="out/pretrain", help="checkpoint folder, or run folder (latest step)")
     parser.add_argument("--data", default="out/sft", help="folder with train.jsonl and dev.jsonl (data/prepare_sft.py)")
@@ -47,7 +55,7 @@ def main(argv=None):
                         help="longer examples: drop them, or shorten the prompt's middle then cut the end")
     parser.add_argument("--batching", choices=BATCHING_CHOICES, default="pad",
                         help="pad: one conversation per row; pack: several per row of seq_len, masked apart")
-    parser.add_argument("--neftune-alpha", type=float, default=0.0, help="NEFTune noise (5 in the paper; 0 = off)")
+    parser.add_argument("--neftune-alpha", type=number(0, kind=float, rule="must be 0 (off) or more"), default=0.0, help="NEFTune noise (5 in the paper; 0 = off)")
     add_training_args(parser, out="out/sft_run", max_steps=200, lr=1e-4, warmup_steps=10, eval_every=50,
                       save_every=100, micro_batch=8, weight_decay=0.0)
     add_peft_args(parser)
@@ -59,7 +67,7 @@ def main(argv=None):
     model = apply_peft_from_args(model, args)
 
     data = Path(args.data)
-    rows, _ = read_conversations(data / "train.jsonl", strict=args.strict, tasks=args.tasks)
+    rows, _ = read_conversations(data / "train.jsonl", strict=args.strict, tasks=args.tasks, require_tasks=True)
     rows = cap_per_task(rows, args.max_per_task)
     examples, stats = build_examples(tokenizer, rows, seq_len, args.too_long, verbose=env.is_main)
     if not examples:
@@ -77,10 +85,9 @@ def main(argv=None):
                                unit="packed rows" if args.batching == "pack" else "conversations")
     source = SFTBatches(examples, args.micro_batch, accum, args.batching, seq_len, tokenizer.pad_id,
                         seed=args.seed, rank=env.rank, world=env.world)
-    cfg = train_config_from_args(args, stage="sft", data=str(data), init_from=str(init), tasks=args.tasks,
-                                 seq_len=seq_len, batching=args.batching, global_batch=args.global_batch,
-                                 neftune_alpha=args.neftune_alpha, too_long=args.too_long, examples=stats)
-    cfg.flops_per_token = model.config.flops_per_token(seq_len)
+    settings = SFTRun(str(data), str(init), args.tasks, seq_len, args.batching, args.global_batch, args.too_long,
+                      args.neftune_alpha, stats)
+    cfg = train_config_from_args(args, seq_len, settings)
     if env.is_main:
         print(f"model: {init}, {model.num_params():,} parameters; {len(examples):,} conversations "
               f"({args.batching}, seq_len {seq_len}); micro batch {args.micro_batch} x {accum} accumulation x "

@@ -25,21 +25,21 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from lillm.checkpoint import write_text_atomic
+from lillm.folders import check_output_file, write_text_atomic
 from lillm.corpora import CORPORA, FORMATS, HUB_CORPORA, LANGS, data_dir, documents_for, read_documents
-from lillm.cli import need, run_main
-from lillm.errors import InputFileError, OutputFolderError
+from lillm.cli import ArgumentParser, number, run_main
+from lillm.errors import InputFileError
 from lillm.sources import DEFAULT_KINDS, TEXT_FORMATS, budgeted, file_source, hub_source, registered_source
 from lillm.tokenizer import Tokenizer, fertility_report, load_lenient, train_bpe
 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--langs", nargs="+", default=None, choices=LANGS,
                    help="languages to train on (default: swa hau, unless only --hf / hub corpora / data files are given)")
-    p.add_argument("--vocab-size", type=int, default=8192, help="total ids, special tokens included")
-    p.add_argument("--min-frequency", type=int, default=2, help="a pair must occur this often to be merged")
+    p.add_argument("--vocab-size", type=number(300, fix="a byte-level BPE needs 256 byte tokens and the special tokens before any merge"), default=8192, help="total ids, special tokens included")
+    p.add_argument("--min-frequency", type=number(1), default=2, help="a pair must occur this often to be merged")
     p.add_argument("--out", default="out/tokenizer/tokenizer.json", help="where to write tokenizer.json")
     p.add_argument("--data-dir", default=None, help="data directory (default: $LILLM_DATA_DIR or ../shared/data)")
     p.add_argument("--corpora", nargs="+", default=None, metavar="NAME",
@@ -50,11 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--file-format", default="txt", choices=FORMATS, help="format of --files")
     p.add_argument("--text-column", default=None, help="text column of --files in csv/tsv format")
     p.add_argument("--compare", nargs="+", default=[], metavar="TOKENIZER_JSON", help="tokenizers to compare with")
-    p.add_argument("--max-docs", type=int, default=0, help="at most this many documents per language (0 = all)")
-    p.add_argument("--holdout-every", type=int, default=50, help="hold out every Nth document of each language")
+    p.add_argument("--max-docs", type=number(0, rule="must be 0 (all) or more"), default=0, help="at most this many documents per language (0 = all)")
+    p.add_argument("--holdout-every", type=number(2, fix="every Nth document is held out, so 1 would leave nothing to train on"), default=50, help="hold out every Nth document of each language")
     p.add_argument("--hf", nargs="+", default=[], metavar="NAME[:CONFIG]", help="Hugging Face datasets, streamed")
     p.add_argument("--hf-split", default="train", help="split of the --hf datasets")
-    p.add_argument("--max-bytes", type=int, default=None,
+    p.add_argument("--max-bytes", type=number(0, above=True), default=None,
                    help="streamed sources (--hf, hub corpora, data files): at most this many UTF-8 bytes each")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = p.parse_args(argv)
@@ -134,13 +134,6 @@ def print_table(lang: str, rows: dict[str, dict], vocab: dict[str, int]) -> None
 
 def check_args(args: argparse.Namespace) -> None:
     """Numbers, input files and the output path, checked before any text is read."""
-    need(args.vocab_size >= 300, "--vocab-size", args.vocab_size, "must be at least 300",
-         "a byte-level BPE needs 256 byte tokens and the special tokens before any merge")
-    need(args.min_frequency >= 1, "--min-frequency", args.min_frequency, "must be at least 1")
-    need(args.max_docs >= 0, "--max-docs", args.max_docs, "must be 0 (all) or more")
-    need(args.holdout_every >= 2, "--holdout-every", args.holdout_every, "must be at least 2",
-         "every Nth document is held out, so 1 would leave nothing to train on")
-    need(args.max_bytes is None or args.max_bytes > 0, "--max-bytes", args.max_bytes, "must be positive")
     for path in map(Path, args.files):
         if str(path).startswith("hf:/"):
             continue   # a remote file pattern, streamed
@@ -149,13 +142,14 @@ def check_args(args: argparse.Namespace) -> None:
                                  f"list the files in it instead")
         if not path.exists():
             raise InputFileError(f"--files {path} does not exist; check the path")
-    out = Path(args.out)
-    if out.is_dir():
-        raise OutputFolderError(f"--out {out} is a folder; give the path of the tokenizer.json file to write, "
-                                f"e.g. {out / 'tokenizer.json'}")
-    if out.exists() and not args.overwrite:
-        raise OutputFolderError(f"--out {out} already exists; pass --overwrite to replace it (token bins and "
-                                "checkpoints made with it will no longer match it), or choose another --out")
+    out, reads = Path(args.out), {"--files": args.files, "--compare": args.compare}
+    check_output_file(out, "tokenizer", overwrite=args.overwrite, reads=reads, fix="tokenizer.json")
+    check_output_file(report_path(out), "tokenizer-report", overwrite=args.overwrite, flag="--out's report",
+                      reads=reads)
+
+
+def report_path(out: Path) -> Path:
+    return out.with_name(out.stem + ".report.json")
 
 
 def main(argv=None) -> None:
@@ -199,9 +193,8 @@ def main(argv=None) -> None:
         rows = {name: fertility_report(t, docs) for name, t in candidates.items()}
         print_table(lang, rows, vocab)
         report["languages"][lang] = rows
-    report_path = out.with_name(out.stem + ".report.json")
-    write_text_atomic(report_path, json.dumps(report, indent=2, ensure_ascii=False))
-    print(f"\nreport written to {report_path}; total time {time.time() - started:.1f}s")
+    write_text_atomic(report_path(out), json.dumps(report, indent=2, ensure_ascii=False))
+    print(f"\nreport written to {report_path(out)}; total time {time.time() - started:.1f}s")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Self
 
 from lillm.config import ModelConfig, get_preset
+from lillm.folders import write_text_atomic
 
 SIDES = ("lillm", "transformers")
 
@@ -87,25 +87,29 @@ def synchronize(device) -> None:
 
 
 class Stopwatch:
-    """Wall-clock seconds of a with-block: `with Stopwatch(device) as watch: ...; watch.seconds`."""
+    """Wall-clock seconds of a with-block: `with Stopwatch(device) as watch: ...; watch.seconds`.
+    watch.cpu_seconds: the CPU time this process used meanwhile (all its threads); on a shared
+    machine it is what the block cost, whatever share of the cores the other jobs left it."""
 
     def __init__(self, device="cpu"):
         self.device = device
-        self.seconds = 0.0
+        self.seconds = self.cpu_seconds = 0.0
 
     def __enter__(self) -> Self:
         synchronize(self.device)
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exception) -> None:
         synchronize(self.device)
         self.seconds = time.perf_counter() - self.start
+        self.cpu_seconds = time.process_time() - self.cpu_start
 
 
 def time_alternating(calls: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                     device="cpu") -> dict[str, list[float]]:
-    """Seconds per call for each named call: warm-up, then alternating repetitions."""
+                     device="cpu", cpu_seconds: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Seconds per call for each named call: warm-up, then alternating repetitions.
+    cpu_seconds, when given, is filled with each call's CPU seconds (Stopwatch.cpu_seconds)."""
     for call in calls.values():
         for _ in range(warmup):
             call()
@@ -116,6 +120,8 @@ def time_alternating(calls: dict[str, Callable[[], object]], repeats: int, warmu
             with Stopwatch(device) as watch:
                 calls[name]()
             seconds[name].append(watch.seconds)
+            if cpu_seconds is not None:
+                cpu_seconds.setdefault(name, []).append(watch.cpu_seconds)
     return seconds
 
 
@@ -218,10 +224,7 @@ def device_name(device: str) -> str:
 def write_json(path: Path, record: dict) -> None:
     """Written to a temporary name and renamed: a run cut short never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        f.write(json.dumps(record, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 def command_line() -> list[str]:

@@ -21,7 +21,7 @@ held before the model was built: weights + gradients + optimizer state + activat
 On the CPU that is the resident set's high-water mark (VmHWM), with glibc told to give every
 allocation of 64 kB or more its own mapping (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the
 resident set at once instead of lingering in malloc's heap; on CUDA torch.cuda.max_memory_allocated.
-Beside each measurement: lillm.config.estimate_training_memory for the same model, batch and
+Beside each measurement: lillm.memory.estimate_training_memory for the same model, batch and
 setting. The step time (median of the steps after the first) shows what checkpointing costs.
 
 Models: lillm's presets and Llama shapes built from a config alone (no weights are read; a random
@@ -35,11 +35,11 @@ import datetime
 import json
 import os
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 from bench import harness
-from lillm.config import ModelConfig, estimate_training_memory, get_preset, PRESETS
+from lillm.config import ModelConfig, get_preset, PRESETS
+from lillm.memory import estimate_training_memory
 
 LLAMA_SHAPES = {
     "llama-1.1b": ModelConfig(vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4, d_ff=5632,
@@ -51,12 +51,12 @@ LLAMA_SHAPES = {
     "llama-2-7b": ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008,
                               max_seq_len=2048, tie_embeddings=False),
 }
-SETTINGS = {  # name: (precision on CUDA, activation checkpointing, peft)
-    "autocast": ("autocast", False, "none"),
+SETTINGS = {  # name: (--precision, activation checkpointing, peft); auto is bf16 autocast on CUDA, fp32 on CPU
+    "autocast": ("auto", False, "none"),
     "bf16-true": ("bf16-true", False, "none"),
-    "checkpointing": ("autocast", True, "none"),
-    "lora": ("autocast", False, "lora"),
-    "qlora": ("autocast", False, "qlora"),
+    "checkpointing": ("auto", True, "none"),
+    "lora": ("auto", False, "lora"),
+    "qlora": ("auto", False, "qlora"),
     "bf16-true+checkpointing": ("bf16-true", True, "none"),
     "qlora+bf16-true+checkpointing": ("bf16-true", True, "qlora"),
 }
@@ -70,14 +70,9 @@ def model_config(name: str, seq_len: int) -> ModelConfig:
     return cfg.replace(max_seq_len=max(cfg.max_seq_len, seq_len))
 
 
-def precision_on(device: str, setting: str) -> str:
-    precision = SETTINGS[setting][0]
-    return "fp32" if precision == "autocast" and device == "cpu" else precision
-
-
 def estimate(name: str, setting: str, batch: int, seq_len: int, device: str) -> dict:
-    _, checkpointing, peft = SETTINGS[setting]
-    return estimate_training_memory(model_config(name, seq_len), batch, seq_len, precision_on(device, setting),
+    precision, checkpointing, peft = SETTINGS[setting]
+    return estimate_training_memory(model_config(name, seq_len), batch, seq_len, precision,
                                     checkpointing, peft, LORA["rank"], LORA["targets"], device)
 
 
@@ -86,7 +81,7 @@ def measure(name: str, setting: str, batch: int, seq_len: int, device: str, step
     import torch
 
     from lillm.loss import causal_lm_loss
-    from lillm.memory import checkpoint_blocks
+    from lillm.memory import autocast_for, checkpoint_blocks
     from lillm.model import Transformer
     from lillm.peft import apply_peft
     from lillm.train import TrainConfig, make_optimizer
@@ -104,10 +99,8 @@ def measure(name: str, setting: str, batch: int, seq_len: int, device: str, step
             model.to(torch.bfloat16)
         if checkpointing:
             checkpoint_blocks(model)
-        train_cfg = TrainConfig(precision="bf16-true" if precision == "bf16-true" else "fp32")
-        optimizer = make_optimizer(model, train_cfg, torch.device(device))
-        use_autocast = precision == "autocast" and device == "cuda"
-        autocast = torch.autocast(device, dtype=torch.bfloat16) if use_autocast else nullcontext()
+        optimizer = make_optimizer(model, TrainConfig(precision=precision), torch.device(device))
+        autocast = autocast_for(precision, device)
         ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(1))
         data = {"input_ids": ids[:, :-1].to(device), "labels": ids[:, 1:].to(device)}
         harness.reset_peak_memory(device)  # building (and casting) the model may pass through more than it keeps
@@ -152,7 +145,7 @@ def checkpointing_cost(name: str, batch: int, seq_len: int, device: str, repeats
     import torch
 
     from lillm.loss import causal_lm_loss
-    from lillm.memory import checkpoint_blocks
+    from lillm.memory import autocast_for, checkpoint_blocks
     from lillm.model import Transformer
 
     torch.set_num_threads(threads)
@@ -162,7 +155,7 @@ def checkpointing_cost(name: str, batch: int, seq_len: int, device: str, repeats
     recomputed = checkpoint_blocks(copy.deepcopy(plain))
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(1))
     data = {"input_ids": ids[:, :-1].to(device), "labels": ids[:, 1:].to(device)}
-    autocast = torch.autocast(device, dtype=torch.bfloat16) if device == "cuda" else nullcontext()
+    autocast = autocast_for("auto", device)
 
     def step(model):
         def run():
@@ -228,7 +221,7 @@ def main(argv=None):
     parser.add_argument("--json", default="out/bench_memory.json")
     args = parser.parse_args(argv)
     print(f"Estimated peak of one training step on one GPU, B={args.fit_batch} T={args.fit_seq_len} "
-          "(lillm.config.estimate_training_memory; 'largest' leaves 10% for the CUDA context and slack):\n")
+          "(lillm.memory.estimate_training_memory; 'largest' leaves 10% for the CUDA context and slack):\n")
     print(fit_table(args.fit_batch, args.fit_seq_len))
     if args.fit_only:
         return None

@@ -13,7 +13,7 @@ do not mix (bench.harness.read_memory):
   trainable parameters (4 bytes each in fp32, times 3).
 steps/s is the median over steps (the first step, which warms up allocations, excluded).
 Also printed: the QLoRA memory saving and quantisation error on the base's projections, and
-the tokenizer's fertility before and after expanding it with isiZulu tokens (lillm.vocab).
+the tokenizer's fertility before and after expanding it with isiZulu tokens (lillm.vocab_expand).
 """
 from __future__ import annotations
 
@@ -29,14 +29,16 @@ import torch
 
 from bench import harness
 from lillm import checkpoint as ckpt
+from lillm.folders import write_text_atomic
 from lillm.corpora import documents_for
-from lillm.data import BinLoader, iter_eval_batches, load_meta
+from lillm.bin_format import load_meta
+from lillm.data import BinLoader, iter_eval_batches
 from lillm.loss import causal_lm_loss
 from lillm.nf4 import NF4Linear, dequantize_nf4, error_bound, quantize_nf4
 from lillm.peft import METHODS, apply_peft, describe
 from lillm.tokenizer import Tokenizer
 from lillm.train import TrainConfig, train
-from lillm.vocab import expand_tokenizer, fertility_change, learn_new_merges
+from lillm.vocab_expand import expand_tokenizer, fertility_change, learn_new_merges
 
 DEFAULT_LR = {"full": 3e-4, "lora": 2e-3, "qlora": 2e-3, "prefix": 5e-3, "adapters": 1e-3}
 MIB = 2 ** 20
@@ -224,7 +226,7 @@ def main(argv=None):
               f"{fert['swa_hau_held_out']['before']['tokens_per_word']:.3f} -> "
               f"{fert['swa_hau_held_out']['after']['tokens_per_word']:.3f} ({fert['vocab']})")
     if args.report:
-        ckpt.write_text_atomic(args.report, json.dumps(report, indent=2) + "\n")
+        write_text_atomic(args.report, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import gc
 import json
 import sys
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from bench import harness
 from lillm.config import ModelConfig
 from lillm.loss import causal_lm_loss
+from lillm.memory import autocast_for
 from lillm.model import Transformer
 from lillm.train import TrainConfig, device_peak_flops, make_optimizer
 
@@ -39,13 +39,6 @@ def add_arguments(parser) -> None:
 
 
 # ---- one training step ---------------------------------------------------------------------------
-def autocast_for(device, dtype: torch.dtype):
-    """bf16 autocast over fp32 weights (as lillm.train does on CUDA); nothing for fp32."""
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
 def summed_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
 
@@ -67,7 +60,7 @@ def make_train_step(side: str, model, device, dtype: torch.dtype, x: torch.Tenso
             return summed_loss(forward(input_ids=x, use_cache=False).logits, y) / y.numel()
 
     def step():
-        with autocast_for(device, dtype):
+        with autocast_for("bf16" if dtype == torch.bfloat16 else "fp32", device):  # as lillm.train does
             loss = loss_of()
         loss.backward()
         optimizer.step()

@@ -14,18 +14,22 @@ User files: .jsonl or .csv rows {"prompt" or "messages", "chosen", "rejected"}, 
 in the same layout read through the `datasets` library (a Hugging Face preference dataset
 downloaded as files). The pairs are lillm.challenge's, the readers lillm.rows'; this script only
 chooses and writes.
-Files are written to temporary names and renamed; stats.json counts pairs per split and task.
+--out is a lillm DPO data folder (lillm/folders.py): a folder holding other files, or any other
+lillm folder (the --sft-data folder included), is refused; an earlier DPO folder is replaced only
+with --overwrite. Files are written to temporary names and renamed; stats.json counts pairs per
+split and task.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from lillm import checkpoint as ckpt
 from lillm.challenge import classification_pairs, translation_pairs
-from lillm.errors import DPODataError, LillmError
+from lillm.cli import ArgumentParser, number, run_main
+from lillm.errors import DPODataError, FlagError
+from lillm.folders import check_output, claim_output, write_text_atomic
 from lillm.rows import by_task_and_lang, evenly_spaced, jsonl_text, read_conversations, read_user_pairs
 from lillm.tokenizer import Tokenizer
 
@@ -33,28 +37,32 @@ SPLITS = {"train": "train", "dev": "dev"}  # our split -> the SFT split it is bu
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/dpo", help="folder for train.jsonl, dev.jsonl and stats.json")
     parser.add_argument("--sft-data", default=None, help="folder of data/prepare_sft.py (train.jsonl, dev.jsonl)")
     parser.add_argument("--tasks", nargs="+", default=None, help="tasks of --sft-data to use (default: all)")
     parser.add_argument("--model", default=None, help="SFT checkpoint that samples the rejected translations")
-    parser.add_argument("--limit", type=int, default=None, help="at most N source rows per task, language and split")
-    parser.add_argument("--translation-limit", type=int, default=200,
+    parser.add_argument("--limit", type=number(1), default=None, help="at most N source rows per task, language and split")
+    parser.add_argument("--translation-limit", type=number(1), default=200,
                         help="at most N translations sampled per language and split (sampling is the slow part)")
     parser.add_argument("--negatives", choices=["one", "all"], default="one", help="wrong labels per classification row")
-    parser.add_argument("--samples", type=int, default=2, help="sampled translations per source sentence")
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--samples", type=number(1), default=2, help="sampled translations per source sentence")
+    parser.add_argument("--temperature", type=number(0, kind=float, rule="must be 0 (greedy) or more"), default=0.8)
+    parser.add_argument("--top-k", type=number(0, rule="must be 0 (off) or more"), default=50)
+    parser.add_argument("--max-new-tokens", type=number(1), default=96)
+    parser.add_argument("--batch-size", type=number(1), default=16)
     parser.add_argument("--files", nargs="*", default=[], help="your own preference files for the train split")
     parser.add_argument("--dev-files", nargs="*", default=[], help="your own preference files for the dev split")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=number(0), default=0)
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed row of --files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an earlier DPO data folder (replaces only its .jsonl files and stats.json)")
     args = parser.parse_args(argv)
     if not args.sft_data and not args.files:
-        parser.error("nothing to build from: give --sft-data (challenge conversations) and/or --files")
+        raise FlagError("nothing to build from: give --sft-data (challenge conversations) and/or --files")
+    reads = {"--sft-data": args.sft_data, "--model": args.model, "--files": args.files, "--dev-files": args.dev_files}
+    check_output(args.out, "dpo-data", overwrite=args.overwrite, reads=reads)  # before any reading or sampling
 
     model = tokenizer = None
     if args.model:
@@ -68,7 +76,7 @@ def main(argv=None) -> dict:
             if not path.is_file():
                 print(f"{path} not found: no {split} pairs from the challenge data")
                 continue
-            rows, _ = read_conversations(path, tasks=args.tasks)
+            rows, _ = read_conversations(path, tasks=args.tasks, require_tasks=split == "train")
             for _, group in sorted(by_task_and_lang(rows).items()):
                 group = evenly_spaced(group, args.limit)
                 task, lang = group[0].get("task"), group[0].get("lang")
@@ -90,10 +98,9 @@ def main(argv=None) -> dict:
     if not any(splits.values()):
         raise DPODataError("no preference pairs were made: check --sft-data, --tasks, --model and --files")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output(args.out, "dpo-data", overwrite=args.overwrite, reads=reads)
     for split, rows in splits.items():
-        ckpt.write_text_atomic(out / f"{split}.jsonl", jsonl_text(rows))
+        write_text_atomic(out / f"{split}.jsonl", jsonl_text(rows))
         counts: dict[str, int] = {}
         for row in rows:
             key = f"{row.get('task', '')}/{row.get('lang', '')}"
@@ -102,13 +109,9 @@ def main(argv=None) -> dict:
         print(f"{split}: {len(rows):,} pairs -> {out / (split + '.jsonl')}")
     stats.update(sft_data=args.sft_data, model=args.model, seed=args.seed, negatives=args.negatives,
                  samples=args.samples, temperature=args.temperature, files=args.files, dev_files=args.dev_files)
-    ckpt.write_text_atomic(out / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "stats.json", json.dumps(stats, indent=2, ensure_ascii=False) + "\n")
     return stats
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (LillmError, FileNotFoundError) as error:  # bad input: one line, status 2
-        print(f"prepare_dpo.py: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

@@ -4,13 +4,16 @@
     python data/prepare_pretrain.py --tokenizer out/tokenizer/tokenizer.json --out out/data-inkuba \\
         --hf lelapa/Inkuba-Mono:swa lelapa/Inkuba-Mono:hau --mix lelapa/Inkuba-Mono:swa=0.7 \\
         lelapa/Inkuba-Mono:hau=0.3 --max-tokens 500000000 --shard-tokens 250000000
+    python data/prepare_pretrain.py --combine out/part-0 out/part-1 --out out/data   # parts prepared apart
 
 Sources: registered corpora (--langs, or --corpora by short name, e.g. lacuna-swa or the hub's
-inkuba-mono-swa), local files (--files: .txt .tsv .csv .conll, and through `datasets` .jsonl .json
-.parquet .arrow, save_to_disk folders and hf:// file patterns), and hub datasets (--hf NAME[:CONFIG]),
-streamed. The pipeline (NFC, de-duplication, hash split, ordered parallel tokenization, mixtures,
-budgets, shards, atomic output) is lillm/bins.py; the sources are lillm/sources.py; the loader that
-reads the bins is lillm/data.py.
+inkuba-mono-swa), local files (--files: .txt .tsv .csv .conll; .jsonl .json .parquet .arrow read a
+batch at a time by lillm/datafiles.py; save_to_disk folders and hf:// file patterns through
+`datasets`), and hub datasets (--hf NAME[:CONFIG]), streamed. The pipeline (NFC, de-duplication, hash split, ordered parallel tokenization, mixtures,
+budgets, shards, atomic output) is lillm/bins.py, with de-duplication in bounded memory in
+lillm/dedup.py; the sources are lillm/sources.py; the loader that reads the bins is lillm/data.py.
+--combine joins folders prepared apart (one machine per slice of the sources) into one stream
+(lillm/combine.py).
 """
 from __future__ import annotations
 
@@ -19,16 +22,18 @@ import os
 import time
 from pathlib import Path
 
-from lillm.bins import META_NAME, prepare, summary
-from lillm.cli import run_main
-from lillm.folders import SHARD, claim_output, discard
+from lillm.bin_format import META_NAME
+from lillm.bins import prepare, summary
+from lillm.cli import ArgumentParser, number, run_main
+from lillm.combine import combine_bins
+from lillm.folders import SHARD, claimed_output, discard
 from lillm.sources import DEFAULT_KINDS, resolve_sources
 
 __all__ = ["prepare", "resolve_sources", "main"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", default="out/tokenizer/tokenizer.json", help="tokenizer.json to encode with")
     parser.add_argument("--langs", nargs="+", default=None,
                         help="read every train-split corpus of these languages in the data dir (default: swa hau "
@@ -48,16 +53,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", nargs="+", metavar="[NAME=]N", help="at most N tokens per source")
     parser.add_argument("--mix", nargs="+", metavar="NAME=WEIGHT",
                         help="interleave the sources by train tokens in these proportions (ends when one runs out)")
-    parser.add_argument("--shard-tokens", type=int, default=0,
+    parser.add_argument("--shard-tokens", type=number(0, rule="must be 0 (one file per split) or more"), default=0,
                         help="cut each split into files of this many tokens (train-00000.bin, ...); 0 = one file")
     parser.add_argument("--data-dir", help="data directory (default: $LILLM_DATA_DIR, else ../shared/data)")
-    parser.add_argument("--val-fraction", type=float, default=0.005, help="share of documents held out")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizing processes")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    parser.add_argument("--val-fraction", type=number(0, 1, float, below=True), default=0.005, help="share of documents held out")
+    parser.add_argument("--workers", type=number(1), default=os.cpu_count() or 1, help="tokenizing processes")
+    parser.add_argument("--seed", type=number(0), default=0, help="seed of the train/val split")
+    parser.add_argument("--combine", nargs="+", metavar="DIR",
+                        help="instead of tokenizing: join these bin folders, prepared apart with the same tokenizer, "
+                             "seed and --val-fraction, into --out as one stream (hard links to their shards)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an existing token-bin folder (replaces only its bins and meta.json)")
     args = parser.parse_args(argv)
-    if not (args.langs or args.corpora or args.files or args.hf):
+    if args.combine and (args.langs or args.corpora or args.files or args.hf):
+        parser.error("--combine joins folders already prepared: give it no sources (--langs, --corpora, --files, --hf)")
+    if not (args.langs or args.corpora or args.files or args.hf or args.combine):
         args.langs = ["swa", "hau"]
     return args
 
@@ -73,11 +83,17 @@ def discard_stale_bins(out: Path, meta: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    claim_output(args.out, "bins", overwrite=args.overwrite)  # a folder of other files is refused by name
     start = time.perf_counter()
-    meta = prepare(args.tokenizer, args.out, args.langs, args.corpora, args.files, args.text_column, args.data_dir,
-                   args.val_fraction, args.workers, args.seed, kinds=args.kinds, hf=args.hf, hf_split=args.hf_split,
-                   max_docs=args.max_docs, max_tokens=args.max_tokens, mix=args.mix, shard_tokens=args.shard_tokens)
+    # a folder of other files is refused by name; a refused input leaves no marked folder behind
+    with claimed_output(args.out, "bins", overwrite=args.overwrite,
+                        reads={"--tokenizer": args.tokenizer, "--files": args.files, "--combine": args.combine}):
+        if args.combine:
+            meta = combine_bins(args.combine, args.out)
+        else:
+            meta = prepare(args.tokenizer, args.out, args.langs, args.corpora, args.files, args.text_column,
+                           args.data_dir, args.val_fraction, args.workers, args.seed, kinds=args.kinds, hf=args.hf,
+                           hf_split=args.hf_split, max_docs=args.max_docs, max_tokens=args.max_tokens, mix=args.mix,
+                           shard_tokens=args.shard_tokens)
     print(summary(meta, time.perf_counter() - start))
     discard_stale_bins(Path(args.out), meta)
     print(f"wrote the bins listed in {Path(args.out) / META_NAME}")

@@ -34,11 +34,10 @@ import json
 from pathlib import Path
 
 from lillm.challenge import LANGS, SPLITS, TASKS, task_rows
-from lillm.checkpoint import write_text_atomic
-from lillm.cli import run_main
+from lillm.cli import ArgumentParser, number, run_main
 from lillm.corpora import data_dir as resolve_data_dir
 from lillm.errors import SFTSourceError
-from lillm.folders import check_output, claim_output
+from lillm.folders import check_output, claim_output, write_text_atomic
 from lillm.rows import ColumnMap, jsonl_text, read_table_conversations, read_user_conversations
 from lillm.sources import file_source, hub_source
 
@@ -60,7 +59,7 @@ def split_stats(rows: list[dict]) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out/sft", help="folder for train.jsonl, dev.jsonl, test.jsonl, stats.json")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), help=f"of {', '.join(TASKS)}, or 'none'")
     parser.add_argument("--langs", nargs="+", default=list(LANGS), choices=LANGS)
@@ -69,9 +68,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--dev-files", nargs="*", default=[], help="your own files for the dev split")
     parser.add_argument("--test-files", nargs="*", default=[], help="your own files for the test split")
     parser.add_argument("--alpaca", action="store_true", help="render user turns with the Alpaca prompt")
-    parser.add_argument("--limit", type=int, default=None, help="at most N rows per task, language and split")
-    parser.add_argument("--max-chars", type=int, default=2000, help="cut news articles to about this many characters")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the instruction choice")
+    parser.add_argument("--limit", type=number(1), default=None, help="at most N rows per task, language and split")
+    parser.add_argument("--max-chars", type=number(1), default=2000, help="cut news articles to about this many characters")
+    parser.add_argument("--seed", type=number(0), default=0, help="seed of the instruction choice")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed row of --files")
     parser.add_argument("--hf", nargs="+", default=[], metavar="NAME[:CONFIG]",
                         help="Hugging Face datasets of instructions (streamed) for the train split")
@@ -82,11 +81,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--messages-column", help="column with the whole conversation in the chat format")
     parser.add_argument("--lang-column", help="column with each row's language (copied into 'lang')")
     parser.add_argument("--keep-langs", nargs="+", help="keep only rows whose --lang-column is one of these")
-    parser.add_argument("--max-rows", type=int, default=None, help="at most N conversations per table")
+    parser.add_argument("--max-rows", type=number(1), default=None, help="at most N conversations per table")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an existing SFT data folder (replaces only its .jsonl files and stats.json)")
     args = parser.parse_args(argv)
-    check_output(args.out, "sft-data", overwrite=args.overwrite)  # refused before any reading, by name
+    reads = {"--files": args.files, "--dev-files": args.dev_files, "--test-files": args.test_files}
+    check_output(args.out, "sft-data", overwrite=args.overwrite, reads=reads)  # refused before any reading, by name
 
     tasks = [] if args.tasks == ["none"] else args.tasks
     unknown = sorted(set(tasks) - set(TASKS))
@@ -114,9 +114,13 @@ def main(argv=None) -> dict:
         splits["train"] += rows
         problems += bad
     if not any(splits.values()):
-        raise SFTSourceError("no rows: choose --tasks, or give --files or --hf")
+        given = args.files or args.dev_files or args.test_files or args.hf
+        raise SFTSourceError(f"no rows: every row of --files / --hf was skipped ({len(problems)} listed above as "
+                             "skipped); fix those rows" if given and problems else
+                             "no rows: the --files / --hf given hold none" if given else
+                             "no rows: choose --tasks, or give --files or --hf")
 
-    out = claim_output(args.out, "sft-data", overwrite=args.overwrite)  # a folder of other files is refused
+    out = claim_output(args.out, "sft-data", overwrite=args.overwrite, reads=reads)  # checked again: time passed
     for split, rows in splits.items():
         write_text_atomic(out / f"{split}.jsonl", jsonl_text(rows))
     stats = {"tasks": tasks, "langs": args.langs, "alpaca": args.alpaca, "limit": args.limit, "seed": args.seed,

@@ -1,7 +1,7 @@
 """Writing token bins: sources in, train/val token files (one file or shards) and meta.json out.
 
 The recipe of nanoGPT's prepare.py (tokenize once, offline, into flat files of token ids that
-training memory-maps; lillm/data.py reads them), made deterministic, able to mix sources, and
+training memory-maps; lillm/data.py reads them; the format is lillm/bin_format.py), made deterministic, able to mix sources, and
 able to run on corpora larger than memory or disk. Every document, in order:
 1. comes from a `lillm.sources.Source` (a registered corpus, a local file, a hub dataset, streamed);
 2. is normalised to Unicode NFC: a letter typed as base + combining mark (e + U+0301) becomes the
@@ -10,7 +10,9 @@ able to run on corpora larger than memory or disk. Every document, in order:
    worker processes (Pool.imap over chunks: results come back in input order, so the bins do not
    depend on the number of workers);
 4. is then, in the main process and in output order, skipped when empty, dropped when its digest
-   was seen before (exact de-duplication; the set holds digests, not texts), and sent to val when
+   was seen before (exact de-duplication in bounded memory: lillm.dedup.DigestSet keeps the recent
+   digests in memory and spills older ones to sorted files on disk, so memory does not grow with
+   the corpus), and sent to val when
    the digest's first 8 bytes fall below --val-fraction: the split depends on the text alone, so
    re-runs, reordered sources and added corpora never move a document between train and val;
 5. is appended to the split's file through a temporary name; the files are renamed into place
@@ -40,7 +42,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import tempfile
 import threading
 import time
 import unicodedata
@@ -51,26 +52,14 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from .errors import BinFormatError, LillmError, SourceError
-from .sources import DEFAULT_KINDS, Source, open_dataset, parse_mix, require_columns, resolve_sources
+from .bin_format import META_NAME, bin_name, token_dtype
+from .dedup import DIGEST_BYTES, RECENT_LIMIT, DigestSet
+from .errors import BinFormatError, EmptyCorpusError, SourceError
+from .folders import new_file, write_text_atomic
+from .sources import DEFAULT_KINDS, Source, parse_mix, resolve_sources
 from .tokenizer import Tokenizer
 
-META_NAME = "meta.json"
-UINT16_VOCAB_LIMIT = 1 << 16      # uint16 holds ids 0..65535
 CHUNK_BYTES = 1 << 20   # text per task sent to a worker: big enough to hide pickling, small for memory
-DIGEST_BYTES = 16
-
-
-class EmptyCorpusError(LillmError):
-    """A source that gives no document once empty and duplicate ones are dropped."""
-
-
-# ---- the format ---------------------------------------------------------------------------------
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest little-endian unsigned dtype that holds every id below vocab_size."""
-    if vocab_size <= UINT16_VOCAB_LIMIT:
-        return np.dtype("<u2")
-    return np.dtype("<u4")
 
 
 # ---- encoding (in worker processes) ---------------------------------------------------------------
@@ -226,14 +215,14 @@ class ShardedWriter:
         self.file = None
 
     def _final_name(self, index: int) -> str:
-        return f"{self.split}.bin" if not self.shard_tokens else f"{self.split}-{index:05d}.bin"
+        return bin_name(self.split, index if self.shard_tokens else None)
 
     def _open_next(self) -> None:
         self.close()
         name = self._final_name(len(self.shards))
-        handle, temporary = tempfile.mkstemp(dir=self.out_dir, prefix=f".{name}.", suffix=".tmp")
-        self.file = os.fdopen(handle, "wb")
-        self.shards.append({"file": name, "tokens": 0, "temporary": Path(temporary)})
+        temporary = new_file(self.out_dir / name)  # hidden, with the user's umask mode (lillm.folders)
+        self.file = open(temporary, "wb")
+        self.shards.append({"file": name, "tokens": 0, "temporary": temporary})
 
     def write(self, tokens: np.ndarray) -> None:
         while len(tokens):
@@ -255,7 +244,6 @@ class ShardedWriter:
             self._open_next()      # an empty split still gets its (empty) file
         self.close()
         for shard in self.shards:
-            os.chmod(shard["temporary"], 0o644)
             os.replace(shard["temporary"], self.out_dir / shard["file"])
         return [{"file": shard["file"], "tokens": shard["tokens"]} for shard in self.shards]
 
@@ -270,13 +258,14 @@ class ShardedWriter:
 class DocumentWriter:
     """Takes tokenized chunks in reader order and writes documents in output order (see the docstring)."""
 
-    def __init__(self, sources, schedule: Schedule, writers: dict, val_fraction: float, stats: dict):
+    def __init__(self, sources, schedule: Schedule, writers: dict, val_fraction: float, stats: dict,
+                 seen: DigestSet):
         self.sources, self.schedule, self.writers, self.stats = sources, schedule, writers, stats
         self.val_below = int(val_fraction * 2**64)  # val when the digest's first 8 bytes are below
-        self.seen: set[bytes] = set()
+        self.seen = seen                             # the digests of the documents written so far
         self.buffers = [deque() for _ in sources]   # per source: [result, next document index]
         self.reading_done = [False] * len(sources)
-        self.kept = [{"documents": 0, "tokens": 0} for _ in sources]   # for budgets
+        self.kept = [{"documents": 0, "tokens": 0, "bytes": 0} for _ in sources]   # for budgets
         self.train_tokens = [0] * len(sources)
         self.ended_by: str | None = None
 
@@ -310,7 +299,8 @@ class DocumentWriter:
                     self.schedule.consumed[source] += 1     # read past a budget: dropped unseen
                 else:
                     offsets = np.concatenate([[0], np.cumsum(lengths)])
-                    self.buffers[source].append([(digests, lengths, sizes, tokens, offsets), 0])
+                    lookup = self.seen.lookup(digests)
+                    self.buffers[source].append([(lookup, lengths, sizes, tokens, offsets), 0])
             if not buffer:
                 self.finish(index, "exhausted")
                 continue
@@ -319,7 +309,7 @@ class DocumentWriter:
     def take_one(self, index: int) -> None:
         """Write (or drop) the next document of source `index`."""
         buffer = self.buffers[index]
-        (digests, lengths, sizes, tokens, offsets), position = buffer[0]
+        (lookup, lengths, sizes, tokens, offsets), position = buffer[0]
         if position + 1 >= len(lengths):
             buffer.popleft()
             self.schedule.consumed[index] += 1
@@ -329,8 +319,8 @@ class DocumentWriter:
         if length == 0:
             self.stats["dropped"][index]["empty"] += 1
             return
-        digest = digests[DIGEST_BYTES * position:DIGEST_BYTES * (position + 1)]
-        if digest in self.seen:
+        digest = lookup.digest(position)
+        if lookup.seen(position, digest):
             self.stats["dropped"][index]["duplicates"] += 1
             return
         source, kept = self.sources[index], self.kept[index]
@@ -339,17 +329,19 @@ class DocumentWriter:
             return
         self.seen.add(digest)
         split = "val" if int.from_bytes(digest[:8], "big") < self.val_below else "train"
-        self.writers[split].write(tokens[offsets[position]:offsets[position] + length])
+        start = int(offsets[position])
+        self.writers[split].write(tokens[start:start + length])
+        size = int(sizes[position])
         counts = self.stats["splits"][split][index]
         counts["documents"] += 1
         counts["tokens"] += length
-        counts["bytes"] += int(sizes[position])
+        counts["bytes"] += size
         kept["documents"] += 1
         kept["tokens"] += length
+        kept["bytes"] += size
         if split == "train":
             self.train_tokens[index] += length
-        total_bytes = sum(self.stats["splits"][s][index]["bytes"] for s in self.stats["splits"])
-        self.schedule.chars_per_token[index] = max(total_bytes / kept["tokens"], 0.5)
+        self.schedule.chars_per_token[index] = max(kept["bytes"] / kept["tokens"], 0.5)
         if source.max_docs is not None and kept["documents"] >= source.max_docs:
             self.finish(index, "max_docs")
         elif source.max_tokens is not None and kept["tokens"] >= source.max_tokens:
@@ -405,18 +397,14 @@ def build_meta(tokenizer: Tokenizer, sources: list[Source], stats: dict, setting
     return meta
 
 
-def write_outputs(out_dir: Path, writers: dict, meta_for) -> dict:
+def publish_bins(out_dir: Path, writers: dict, meta_for) -> dict:
     """Bins then meta.json; the old meta.json goes first, so a crash in between leaves none."""
     for writer in writers.values():
         writer.close()
     (out_dir / META_NAME).unlink(missing_ok=True)
     shards = {split: writer.commit() for split, writer in writers.items()}
     meta = meta_for(shards)
-    handle, name = tempfile.mkstemp(dir=out_dir, prefix=f".{META_NAME}.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        f.write(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-    os.chmod(name, 0o644)
-    os.replace(name, out_dir / META_NAME)
+    write_text_atomic(out_dir / META_NAME, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return meta
 
 
@@ -431,11 +419,12 @@ def achieved_mixture(sources: list[Source], weights: dict, stats: dict, ended_by
 # ---- the whole run -----------------------------------------------------------------------------------
 def write_bins(tokenizer_path, out_dir, sources: list[Source], val_fraction: float = 0.005, workers: int = 1,
                seed: int = 0, chunk_bytes: int = CHUNK_BYTES, progress: bool = True, mix: dict | None = None,
-               shard_tokens: int = 0, settings: dict | None = None) -> dict:
+               shard_tokens: int = 0, settings: dict | None = None, recent_digests: int = RECENT_LIMIT) -> dict:
     """Write the train (and val, unless val_fraction is 0) bins and meta.json into out_dir; return meta.
 
     The output depends on the sources, tokenizer, val_fraction, seed, mix and shard_tokens, not
-    on workers or chunk_bytes.
+    on workers, chunk_bytes or recent_digests (the digests de-duplication holds in memory before
+    it spills to disk).
     """
     if not 0 <= val_fraction < 1:
         raise SourceError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -454,7 +443,8 @@ def write_bins(tokenizer_path, out_dir, sources: list[Source], val_fraction: flo
     writers = {split: ShardedWriter(out_dir, split, shard_tokens) for split in splits}
     settings = {**(settings or {}), "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
                 "mix": mix}
-    writer = DocumentWriter(sources, schedule, writers, val_fraction, stats)
+    seen = DigestSet(out_dir, recent_limit=recent_digests)
+    writer = DocumentWriter(sources, schedule, writers, val_fraction, stats, seen)
     try:
         chunks = read_chunks(sources, schedule, chunk_bytes)
         results = encode_chunks(tokenizer, chunks, workers, split_key(seed), schedule.stop)
@@ -466,9 +456,10 @@ def write_bins(tokenizer_path, out_dir, sources: list[Source], val_fraction: flo
             results.close()
         check_counts(sources, stats, val_fraction)
         mixture = None if mix is None else achieved_mixture(sources, mix, stats, writer.ended_by)
-        return write_outputs(out_dir, writers,
-                             lambda shards: build_meta(tokenizer, sources, stats, settings, shards, mixture))
+        return publish_bins(out_dir, writers,
+                            lambda shards: build_meta(tokenizer, sources, stats, settings, shards, mixture))
     finally:
+        seen.close()
         for split_writer in writers.values():
             split_writer.discard()
 
@@ -476,8 +467,7 @@ def write_bins(tokenizer_path, out_dir, sources: list[Source], val_fraction: flo
 def preflight(sources: list[Source]) -> None:
     """Open every dataset source once and check its column, so a bad name or no network fails before any work."""
     for source in sources:
-        if source.reads_with_datasets:
-            require_columns(open_dataset(source), [source.text_column], source)
+        source.check_text_column()
 
 
 def prepare(tokenizer_path, out_dir, langs=(), corpora=None, files=None, text_column=None, data_dir=None,

@@ -75,7 +75,7 @@ from .errors import InputFileError, SFTSourceError, SubmissionError
 from .evaluate import SCORINGS, evaluate_subset
 from .generate import generate
 from .metrics import chrf, macro_f1
-from .rows import by_task_and_lang, evenly_spaced, need_columns, prompt_and_answer, read_csv_rows, render_user
+from .rows import by_task_and_lang, evenly_spaced, need_columns, prompt_and_answer, read_csv_rows, render_user, undecodable
 from .sft import prompt_ids
 from .tokenizer import Tokenizer
 
@@ -393,8 +393,16 @@ def score_submission(text: str, where: str = "submission") -> dict:
     if missing:
         raise SubmissionError(f"{where}: columns {sorted(missing)} are missing; the header must be ID,Response,Targets "
                               "(or the organisers' ,ID,Response,targets)")
+    seen: dict[str, int] = {}
     for number, row in enumerate(reader, start=2):
         row_id = row["ID"]
+        if row_id in seen:  # a copied row would be scored twice and weigh double in the F1 and chrF
+            raise SubmissionError(f"{where}, line {number}: ID {row_id} repeats line {seen[row_id]}; every ID is "
+                                  "one row of the test set: remove the copy")
+        seen[row_id] = number
+        bad = undecodable("".join(str(value) for value in row.values()))
+        if bad is not None:  # text read with rows.read_text: a byte that is not UTF-8 is named, not a traceback
+            raise SubmissionError(f"{where}, line {number}: {bad}; save the file as UTF-8")
         try:
             if "sent" in row_id or "xnli" in row_id:
                 task = "sentiment" if "sent" in row_id else "nli"

@@ -19,7 +19,6 @@ come from safetensors (no code runs while loading) and train_state.pt is read wi
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -28,13 +27,14 @@ from pathlib import Path
 
 import tokenizers
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, unsupported_hf_fields
 from .errors import CheckpointError, InputFileError
-from .folders import check_replaceable, discard, hidden_tmp, mark, publish_folder
+from .folders import check_replaceable, discard, hidden_tmp, mark, publish_folder, write_file_atomic
 from .model import Transformer
+from .tokenizer import backend_sha256, recorded_sha256
 
 WEIGHTS = "model.safetensors"
 TRAIN_STATE = "train_state.pt"
@@ -94,19 +94,6 @@ def load_weights(model: Transformer, tensors: dict[str, torch.Tensor], source: s
             target.copy_(tensors[name])
 
 
-# ---- atomic files and folders -----------------------------------------------------------
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a text file (a report, a JSON file) so that readers see the old or the new one, never half."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
 # ---- atomic folders ---------------------------------------------------------------
 def replace_folder(tmp: Path, final: Path, kind: str = "checkpoint", overwrite: bool = False) -> None:
     """Move a finished tmp folder into place. An existing `final` is replaced only when it is lillm's
@@ -133,7 +120,8 @@ def save_checkpoint(folder: str | Path, model: Transformer, tokenizer_path: str 
     weights = {k: v.detach().contiguous().cpu() for k, v in unique_state_dict(model, state_dict).items()}
     config["torch_dtype"] = str(next(iter(weights.values())).dtype).removeprefix("torch.")
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    # through write_file_atomic: safetensors' own writer would create the file with mode 0600
+    write_file_atomic(tmp / WEIGHTS, lambda path: save_file(weights, str(path), metadata={"format": "pt"}))
     info = dict(info or {})
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
@@ -168,7 +156,16 @@ def tokenizer_sha256(path: str | Path) -> str | None:
         backend = tokenizers.Tokenizer.from_file(str(path))
     except Exception:  # the Rust side raises a bare Exception; the loaders report it
         return None
-    return hashlib.sha256(backend.to_str(pretty=False).encode("utf-8")).hexdigest()
+    return backend_sha256(backend)
+
+
+def own_tokenizer_sha256(folder: str | Path) -> str | None:
+    """The hash of the tokenizer a checkpoint was saved with: recorded in lillm.json, else its tokenizer.json's."""
+    folder = Path(folder)
+    recorded = recorded_sha256(folder)
+    if recorded:
+        return recorded
+    return tokenizer_sha256(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
 
 
 def need_folder(folder: Path, what: str = "checkpoint folder") -> None:
@@ -213,18 +210,66 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is corrupt or truncated ({e}); use an earlier checkpoint") from None
 
 
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a safetensors file, from its header alone (nothing is loaded)."""
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a weights file; the checkpoint is damaged, use an earlier one")
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete, use an earlier one")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({e}); use an earlier checkpoint") from None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (MemAvailable on Linux), or None when unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_config_fits(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str,
+                      element_bytes: int = 4) -> None:
+    """Before any module is built, the layers a config.json asks for must be the ones its weights hold,
+    and the parameters must fit this machine's memory: a config asking for 10 million layers, or for
+    widths whose tensors would not fit, is refused in a moment, not after building layers until memory
+    runs out. (Each tensor's name and shape is checked next, by load_weights, before any is read.)"""
+    layers = {int(m[1]) for name in shapes if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    held = max(layers) + 1 if layers else 0
+    if config.n_layers != held:
+        raise CheckpointError(f"{source}: config.json asks for num_hidden_layers={config.n_layers} but the weights "
+                              f"hold {held} layers; config.json does not belong to these weights")
+    wanted, free = config.num_params(), available_memory()
+    if free is not None and wanted * element_bytes > free:
+        raise CheckpointError(f"{source}: config.json asks for {wanted:,} parameters, "
+                              f"{wanted * element_bytes / 2**30:,.1f} GiB in {element_bytes}-byte numbers, but this "
+                              f"machine has {free / 2**30:,.1f} GiB available; check config.json, or use a machine "
+                              "with more memory")
+
+
 def load_model(folder: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> Transformer:
     folder = _recover(Path(folder))
     config = read_config(folder)
+    peft = json.loads((folder / PEFT_RECORD).read_text()) if (folder / PEFT_RECORD).is_file() else None
+    check_config_fits(config, weight_shapes(folder / WEIGHTS), str(folder / WEIGHTS))
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to_empty(device="cpu")
     if config.tie_embeddings:  # to_empty allocates fresh storage: tie again
         model.lm_head.weight = model.model.embed_tokens.weight
-    if (folder / PEFT_RECORD).is_file():  # LoRA/QLoRA/prefix/adapter tensors are in the weights too
+    if peft is not None:  # LoRA/QLoRA/prefix/adapter tensors are in the weights too
         from .peft import rebuild_peft  # only checkpoints with adapters need LoRA and NF4
-        rebuild_peft(model, json.loads((folder / PEFT_RECORD).read_text()))
+        rebuild_peft(model, peft)
     load_weights(model, read_weights(folder / WEIGHTS), source=str(folder / WEIGHTS))
     return model.to(device=device, dtype=dtype)
 

@@ -5,10 +5,10 @@ and the closing summary.
 `error: <what is wrong, where>; <the fix>`, with exit status 2 and no traceback; `--debug` or
 LILLM_DEBUG=1 shows the traceback; any other exception is a bug and keeps its traceback.
 
-pretrain.py, sft_train.py and the healing step of scripts/shrink.py differ only in
-where batches come from and what the loss is; the flags that steer the loop itself
-(steps, learning rate schedule, checkpoints, precision, ...) are defined once here so
-the scripts cannot drift apart.
+pretrain.py, sft_train.py, dpo_train.py and the healing step of scripts/shrink.py differ
+only in where batches come from and what the loss is; the flags that steer the loop itself
+(steps, learning rate schedule, checkpoints, precision, ...) are the fields of
+lillm.train.TrainConfig, made into flags here (lillm.options), so the scripts cannot drift apart.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +26,7 @@ from . import checkpoint as ckpt
 from .challenge import CHALLENGE_SUBSETS, challenge_evaluator
 from .errors import FlagError, InputFileError, LillmError, TokenizerMismatchError
 from .folders import check_run_folder
+from .options import Number, add_flags, at_least, check_flags, from_flags, number
 
 from .peft import METHODS as PEFT_METHODS
 from .peft import apply_peft
@@ -34,59 +36,60 @@ from .muon import muon_conflict
 from .train import Dist, TrainConfig, decay_start
 
 
+# ---- one parser for every script: usage mistakes in one line, every number checked ---------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with lillm's two rules for every script: a usage mistake (an unknown flag, a
+    value of the wrong type) is one line, a FlagError that run_main prints with exit status 2; and
+    every number is checked against the range its flag declares (Number), before anything is read."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise FlagError(f"{message}; see {self.prog} --help")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        by_dest: dict[str, list] = {}
+        for action in self._actions:
+            if isinstance(action.type, Number):
+                by_dest.setdefault(action.dest, []).append(action)
+        for dest, actions in by_dest.items():  # two flags for one value: the later (a script's own) rules
+            flags = [a.option_strings[-1] if a.option_strings else dest for a in actions]
+            flag = flags[-1] + (f" ({', '.join(flags[:-1])})" if len(flags) > 1 else "")
+            rule = actions[-1].type
+            value = getattr(parsed, dest, None)
+            for item in value if isinstance(value, list) else [value]:
+                if item is not None:
+                    need(rule.allows(item), flag, item, rule.rule, rule.fix)
+        return parsed
+
+
 def add_training_args(parser: argparse.ArgumentParser, **defaults) -> None:
+    """The training loop's flags: one per field of TrainConfig (lillm.options), with the stage's
+    defaults by flag name (out=..., max_steps=...), and the flags of how the loop is run."""
     g = parser.add_argument_group("training loop")
-    g.add_argument("--out", default=defaults.get("out", "out/run"), help="run folder: checkpoints, log.jsonl, loss.png")
-    g.add_argument("--max-steps", type=int, default=defaults.get("max_steps", 1000))
-    g.add_argument("--micro-batch", type=int, default=defaults.get("micro_batch", 8),
+    # healing is optional: a stage whose default is 0 steps accepts 0
+    add_flags(g, TrainConfig, defaults, {"max_steps": at_least(0)} if defaults.get("max_steps") == 0 else None)
+    g.add_argument("--micro-batch", type=number(1), default=defaults.get("micro_batch", 8),
                    help="sequences per forward pass on each process (lower it if memory runs out)")
-    g.add_argument("--lr", type=float, default=defaults.get("lr", 3e-4), help="peak learning rate")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="the schedule's floor as a fraction of --lr")
-    g.add_argument("--warmup-steps", type=int, default=defaults.get("warmup_steps", 100))
-    g.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
-                   help="after warm-up: cosine decay to the floor, or wsd (warmup-stable-decay): the peak lr until "
-                        "the last --decay-fraction of the steps, which decay by 1-sqrt; a WSD run keeps its "
-                        "stable-phase checkpoint, from which it can be continued for more steps")
-    g.add_argument("--decay-fraction", type=float, default=0.2, help="wsd: the fraction of --max-steps that decays")
-    g.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
-                   help="adamw; or muon: Muon for the transformer blocks' matrices, AdamW (--lr) for embeddings, "
-                        "head and norms (lillm/muon.py)")
-    g.add_argument("--muon-lr", type=float, default=0.02, help="Muon's peak learning rate (same schedule as --lr)")
-    g.add_argument("--muon-momentum", type=float, default=0.95, help="Muon's Nesterov momentum")
-    g.add_argument("--weight-decay", type=float, default=defaults.get("weight_decay", 0.1))
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--eval-every", type=int, default=defaults.get("eval_every", 200))
-    g.add_argument("--save-every", type=int, default=defaults.get("save_every", 200))
-    g.add_argument("--keep-last", type=int, default=2, help="step checkpoints to keep")
-    g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--max-bad-steps", type=int, default=5, help="non-finite steps in a row before stopping")
-    g.add_argument("--precision", choices=["auto", "bf16", "fp32", "bf16-true"], default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast over fp32 weights; bf16-true: "
-                        "weights, gradients and AdamW moments in bf16, stochastic rounding (half the memory)")
-    g.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each transformer block in the backward pass: much less activation memory "
-                        "for about a third more compute; losses and gradients unchanged")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--fsdp", action="store_true",
-                   help="shard the model over torchrun processes (FSDP2) instead of replicating it (DDP)")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--resume", action="store_true", help="continue from the latest step_N checkpoint in --out")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start again in an existing run folder: removes its step_N folders, log.jsonl and "
-                        "loss.png (nothing else); without it an existing run is refused")
 
 
 def add_peft_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("parameter-efficient fine-tuning (lillm.peft)")
     g.add_argument("--peft", choices=["none", *PEFT_METHODS], default="none",
                    help="none: train the model as it is; full / lora / qlora / prefix / adapters: lillm.peft")
-    g.add_argument("--lora-rank", type=int, default=8)
-    g.add_argument("--lora-alpha", type=float, default=16.0)
-    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-rank", type=number(1), default=8)
+    g.add_argument("--lora-alpha", type=number(0, kind=float, above=True), default=16.0)
+    g.add_argument("--lora-dropout", type=number(0, 1, float, below=True), default=0.0)
     g.add_argument("--lora-targets", default="q,v", help="comma-separated from q,k,v,o,gate,up,down, or 'all'")
-    g.add_argument("--prefix-length", type=int, default=16, help="virtual tokens per layer (prefix tuning)")
-    g.add_argument("--adapter-size", type=int, default=64, help="bottleneck width (Houlsby adapters)")
+    g.add_argument("--prefix-length", type=number(1), default=16, help="virtual tokens per layer (prefix tuning)")
+    g.add_argument("--adapter-size", type=number(1), default=64, help="bottleneck width (Houlsby adapters)")
     g.add_argument("--train-embeddings", action="store_true",
                    help="also train embed_tokens / lm_head, e.g. the new rows of an expanded vocabulary")
 
@@ -99,18 +102,13 @@ def apply_peft_from_args(model, args):
                       train_embeddings=args.train_embeddings)
 
 
-def train_config_from_args(args, **extra) -> TrainConfig:
-    return TrainConfig(
-        out_dir=args.out, max_steps=args.max_steps, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
-        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        schedule=args.schedule, decay_fraction=args.decay_fraction, optimizer=args.optimizer,
-        muon_lr=args.muon_lr, muon_momentum=args.muon_momentum,
-        eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
-        log_every=args.log_every, max_bad_steps=args.max_bad_steps, compile=args.compile,
-        precision=args.precision, seed=args.seed, fsdp=args.fsdp, overwrite=getattr(args, "overwrite", False),
-        extra=extra, activation_checkpointing=args.activation_checkpointing,
-        keep_best="dev_score" if getattr(args, "keep_best", False) else None,
-    )
+def train_config_from_args(args, seq_len: int | None = None, settings=None) -> TrainConfig:
+    """TrainConfig from add_training_args' flags; seq_len (for MFU) and the stage's own settings
+    (a dataclass, recorded in checkpoints) come from the stage script. --keep-best (fine-tuning
+    stages) keeps the step with the best dev_score."""
+    cfg = from_flags(TrainConfig, args, seq_len=seq_len, settings=settings)
+    cfg.keep_best = "dev_score" if getattr(args, "keep_best", False) else None
+    return cfg
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world: int, unit: str = "sequences") -> int:
@@ -161,38 +159,19 @@ def check_device(device: str) -> None:
 
 
 def check_training_args(args, allow_zero_steps: bool = False) -> None:
-    """Every number of add_training_args checked before the first step, each refusal naming its flag."""
-    low = 0 if allow_zero_steps else 1
-    need(args.max_steps >= low, "--max-steps", args.max_steps, f"must be at least {low}")
+    """Every flag of add_training_args checked before the first step, each refusal naming its flag."""
+    check_flags(TrainConfig, args, {"max_steps": at_least(0)} if allow_zero_steps else None)
     need(args.micro_batch >= 1, "--micro-batch", args.micro_batch, "must be at least 1")
-    need(args.lr > 0, "--lr", args.lr, "must be positive")
-    need(0 <= args.min_lr_ratio <= 1, "--min-lr-ratio", args.min_lr_ratio, "must be between 0 and 1")
-    need(args.warmup_steps >= 0, "--warmup-steps", args.warmup_steps, "must be 0 or more")
-    need(0 < args.decay_fraction <= 1, "--decay-fraction", args.decay_fraction, "must be in (0, 1]")
-    if args.schedule == "wsd":
+    if args.schedule == "wsd":  # a check across two flags
         stable_end = decay_start(args.max_steps, args.decay_fraction)
         need(args.warmup_steps <= stable_end, "--warmup-steps", args.warmup_steps,
              f"must end before the decay begins (step {stable_end} of --max-steps {args.max_steps} with "
              f"--decay-fraction {args.decay_fraction})", "lower --warmup-steps or --decay-fraction")
-    need(args.muon_lr > 0, "--muon-lr", args.muon_lr, "must be positive")
-    need(0 <= args.muon_momentum < 1, "--muon-momentum", args.muon_momentum, "must be in [0, 1)")
     if args.optimizer == "muon":
         conflict = muon_conflict(args.precision, getattr(args, "peft", "none"))
         if conflict:
             raise FlagError(conflict)
-    need(args.weight_decay >= 0, "--weight-decay", args.weight_decay, "must be 0 or more")
-    need(args.grad_clip > 0, "--grad-clip", args.grad_clip, "must be positive")
-    need(args.eval_every >= 0, "--eval-every", args.eval_every, "must be 0 (never) or more")
-    need(args.save_every >= 0, "--save-every", args.save_every, "must be 0 (only at the end) or more")
-    need(args.keep_last >= 0, "--keep-last", args.keep_last, "must be 0 (keep all) or more")
-    need(args.log_every >= 1, "--log-every", args.log_every, "must be at least 1")
-    need(args.max_bad_steps >= 1, "--max-bad-steps", args.max_bad_steps, "must be at least 1")
     check_device(args.device)
-    if getattr(args, "peft", "none") != "none":
-        need(args.lora_rank >= 1, "--lora-rank", args.lora_rank, "must be at least 1")
-        need(0 <= args.lora_dropout < 1, "--lora-dropout", args.lora_dropout, "must be in [0, 1)")
-        need(args.prefix_length >= 1, "--prefix-length", args.prefix_length, "must be at least 1")
-        need(args.adapter_size >= 1, "--adapter-size", args.adapter_size, "must be at least 1")
 
 
 # ---- the entry wrapper --------------------------------------------------------------------------
@@ -223,15 +202,27 @@ def run_main(main: Callable, argv: list[str] | None = None) -> None:
 
 
 # ---- fine-tuning stages (SFT, DPO) --------------------------------------------------------------
+@dataclass
+class FinetuningRun:
+    """What a fine-tuning run records of its data beside the loop's settings (TrainConfig.settings)."""
+    data: str
+    init_from: str
+    tasks: list[str] | None
+    seq_len: int
+    batching: str
+    global_batch: int
+    too_long: str
+
+
 def add_finetuning_data_args(parser: argparse.ArgumentParser, maker: str, unit: str) -> None:
     """The flags SFT and DPO share: where the rows are, which of them, how long, how many per step."""
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
     parser.add_argument("--tasks", nargs="+", default=None, help="train on these tasks only (default: all)")
-    parser.add_argument("--max-per-task", type=int, default=None, help=f"at most N train {unit} per task and language")
-    parser.add_argument("--seq-len", type=int, default=None, help="longest sequence (default: the model's max_seq_len)")
-    parser.add_argument("--global-batch", type=int, default=16,
+    parser.add_argument("--max-per-task", type=number(1), default=None, help=f"at most N train {unit} per task and language")
+    parser.add_argument("--seq-len", type=number(2, rule="must be at least 2 (a prompt token and a target)"), default=None, help="longest sequence (default: the model's max_seq_len)")
+    parser.add_argument("--global-batch", type=number(1), default=16,
                         help=f"{unit} (pad) or packed rows (pack) per optimizer step, over all processes")
-    parser.add_argument("--eval-limit", type=int, default=200, help=f"dev {unit} per task")
+    parser.add_argument("--eval-limit", type=number(1), default=200, help=f"dev {unit} per task")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed row instead of skipping")
     parser.add_argument("--allow-tokenizer-change", action="store_true",
                         help="train with a --tokenizer other than the checkpoint's own (normally refused)")
@@ -239,7 +230,7 @@ def add_finetuning_data_args(parser: argparse.ArgumentParser, maker: str, unit: 
     g.add_argument("--eval-tasks", nargs="?", const="", default=None, metavar="FOLDER",
                    help="at each evaluation also score dev.jsonl of FOLDER (data/prepare_sft.py; default: --data) "
                         "with the organisers' score: logged as dev_score, dev_zindi, ... and drawn in loss.png")
-    g.add_argument("--eval-tasks-limit", type=int, default=50, help="dev rows per task and language for --eval-tasks")
+    g.add_argument("--eval-tasks-limit", type=number(1), default=50, help="dev rows per task and language for --eval-tasks")
     g.add_argument("--keep-best", action="store_true",
                    help="keep the checkpoint with the best dev_score in --out/best (best.json names its step)")
     parser.set_defaults(data_maker=maker)
@@ -248,13 +239,6 @@ def add_finetuning_data_args(parser: argparse.ArgumentParser, maker: str, unit: 
 def check_finetuning_args(args) -> None:
     """Everything about a fine-tuning command that can be checked before loading a model."""
     check_training_args(args)
-    need(args.global_batch >= 1, "--global-batch", args.global_batch, "must be at least 1")
-    if args.seq_len is not None:
-        need(args.seq_len >= 2, "--seq-len", args.seq_len, "must be at least 2 (a prompt token and a target)")
-    if args.max_per_task is not None:
-        need(args.max_per_task >= 1, "--max-per-task", args.max_per_task, "must be at least 1")
-    need(args.eval_limit >= 1, "--eval-limit", args.eval_limit, "must be at least 1")
-    need(args.eval_tasks_limit >= 1, "--eval-tasks-limit", args.eval_tasks_limit, "must be at least 1")
     if args.keep_best and args.eval_tasks is None:
         raise FlagError("--keep-best keeps the checkpoint with the best dev_score, which --eval-tasks computes: "
                         "pass --eval-tasks too")
@@ -268,7 +252,8 @@ def check_finetuning_args(args) -> None:
     if not (data / "train.jsonl").is_file():
         raise InputFileError(f"--data {data}: {data / 'train.jsonl'} not found; make the folder with "
                              f"{args.data_maker} --out {data}")
-    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)
+    check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite,
+                     reads={"--data": args.data, "--init-from": args.init_from, "--tokenizer": args.tokenizer})
 
 
 def load_finetuning_start(args):
@@ -279,7 +264,8 @@ def load_finetuning_start(args):
     tokenizer_path = args.tokenizer or init / "tokenizer.json"
     tokenizer = Tokenizer.from_file(tokenizer_path)
     if args.tokenizer:
-        check_same_tokenizer(tokenizer, init, args.allow_tokenizer_change)
+        check_tokenizer_change(init, tokenizer.sha256, f"--tokenizer {tokenizer.source}",
+                               "leave --tokenizer out to use the checkpoint's", args.allow_tokenizer_change)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise TokenizerMismatchError(
             f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} ids but {init} has vocab_size "
@@ -313,15 +299,15 @@ def both_evaluators(first, second):
     return lambda model: {**first(model), **second(model)}
 
 
-def check_same_tokenizer(tokenizer: Tokenizer, init: Path, allow: bool) -> None:
-    """--tokenizer must be the checkpoint's own tokenizer (same hash), unless the change is asked for."""
+def check_tokenizer_change(init: Path, sha256: str, given: str, fix: str, allow: bool) -> None:
+    """A run from --init-from must use the tokenizer the checkpoint was trained with (same hash), unless
+    the change is asked for (--allow-tokenizer-change): `given` names the other tokenizer, `fix` the way back."""
     own = init / "tokenizer.json"
-    theirs = ckpt.tokenizer_sha256(own) if own.is_file() else None
-    if theirs is None or theirs == tokenizer.sha256:
+    theirs = ckpt.own_tokenizer_sha256(init)
+    if theirs is None or theirs == sha256:
         return
-    message = (f"--tokenizer {tokenizer.source} (sha256 {tokenizer.sha256[:16]}...) is not the tokenizer {init} "
-               f"was trained with ({own}, sha256 {theirs[:16]}...)")
+    message = (f"{given} (sha256 {sha256[:16]}...) is not the tokenizer --init-from {init} was trained with "
+               f"({own}, sha256 {theirs[:16]}...)")
     if not allow:
-        raise TokenizerMismatchError(f"{message}; leave --tokenizer out to use the checkpoint's, or pass "
-                                     "--allow-tokenizer-change if the change is deliberate")
+        raise TokenizerMismatchError(f"{message}; {fix}, or pass --allow-tokenizer-change if the change is deliberate")
     print(f"warning: {message}; continuing because --allow-tokenizer-change was given", file=sys.stderr)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import CorpusFormatError
+from .errors import CorpusFormatError, InputFileError, SourceError
 
 ENV_VAR = "LILLM_DATA_DIR"
 DATA_DIR_HINT = f"pass --data-dir DIR (data_dir=...) or set the environment variable {ENV_VAR}"
@@ -42,7 +42,7 @@ def data_dir(path: str | os.PathLike | None = None) -> Path:
         repo_root = Path(__file__).resolve().parent.parent
         where, why = repo_root.parent / "shared" / "data", "the default <repo root>/../shared/data"
     if not where.is_dir():
-        raise FileNotFoundError(f"data directory {where} (from {why}) does not exist; {DATA_DIR_HINT}")
+        raise InputFileError(f"data directory {where} (from {why}) does not exist; {DATA_DIR_HINT}")
     return where
 
 
@@ -181,7 +181,7 @@ LANGS = ("hau", "swa", "xho", "zul", "eng")
 
 def _open_text(path: Path, newline: str | None = None):
     if not path.is_file():
-        raise FileNotFoundError(f"corpus file {path} does not exist; check the data directory ({DATA_DIR_HINT})")
+        raise InputFileError(f"corpus file {path} does not exist; check the data directory ({DATA_DIR_HINT})")
     # utf-8-sig drops a byte-order mark, which would otherwise glue itself to the first word.
     return open(path, encoding="utf-8-sig", newline=newline)
 
@@ -289,12 +289,12 @@ def select_corpora(langs: Iterable[str], splits: Iterable[str] = ("train",), nam
     if names is not None:
         unknown = [n for n in names if n not in CORPORA]
         if unknown:
-            raise ValueError(f"unknown corpus name(s) {unknown}; known names are {sorted(CORPORA)}")
+            raise SourceError(f"unknown corpus name(s) {unknown}; known names are {sorted(CORPORA)}")
         return [CORPORA[n] for n in names]
     langs, splits = list(langs), list(splits)
     bad = [lang for lang in langs if lang not in LANGS]
     if bad:
-        raise ValueError(f"unknown language(s) {bad}; registered languages are {list(LANGS)}")
+        raise SourceError(f"unknown language(s) {bad}; registered languages are {list(LANGS)}")
     kinds = None if kinds is None else set(kinds)
     return [c for c in CORPORA.values()
             if c.lang in langs and c.split in splits and (kinds is None or c.kind in kinds)]
@@ -317,7 +317,7 @@ def documents_for(langs: Iterable[str], splits: Iterable[str] = ("train",), name
             warnings.warn(f"skipping corpora missing from {root}: {missing} (see docs/DATA.md)", stacklevel=2)
         chosen = [c for c in chosen if c.name not in missing]
         if not chosen:
-            raise FileNotFoundError(f"no corpus for langs={list(langs)} splits={list(splits)} in {root}; "
+            raise InputFileError(f"no corpus for langs={list(langs)} splits={list(splits)} in {root}; "
                                     f"{DATA_DIR_HINT}; docs/DATA.md says where to get the files")
     for corpus in chosen:
         for doc in read_documents(root / corpus.relpath, corpus.fmt, corpus.text_column):

@@ -1,13 +1,11 @@
 """Pretraining data: memory-mapped token bins, checked, and sampled in seeded, rank-aware windows.
 
 Token bins (the nanoGPT / lilLM recipe). `data/prepare_pretrain.py` (lillm/bins.py) tokenizes the
-corpus once, offline, and writes every document's token ids back to back, with the end-of-text id
-`</s>` after each document, into flat files of little-endian uint16 (uint32 when the vocabulary
-has more than 65,536 ids): `train.bin` and `val.bin`, or shards `train-00000.bin`, ... listed in
-`meta.json` (tokenizer hash, dtype, token/document/byte counts). The shards of a split are one
-stream, their concatenation: a window may start in one shard and end in the next, and every
-offset means the same token whether the split was written as one file or as shards. Training
-never touches text again: `np.memmap` maps the files, the operating system pages in only the
+corpus once, offline, into flat files of token ids, `</s>` after each document (the format, its
+meta.json and the checks that a bin fits a tokenizer are lillm/bin_format.py). The shards of a
+split are one stream, their concatenation: a window may start in one shard and end in the next,
+and every offset means the same token whether the split was written as one file or as shards.
+Training never touches text again: `np.memmap` maps the files, the operating system pages in only the
 windows we read, so a corpus of any size costs no RAM and a run starts instantly.
 
 A training example is a window of seq_len + 1 consecutive tokens starting at a random offset:
@@ -34,109 +32,14 @@ with it but the imports.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-# The format is the writer's (lillm/bins.py, which imports no torch, so preparing data starts fast).
-from .bins import META_NAME, UINT16_VOCAB_LIMIT, token_dtype  # noqa: F401 - re-exported
-from .errors import BinFormatError, FlagError, InputFileError, MissingMetaError
-
-MAX_ID_CHUNK = 1 << 24            # tokens per slice when scanning a bin for its largest id
-
-
-# ---- meta.json and checks -----------------------------------------------------------------------
-def _as_dir(bin_dir_or_file) -> Path:
-    path = Path(bin_dir_or_file)
-    return path.parent if path.suffix == ".bin" or path.is_file() else path
-
-
-def _redo_hint(directory: Path, tokenizer_path=None) -> str:
-    tokenizer_arg = tokenizer_path or "<the tokenizer.json you train with>"
-    return f"re-run `python data/prepare_pretrain.py --tokenizer {tokenizer_arg} --out {directory}`"
-
-
-def load_meta(bin_dir) -> dict:
-    """meta.json of a bin folder (or of the folder holding a .bin file), with its keys checked."""
-    directory = _as_dir(bin_dir)
-    meta_path = directory / META_NAME
-    if not meta_path.is_file():
-        raise MissingMetaError(
-            f"{meta_path} not found: the token bins in {directory} have no meta.json, so their "
-            f"tokenizer, dtype and sizes are unknown; {_redo_hint(directory)}")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BinFormatError(f"{meta_path} is not valid JSON ({error}); {_redo_hint(directory)}") from None
-    for key in ("tokenizer_sha256", "vocab_size", "dtype", "eos_id", "splits"):
-        if key not in meta:
-            raise BinFormatError(f"{meta_path} has no key {key!r}; {_redo_hint(directory)}")
-    return meta
-
-
-def split_files(info: dict) -> list[tuple[str, int]]:
-    """(file name, tokens) of a split in meta.json: its shards, or its one file."""
-    if "shards" in info:
-        return [(shard["file"], shard["tokens"]) for shard in info["shards"]]
-    return [(info["file"], info["tokens"])]
-
-
-def max_token_id(path, dtype) -> int:
-    """Largest id in a bin (-1 when empty), scanned in slices so memory stays flat."""
-    dtype = np.dtype(dtype)
-    count = Path(path).stat().st_size // dtype.itemsize
-    if count == 0:
-        return -1
-    tokens = np.memmap(path, dtype=dtype, mode="r", shape=(count,))
-    return max(int(tokens[start:start + MAX_ID_CHUNK].max()) for start in range(0, count, MAX_ID_CHUNK))
-
-
-def check_bins(bin_dir, tokenizer=None, vocab_size: int | None = None) -> dict:
-    """Refuse bins that the given tokenizer/model cannot train on; return their meta.
-
-    Checks, for every split listed in meta.json: the tokenizer hash (when a tokenizer is given),
-    the dtype against the vocabulary size, the file size against the token count, and the
-    largest id against the vocabulary (vocab_size, else the tokenizer's, else meta's).
-    """
-    directory = _as_dir(bin_dir)
-    meta = load_meta(directory)
-    tokenizer_path = getattr(tokenizer, "source", "<memory>")
-    tokenizer_path = meta.get("tokenizer_path") if tokenizer_path.startswith("<") else tokenizer_path
-    redo = _redo_hint(directory, tokenizer_path)
-    if tokenizer is not None and tokenizer.sha256 != meta["tokenizer_sha256"]:
-        raise BinFormatError(
-            f"{directory / META_NAME}: the bins were made with tokenizer sha256 "
-            f"{meta['tokenizer_sha256'][:16]}... ({meta.get('tokenizer_path', '?')}), but the "
-            f"tokenizer given has sha256 {tokenizer.sha256[:16]}...; {redo}")
-    limit = vocab_size or (tokenizer.vocab_size if tokenizer is not None else meta["vocab_size"])
-    dtype = token_dtype(meta["vocab_size"])
-    if meta["dtype"] != dtype.name:
-        raise BinFormatError(
-            f"{directory / META_NAME}: dtype {meta['dtype']!r} does not match vocab_size "
-            f"{meta['vocab_size']} (expected {dtype.name!r}); {redo}")
-    for split, info in meta["splits"].items():
-        shards = split_files(info)
-        if sum(tokens for _, tokens in shards) != info["tokens"]:
-            raise BinFormatError(f"{directory / META_NAME}: the {split} shards hold "
-                                 f"{sum(tokens for _, tokens in shards)} tokens but the split says {info['tokens']}; {redo}")
-        for name, tokens in shards:
-            path = directory / name
-            if not path.is_file():
-                raise InputFileError(f"{path} ({split} split listed in meta.json) not found; {redo}")
-            size, expected = path.stat().st_size, tokens * dtype.itemsize
-            if size != expected:
-                raise BinFormatError(
-                    f"{path} holds {size} bytes but meta.json says {tokens} tokens of "
-                    f"{dtype.name} = {expected} bytes: truncated, or from another run; {redo}")
-            largest = max_token_id(path, dtype)
-            if largest >= limit:
-                raise BinFormatError(
-                    f"{path} holds token id {largest} but the vocabulary has only {limit} ids "
-                    f"(0..{limit - 1}): the bins were made with another tokenizer; {redo}")
-    return meta
+from .bin_format import META_NAME, load_meta, remake_hint, split_files
+from .errors import BinFormatError, FlagError, InputFileError
 
 
 # ---- sampling -----------------------------------------------------------------------------------
@@ -144,9 +47,9 @@ def _open_tokens(path: Path, dtype: np.dtype) -> np.memmap:
     size = path.stat().st_size
     if size % dtype.itemsize:
         raise BinFormatError(f"{path} is {size} bytes, not a whole number of {dtype.name} tokens; "
-                             f"{_redo_hint(path.parent)}")
+                             f"{remake_hint(path.parent)}")
     if size == 0:
-        raise BinFormatError(f"{path} is empty; {_redo_hint(path.parent)}")
+        raise BinFormatError(f"{path} is empty; {remake_hint(path.parent)}")
     return np.memmap(path, dtype=dtype, mode="r", shape=(size // dtype.itemsize,))
 
 
@@ -165,13 +68,13 @@ class TokenStream:
             size = path.stat().st_size
             if size % dtype.itemsize:
                 raise BinFormatError(f"{path} is {size} bytes, not a whole number of {dtype.name} tokens; "
-                                     f"{_redo_hint(path.parent)}")
+                                     f"{remake_hint(path.parent)}")
             sizes.append(size // dtype.itemsize)
         self.ends = np.cumsum(sizes)                  # token offset where each file ends
         self.starts = self.ends - np.asarray(sizes)
         self.num_tokens = int(self.ends[-1]) if len(paths) else 0
         if self.num_tokens == 0:
-            raise BinFormatError(f"{paths[0] if paths else 'the split'} is empty; {_redo_hint(paths[0].parent)}")
+            raise BinFormatError(f"{paths[0] if paths else 'the split'} is empty; {remake_hint(paths[0].parent)}")
 
     def __len__(self) -> int:
         return self.num_tokens
@@ -207,10 +110,10 @@ def open_stream(path, dtype=None) -> TokenStream:
                 for shard in paths:
                     if not shard.is_file():
                         raise InputFileError(f"token bin {shard} ({split} split in {meta_path}) not found; "
-                                                f"{_redo_hint(path.parent)}")
+                                                f"{remake_hint(path.parent)}")
                 return TokenStream(paths, np.dtype(dtype or meta["dtype"]).newbyteorder("<"))
     if not path.is_file():
-        raise InputFileError(f"token bin {path} not found; {_redo_hint(path.parent)}")
+        raise InputFileError(f"token bin {path} not found; {remake_hint(path.parent)}")
     if dtype is None:
         dtype = load_meta(path)["dtype"]
     return TokenStream([path], np.dtype(dtype).newbyteorder("<"))

@@ -218,14 +218,11 @@ class PreferenceBatches(SFTBatches):
     Sampling, epochs, ranks and the exact resume state are SFTBatches' own; only the tensors differ.
     """
 
-    def next_step(self) -> list[dict[str, torch.Tensor]]:
-        per_rank = self.micro_batch * self.accum
-        mine = self._next_global_units()[self.rank * per_rank:(self.rank + 1) * per_rank]
-        micro = [mine[i:i + self.micro_batch] for i in range(0, per_rank, self.micro_batch)]
-        if self.batching == "pad":
-            return [pair_batch([self.examples[u[0]] for u in chunk], self.pad_id) for chunk in micro]
-        return [packed_pair_batch([[self.examples[i] for i in u] for u in chunk], self.seq_len, self.pad_id)
-                for chunk in micro]
+    def padded(self, pairs: list[PreferencePair]) -> dict[str, torch.Tensor]:
+        return pair_batch(pairs, self.pad_id)
+
+    def packed(self, rows: list[list[PreferencePair]]) -> dict[str, torch.Tensor]:
+        return packed_pair_batch(rows, self.seq_len, self.pad_id)
 
 
 # ---- log-probabilities and the loss ------------------------------------------------------------------

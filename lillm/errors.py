@@ -30,6 +30,10 @@ class SFTDataError(LillmError):
     """A conversation file, or a row in it, that cannot be trained on."""
 
 
+class EmptyCorpusError(LillmError):
+    """A source that gives no document once empty and duplicate ones are dropped."""
+
+
 class SFTSourceError(LillmError):
     """A source of conversations (a challenge task file, a user's table or row) without the columns,
     alignment or values it needs."""
@@ -42,6 +46,10 @@ class DPODataError(LillmError):
 # ---- tokenizers ----------------------------------------------------------------------------------
 class TokenizerFileError(LillmError):
     """A tokenizer.json that cannot be read or parsed."""
+
+
+class TokenizerTrainingError(LillmError):
+    """A corpus or a vocabulary size a tokenizer cannot be trained with."""
 
 
 class ChatTemplateError(LillmError):
@@ -82,6 +90,10 @@ class DistillationError(LillmError):
     """Settings or models that cannot be distilled, with the reason and the fix."""
 
 
+class GGUFExportError(LillmError):
+    """A checkpoint or option that cannot be exported to GGUF, with the reason and the fix."""
+
+
 # ---- training ------------------------------------------------------------------------------------
 class TrainingDiverged(LillmError, RuntimeError):
     """Too many non-finite steps in a row: the run stopped at its last good checkpoint."""
@@ -97,7 +109,7 @@ class InputFileError(LillmError, FileNotFoundError):
 
 
 class InputEncodingError(LillmError):
-    """A text file that is not UTF-8 where lillm needs it whole (e.g. a JSON file)."""
+    """A file lillm reads whole (a challenge table) with bytes that are not UTF-8; the message names the line."""
 
 
 class OutputFolderError(LillmError):
@@ -122,6 +134,18 @@ class HubUnavailableError(SourceError, ConnectionError):
 
 
 # ---- evaluation and outputs ----------------------------------------------------------------------
+class RequestError(LillmError):
+    """A request the chat server refuses, with the HTTP status and the OpenAI error fields."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.param, self.status, self.kind, self.code = param, status, kind, code
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
 class SubmissionError(LillmError):
     """A challenge submission file (ID, Response, Targets) that cannot be scored; the message names the row."""
 

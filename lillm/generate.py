@@ -22,6 +22,9 @@ greedy output falls into loops ("na pia ni, na pia ni, ..."); `no_repeat_ngram=n
 row to repeat any n-gram of its own output (Paulus et al., 2018; fairseq's and transformers'
 no_repeat_ngram_size), so a loop must move on. The prompt is not counted: a translation may copy
 names and numbers from its source as often as it likes.
+
+Streaming: `TextStream` turns the tokens of a row into text as they arrive (inference.py prints
+them, lillm/batching.py streams them to the server), never splitting a character.
 """
 from __future__ import annotations
 
@@ -97,8 +100,20 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
+# Inductor on a CPU writes C++ kernels; with cpp_wrapper the code that calls them (and the int8
+# operator, lillm/fbgemm_int8.cpp) is C++ too, without its per-call size checks, so a step is one
+# call from Python (13% faster than inductor's Python wrapper with lillm-39m: docs/DEPLOY.md).
+CPU_INDUCTOR_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False}
+
+
 class StaticDecoder:
     """The one-token step with fixed shapes, compiled once per (batch, cache length).
+
+    A step takes each row's token, its rotary position and the cache position, and returns the
+    logits, the greedy next token (the first maximum, chosen inside the compiled graph) and the
+    next step's positions, so a greedy token costs one call of the compiled step and no other
+    tensor operation. Sampled decoding draws from the returned logits outside the step, with the
+    caller's generator (a seed gives the tokens eager decoding gives).
 
     The model's KV cache is allocated once at `max_len` positions and kept between calls (so the
     recorded graphs keep pointing at the same buffers); `model.clear_cache()` frees it.
@@ -111,30 +126,47 @@ class StaticDecoder:
                  mode: str | None = "reduce-overhead"):
         self.model = model
         self.step = self._step
-        if model.model.embed_tokens.weight.device.type == "cpu":
-            mode = None  # no CUDA graphs on a CPU: inductor's C++ kernels, one Python call per fused group
+        on_cpu = model.model.embed_tokens.weight.device.type == "cpu"
+        self.graphs = compile and not on_cpu and mode == "reduce-overhead"  # no CUDA graphs on a CPU
         if compile:
             for module in model.modules():  # layers that must prepare (lillm.quant.Int8Linear's fbgemm weight)
                 if hasattr(module, "before_compile"):
-                    module.before_compile()
-            options = {} if mode is None else {"mode": mode}
-            self.step = torch.compile(self._step, backend=backend, fullgraph=True, dynamic=False, **options)
-        self.graphs = compile and mode == "reduce-overhead"
+                    module.before_compile(backend)
+            if on_cpu and backend == "inductor":
+                settings = {"options": CPU_INDUCTOR_OPTIONS}
+            else:
+                settings = {"mode": mode} if mode is not None and not on_cpu else {}
+            self.step = torch.compile(self._step, backend=backend, fullgraph=True, dynamic=False, **settings)
+        self.compiled = compile
+        self.warm: set[tuple[int, int]] = set()  # (batch, cache length) that have run once since the cache was made
 
     def _step(self, token: torch.Tensor, position: torch.Tensor, cache_pos: torch.Tensor,
-              key_valid: torch.Tensor) -> torch.Tensor:
-        return self.model(token, position_ids=position, attention_mask=key_valid, cache_pos=cache_pos)[:, -1]
+              key_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """token (B,), position (B, 1), cache_pos () -> logits (B, V), greedy token (B,), position + 1, cache_pos + 1."""
+        logits = self.model(token[:, None], position_ids=position, attention_mask=key_valid, cache_pos=cache_pos)[:, -1]
+        return logits, logits.max(-1).indices, position + 1, cache_pos + 1
 
     def ensure_cache(self, batch: int, max_len: int) -> None:
         cache = self.model.model.layers[0].self_attn.cache
         if cache is None or cache.k.shape[0] != batch or cache.k.shape[2] != max_len \
                 or cache.k.dtype != self.model.model.embed_tokens.weight.dtype:
             self.model.setup_cache(batch, max_len)
+            self.warm.clear()  # the rotary tables may have grown: let the guards see them again
 
-    def __call__(self, token, position, cache_pos, key_valid) -> torch.Tensor:
-        if self.graphs:  # the previous step's outputs may be overwritten now: we are done with them
+    def __call__(self, token, position, cache_pos, key_valid):
+        if self.graphs:  # a CUDA graph's outputs are overwritten by its next replay: keep copies
             torch.compiler.cudagraph_mark_step_begin()
-        return self.step(token, position, cache_pos, key_valid)
+            return tuple(out.clone() for out in self.step(token, position, cache_pos, key_valid))
+        shape = (token.shape[0], key_valid.shape[1])
+        if not self.compiled or shape not in self.warm:
+            self.warm.add(shape)
+            return self.step(token, position, cache_pos, key_valid)
+        # torch.compile checks its guards (every parameter and buffer the step reads) before each
+        # call: on a CPU that is a large part of a small model's step. Once a shape has run, nothing
+        # they check changes between tokens (weights change in place, the cache is this one), so the
+        # compiled code runs without them; a new shape or a new cache goes through them again.
+        with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+            return self.step(token, position, cache_pos, key_valid)
 
 
 def static_decoder(model: Transformer) -> StaticDecoder:
@@ -146,8 +178,14 @@ def static_decoder(model: Transformer) -> StaticDecoder:
 
 
 def cache_length(model: Transformer, needed: int) -> int:
-    """The model's context length when the request fits (one graph serves every request), else the request."""
-    return max(needed, model.config.max_seq_len)
+    """The fixed cache length of a compiled step for a request of `needed` positions: the next power
+    of two (at least 64), at most the model's context when the request fits, else the request.
+    Every step attends over the whole fixed cache, so a cache far longer than the request costs time
+    on every token; powers of two bound both that waste (under 2x) and the number of graphs to
+    compile (one per length used)."""
+    if needed > model.config.max_seq_len:
+        return needed
+    return min(max(64, 1 << (needed - 1).bit_length()), model.config.max_seq_len)
 
 
 @torch.no_grad()
@@ -171,7 +209,8 @@ def generate_stream(model: Transformer, prompts: list[list[int]], max_new_tokens
         sample = NoRepeatNgram(sample, no_repeat_ngram)
     if compile:
         decoder = compile if isinstance(compile, StaticDecoder) else static_decoder(model)
-        yield from _static_stream(decoder, ids, mask, positions, max_new_tokens, sample, eos_id, pad_id)
+        greedy = temperature <= 0 and not no_repeat_ngram  # the n-gram ban must see each step's logits
+        yield from _static_stream(decoder, ids, mask, positions, max_new_tokens, sample, greedy, eos_id, pad_id)
         return
     if len({len(prompt) for prompt in prompts}) == 1:
         # No padding: no mask (the prompt pass runs the plain causal kernel, each new token
@@ -182,16 +221,17 @@ def generate_stream(model: Transformer, prompts: list[list[int]], max_new_tokens
         # Only the prompt's last position needs logits: lm_head skips the others.
         hidden = model(ids, position_ids=positions, attention_mask=mask, cache_pos=0, return_hidden=True)
 
-        def step_logits(token, step):
+        def next_token(token, step):
             position = None if positions is None else positions[:, -1:] + 1 + step
-            return model(token[:, None], position_ids=position, attention_mask=mask,
-                         cache_pos=prompt_len + step)[:, -1]
-        yield from _sample_loop(model.lm_head(hidden[:, -1]), step_logits, max_new_tokens, sample, eos_id, pad_id)
+            return sample(model(token[:, None], position_ids=position, attention_mask=mask,
+                                cache_pos=prompt_len + step)[:, -1])
+        yield from _token_loop(sample(model.lm_head(hidden[:, -1])), next_token, max_new_tokens, eos_id, pad_id)
     finally:
         model.clear_cache()
 
 
-def _static_stream(decoder: StaticDecoder, ids, mask, positions, max_new_tokens: int, sample, eos_id, pad_id):
+def _static_stream(decoder: StaticDecoder, ids, mask, positions, max_new_tokens: int, sample, greedy: bool,
+                   eos_id, pad_id):
     """generate_stream with fixed shapes: the cache stays allocated for the next call."""
     model = decoder.model
     batch, prompt_len = ids.shape
@@ -200,26 +240,29 @@ def _static_stream(decoder: StaticDecoder, ids, mask, positions, max_new_tokens:
     key_valid = F.pad(mask.bool(), (0, cache_len - prompt_len), value=True)  # new tokens are real
     # The prompt pass is eager (its length varies); it fills cache positions 0..prompt_len-1.
     hidden = model(ids, position_ids=positions, attention_mask=mask, cache_pos=0, return_hidden=True)
-    first_cache_pos = torch.tensor(prompt_len, device=ids.device)
+    position, cache_pos = positions[:, -1:] + 1, torch.tensor(prompt_len, device=ids.device)  # the next token's
 
-    def step_logits(token, step):
-        return decoder(token[:, None], positions[:, -1:] + 1 + step, first_cache_pos + step, key_valid)
-    yield from _sample_loop(model.lm_head(hidden[:, -1]), step_logits, max_new_tokens, sample, eos_id, pad_id)
+    def next_token(token, step):
+        nonlocal position, cache_pos
+        logits, best, position, cache_pos = decoder(token, position, cache_pos, key_valid)
+        return best if greedy else sample(logits)
+    yield from _token_loop(sample(model.lm_head(hidden[:, -1])), next_token, max_new_tokens, eos_id, pad_id)
 
 
-def _sample_loop(logits, step_logits, max_new_tokens: int, sample, eos_id, pad_id):
-    """Sample a token per row, yield it, and run the next step (step_logits(token, step)) until
+def _token_loop(token, next_token, max_new_tokens: int, eos_id, pad_id):
+    """Yield each step's token per row and make the next (next_token(token, step)) until
     max_new_tokens or until every row has emitted eos; finished rows yield pad_id."""
-    finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    finished = torch.zeros(token.shape[0], dtype=torch.bool, device=token.device)
     for step in range(max_new_tokens):
-        token = sample(logits).masked_fill(finished, pad_id)
+        if eos_id is not None:
+            token = token.masked_fill(finished, pad_id)
         yield token
         if eos_id is not None:
             finished |= token == eos_id
             if bool(finished.all()):
                 return
         if step + 1 < max_new_tokens:
-            logits = step_logits(token, step)
+            token = next_token(token, step)
 
 
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 128,
@@ -244,3 +287,21 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
                 on_token(row, token)
             done[row] = eos_id is not None and token == eos_id
     return outputs
+
+
+class TextStream:
+    """Turns one row's token ids into text pieces, for a terminal or a server's stream. Decoding the
+    whole row and handing out the new suffix keeps multi-byte characters whole (a byte-level token
+    may hold half of one): text ending in a half character waits for the next token."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def piece(self, token: int | None = None, final: bool = False) -> str:
+        if token is not None:
+            self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") and not final:  # wait for the rest of a split character
+            return ""
+        new, self.shown = text[len(self.shown):], text
+        return new

@@ -17,7 +17,11 @@ A lillm model is a Llama, so it is exported as llama.cpp's `llama` architecture.
    llama.cpp's own convert_hf_to_gguf.py does the same for Hugging Face Llama folders.
 2. Tied embeddings: no `output.weight` tensor; llama.cpp then uses `token_embd.weight` as the head.
 3. InkubaLM's shared MLP: GGUF's llama has one MLP per block, so the shared one is written into
-   every block (state_dict() already lists it under every layer's names).
+   every block (state_dict() already lists it under every layer's names). A mixture of experts
+   (lillm.moe, Mixtral's layout) is what llama.cpp's llama architecture runs for Mixtral: the router
+   as ffn_gate_inp (kept f32, as llama.cpp's quantizer keeps it), each expert's w1/w3/w2 stacked
+   into ffn_gate_exps/ffn_up_exps/ffn_down_exps, and expert_count / expert_used_count; llama.cpp
+   routes as lillm does (softmax over the experts, the top k, their weights renormalised).
 4. The tokenizer travels inside the file. lillm's byte-level BPE is GPT-2's scheme: vocab,
    merges and the pre-tokenizer "gpt-2" (the same regular expression as ByteLevel(use_regex=True)).
    An imported model's SentencePiece BPE (tokenizer.model) goes in as llama.cpp's "llama"
@@ -28,8 +32,7 @@ A lillm model is a Llama, so it is exported as llama.cpp's `llama` architecture.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +41,10 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .errors import LillmError
+from .errors import GGUFExportError
+from .folders import check_output_file, write_file_atomic
 from .model import Transformer
+from .tokenizer import Tokenizer
 from .spm import BYTE, CONTROL, NORMAL, UNKNOWN, USER_DEFINED, SentencePieceModel
 
 ARCH = "llama"
@@ -61,6 +66,9 @@ BLOCK_NAMES = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
+BLOCK_NAMES["block_sparse_moe.gate.weight"] = "ffn_gate_inp.weight"  # a mixture's router
+EXPERT_TENSOR = re.compile(r"block_sparse_moe\.experts\.(?P<e>\d+)\.(?P<w>w[123])\.weight")
+EXPERT_STACKS = {"w1": "ffn_gate_exps.weight", "w3": "ffn_up_exps.weight", "w2": "ffn_down_exps.weight"}
 TRUNK_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                "lm_head.weight": "output.weight"}
 # lillm's chat template (Tokenizer.apply_chat_template): <s>, then <|role|> content </s> per message.
@@ -68,10 +76,6 @@ TRUNK_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.wei
 CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}"
                  "{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 CHAT_ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
-
-
-class GGUFExportError(LillmError):
-    """A checkpoint or option that cannot be exported to GGUF, with the reason and the fix."""
 
 
 # ---- the rotary layout --------------------------------------------------------------------------
@@ -91,11 +95,22 @@ def interleaved_to_rotate_half(weight: torch.Tensor, n_heads: int) -> torch.Tens
             .transpose(1, 2).reshape(weight.shape))
 
 
+def check_exportable(model: Transformer, source: str) -> None:
+    """Refuse, before any writing, a model whose tensors have no llama.cpp counterpart."""
+    peft = getattr(model, "peft_config", None)
+    if peft is not None:
+        raise GGUFExportError(f"{source} holds a {peft.method} model (peft.json): its adapter tensors have no "
+                              "llama.cpp counterpart; merge LoRA/QLoRA into the weights first "
+                              "(lillm.peft.merge_and_unload, then save_checkpoint) and export that checkpoint")
+
+
 def gguf_tensors(model: Transformer) -> list[tuple[str, torch.Tensor]]:
     """(llama.cpp name, fp32 tensor) for every tensor of the file: q/k rows permuted, a shared MLP
-    once per block, a tied head omitted."""
+    once per block, a tied head omitted, a mixture's experts stacked (Mixtral's layout in llama.cpp:
+    ffn_gate_inp is the router, ffn_{gate,up,down}_exps hold every expert's w1, w3, w2 along a first
+    axis of n_experts)."""
     cfg = model.config
-    out = []
+    out, experts = [], {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue
@@ -108,22 +123,29 @@ def gguf_tensors(model: Transformer) -> list[tuple[str, torch.Tensor]]:
             tensor = rotate_half_to_interleaved(tensor, cfg.n_heads)
         elif suffix == "self_attn.k_proj.weight":
             tensor = rotate_half_to_interleaved(tensor, cfg.n_kv_heads)
+        expert = EXPERT_TENSOR.fullmatch(suffix)
+        if expert:  # block_sparse_moe.experts.E.wN.weight: stacked once all experts of the layer are read
+            stacked = experts.setdefault((layer, expert["w"]), [None] * cfg.n_experts)
+            stacked[int(expert["e"])] = tensor
+            if all(t is not None for t in stacked):
+                out.append((f"blk.{layer}.{EXPERT_STACKS[expert['w']]}", torch.stack(stacked)))
+            continue
         if suffix not in BLOCK_NAMES:
-            raise GGUFExportError(f"{name} has no llama.cpp counterpart (a PEFT-wrapped model? merge or drop the "
-                                  "adapter first: lillm.peft)")
+            raise GGUFExportError(f"{name} has no llama.cpp counterpart; lillm exports Llama and Mixtral-style "
+                                  "models (see lillm/gguf.py)")
         out.append((f"blk.{layer}.{BLOCK_NAMES[suffix]}", tensor))
     return out
 
 
 def encode_tensor(name: str, tensor: torch.Tensor, kind: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """The bytes (or plain array) to store and their GGML type. Norms stay f32 (they are tiny and
-    precision-critical); a quantized type needs rows that are whole blocks, else falls back to f16.
+    """The bytes (or plain array) to store and their GGML type. Norms and a mixture's router stay f32
+    (they are tiny and precision-critical); a quantized type needs rows that are whole blocks, else falls back to f16.
     In q4_0 files the embedding (also the head when tied) is stored as q8_0, as llama.cpp's own
     quantizer keeps the output layer at higher precision."""
     target = TYPES[kind][0]
     array = tensor.numpy()
-    if tensor.dim() == 1 or target == gguf.GGMLQuantizationType.F32:
-        return array.astype(np.float32), gguf.GGMLQuantizationType.F32
+    if tensor.dim() == 1 or target == gguf.GGMLQuantizationType.F32 or name.endswith("ffn_gate_inp.weight"):
+        return array.astype(np.float32), gguf.GGMLQuantizationType.F32  # norms and a mixture's router
     if target == gguf.GGMLQuantizationType.Q4_0 and name in ("token_embd.weight", "output.weight"):
         target = gguf.GGMLQuantizationType.Q8_0
     if target in (gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0):
@@ -224,6 +246,7 @@ def checkpoint_vocab(folder: Path, sentencepiece: Path | None = None) -> GGUFVoc
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GGUFExportError(f"{path} is not valid JSON ({e})") from None
+    Tokenizer.from_file(path)  # loads, and is the tokenizer the checkpoint was saved with (its recorded hash)
     return byte_level_vocab(data, str(path))
 
 
@@ -250,6 +273,9 @@ def write_metadata(writer: gguf.GGUFWriter, model: Transformer, vocab: GGUFVocab
     writer.add_embedding_length(cfg.d_model)
     writer.add_block_count(cfg.n_layers)
     writer.add_feed_forward_length(cfg.d_ff)
+    if cfg.n_experts:  # llama.cpp's llama graph runs these as Mixtral does: softmax, top k, renormalised
+        writer.add_expert_count(cfg.n_experts)
+        writer.add_expert_used_count(cfg.experts_per_token)
     writer.add_head_count(cfg.n_heads)
     writer.add_head_count_kv(cfg.n_kv_heads)
     writer.add_rope_dimension_count(cfg.head_dim)
@@ -292,29 +318,25 @@ def export_gguf(checkpoint: str | Path, out: str | Path, kind: str = "f16", over
     """Write a checkpoint folder (or a run folder's latest step) as a GGUF file for llama.cpp.
 
     kind: f32, f16, q8_0 or q4_0 (see encode_tensor for which tensors stay at higher precision).
-    The file is written under a temporary name beside `out` and renamed when complete; an existing
-    `out` is refused unless overwrite=True.
+    `out` goes through lillm.folders.check_output_file: never a folder, never inside a lillm folder
+    (the checkpoint's own included), and an existing file is replaced only when it is a GGUF file and
+    overwrite=True. It is written under a hidden temporary name beside `out` and renamed when complete.
     """
     if kind not in TYPES:
         raise GGUFExportError(f"unknown type {kind!r}; choose one of {', '.join(TYPES)}")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise GGUFExportError(f"{out} exists; pass --overwrite to replace it, or choose another file name")
-    if out.is_dir():
-        raise GGUFExportError(f"{out} is a folder; give the path of the .gguf file to write")
-    if not out.parent.is_dir():
-        raise GGUFExportError(f"{out.parent} does not exist; create it first")
+    reads = {"the checkpoint": checkpoint, "--sentencepiece": sentencepiece}
+    check_output_file(out, "gguf", overwrite=overwrite, flag="out", reads=reads)
     try:
         folder = ckpt.resolve_checkpoint(checkpoint)
         model = ckpt.load_model(folder)
     except ckpt.CheckpointError as e:
         raise GGUFExportError(str(e)) from None
+    check_exportable(model, str(folder))
     vocab = checkpoint_vocab(folder, Path(sentencepiece) if sentencepiece else None)
     pad_vocab(vocab, model.config.vocab_size, str(folder))
 
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, ARCH)
         write_metadata(writer, model, vocab, kind, Path(folder).name)
         for name, tensor in gguf_tensors(model):
@@ -324,10 +346,6 @@ def export_gguf(checkpoint: str | Path, out: str | Path, kind: str = "f16", over
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=progress)
         writer.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return write_file_atomic(out, write)

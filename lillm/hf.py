@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from .checkpoint import fsync_tree, load_weights, replace_folder, unique_state_dict
+from .checkpoint import check_config_fits, fsync_tree, load_weights, replace_folder, unique_state_dict
 from .config import ModelConfig, unsupported_hf_fields
 from .errors import CheckpointError, HFError, HFFileNotFoundError
 from .folders import check_replaceable, hidden_tmp, mark
@@ -219,6 +219,11 @@ def import_llama(folder: str | Path, dtype: torch.dtype = torch.float32, device:
         why = "shared_mlp=True was asked for" if shared_mlp else "config.json says lillm_shared_mlp"
         raise HFError(f"{folder}: {why}, but the weights hold a different MLP in each layer")
     cfg = config_from_hf({**hf, "lillm_shared_mlp": shared}, str(folder / "config.json"))
+    try:  # the sizes config.json asks for against the weights' headers and this machine, before building
+        check_config_fits(cfg, weights.shapes, f"{folder} ({weights.description})",
+                          torch.empty((), dtype=dtype).element_size())
+    except CheckpointError as e:
+        raise HFError(str(e)) from None
     rotary = [n for n in weights.shapes if n.endswith("rotary_emb.inv_freq")]
     _check_rotary_buffers(weights, cfg, rotary)
 

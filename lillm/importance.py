@@ -21,7 +21,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import PruneError
-from .model import Transformer
+from .model import Transformer, projection_slots
+
+
+def ffn_shape(cfg) -> tuple[int, ...]:
+    """The FFN channels of one layer: (d_ff,), or (n_experts, d_ff) in a mixture of experts."""
+    return (cfg.n_experts, cfg.d_ff) if cfg.n_experts else (cfg.d_ff,)
 
 
 def choose(importance: torch.Tensor, keep: int) -> torch.Tensor:
@@ -78,11 +83,13 @@ def _calibrate(model: Transformer, batches: Iterable[dict], state: dict, show_pr
 def activation_importance(model: Transformer, batches: Iterable[dict], show_progress: bool = True) -> dict:
     """Minitron scores over calibration batches (dicts with input_ids, optional attention_mask...):
     hidden (d,): mean |x| at the output of every norm, summed over norms; ffn (n_layers, d_ff): mean
-    |silu(gate) * up| at down_proj's input; heads (n_layers, n_heads): mean L2 norm of each head's output."""
+    |silu(gate) * up| at down_proj's input; heads (n_layers, n_heads): mean L2 norm of each head's output.
+    In a mixture of experts ffn is (n_layers, n_experts, d_ff): each expert's channels are its own, scored
+    on the tokens routed to it (every routed row counts: lillm's calibration windows have no padding)."""
     cfg = model.config
     device = next(model.parameters()).device
     sums = {"hidden": torch.zeros(cfg.d_model, device=device),
-            "ffn": torch.zeros(cfg.n_layers, cfg.d_ff, device=device),
+            "ffn": torch.zeros(cfg.n_layers, *ffn_shape(cfg), device=device),
             "heads": torch.zeros(cfg.n_layers, cfg.n_heads, device=device)}
     state: dict = {"layer": 0}
 
@@ -101,6 +108,11 @@ def activation_importance(model: Transformer, batches: Iterable[dict], show_prog
     def on_down(module, args):
         sums["ffn"][state["layer"]] += weighted(args[0].abs())
 
+    def on_expert_down(i, e):
+        def hook(module, args):  # the expert's rows: the (token, choice) pairs routed to it, no (B, T) shape
+            sums["ffn"][i, e] += args[0].abs().float().sum(0)
+        return hook
+
     def on_heads(i):
         def hook(module, args):
             B, T, _ = args[0].shape
@@ -114,7 +126,11 @@ def activation_importance(model: Transformer, batches: Iterable[dict], show_prog
         hooks.append(block.self_attn.o_proj.register_forward_pre_hook(on_heads(i)))
         hooks += [block.input_layernorm.register_forward_hook(on_norm),
                   block.post_attention_layernorm.register_forward_hook(on_norm)]
-        downs[id(block.mlp.down_proj)] = block.mlp.down_proj  # a shared MLP is hooked once
+        if cfg.n_experts:
+            hooks += [expert.w2.register_forward_pre_hook(on_expert_down(i, e))
+                      for e, expert in enumerate(block.feed_forward.experts)]
+        else:
+            downs[id(block.mlp.down_proj)] = block.mlp.down_proj  # a shared MLP is hooked once
     hooks += [down.register_forward_pre_hook(on_down) for down in downs.values()]
     try:
         tokens = _calibrate(model, batches, state, show_progress, "activation importance")
@@ -135,12 +151,14 @@ def weight_importance(model: Transformer) -> dict:
         w = param.detach().float()
         if name.endswith("norm.weight"):
             continue  # a norm scales channels; it neither reads nor writes one
-        writes_hidden = name.endswith(("o_proj.weight", "down_proj.weight"))
+        writes_hidden = name.endswith(("o_proj.weight", "down_proj.weight", ".w2.weight"))  # w2: an expert's down
         hidden += w.norm(dim=1) if writes_hidden else w.norm(dim=0)
     for block in model.model.layers:
-        attn, mlp = block.self_attn, block.mlp
-        ffn.append(mlp.gate_proj.weight.float().norm(dim=1) + mlp.up_proj.weight.float().norm(dim=1)
-                   + mlp.down_proj.weight.float().norm(dim=0))
+        attn = block.self_attn
+        (gate, up, down) = ([p.weight.float() for p in (getattr(m, n) for m, n in projection_slots(block, name))]
+                            for name in ("gate_proj", "up_proj", "down_proj"))
+        scores = [g.norm(dim=1) + u.norm(dim=1) + d.norm(dim=0) for g, u, d in zip(gate, up, down)]
+        ffn.append(torch.stack(scores) if cfg.n_experts else scores[0])  # (n_experts, d_ff) in a mixture
         q = attn.q_proj.weight.float().view(cfg.n_heads, -1).norm(dim=1)
         o = attn.o_proj.weight.float().view(cfg.d_model, cfg.n_heads, hd).transpose(0, 1).flatten(1).norm(dim=1)
         heads.append(q + o)
@@ -150,7 +168,7 @@ def weight_importance(model: Transformer) -> dict:
 def random_importance(model: Transformer, seed: int = 0) -> dict:
     """Uniform random scores (same keys and shapes), reproducible from the seed: structured random pruning."""
     cfg, g = model.config, torch.Generator().manual_seed(seed)
-    shapes = {"hidden": (cfg.d_model,), "ffn": (cfg.n_layers, cfg.d_ff), "heads": (cfg.n_layers, cfg.n_heads)}
+    shapes = {"hidden": (cfg.d_model,), "ffn": (cfg.n_layers, *ffn_shape(cfg)), "heads": (cfg.n_layers, cfg.n_heads)}
     return {key: torch.rand(shape, generator=g) for key, shape in shapes.items()}
 
 

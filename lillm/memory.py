@@ -42,13 +42,43 @@ fp32), and the loss (LinearCrossEntropy takes the logsumexp in fp32, and builds 
 gradient in an fp32 buffer before rounding it once). What is not: gradients are accumulated in
 bf16 across micro batches (one rounding per micro batch), and the gradient-norm for clipping is
 taken over bf16 gradients.
+
+**What fits** (`estimate_training_memory`): the bytes of one training step by part and its peak,
+counted tensor by tensor for lillm's block and checked against measurements (bench/memory.py),
+so the largest model, batch and precision a GPU holds can be chosen before a run.
 """
 from __future__ import annotations
 
 import types
+from contextlib import nullcontext
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+# The one vocabulary of precision (--precision, TrainConfig.precision, the memory estimate).
+PRECISIONS = ("auto", "bf16", "fp32", "bf16-true")
+PRECISION_HELP = ("auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast over fp32 weights; bf16-true: weights, "
+                  "gradients and AdamW moments in bf16, stochastic rounding (half the memory)")
+
+
+# ---- precision ---------------------------------------------------------------------------------
+def resolve_precision(precision: str, device) -> str:
+    """What a precision means on a device: auto is bf16 autocast on CUDA and fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def autocast_for(precision: str, device):
+    """The context the forward passes of a run in this precision go under: bf16 autocast over fp32
+    weights for bf16, nothing for fp32 or bf16-true (whose weights are bf16 themselves)."""
+    if resolve_precision(precision, device) != "bf16":
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 # ---- activation checkpointing ------------------------------------------------------------
@@ -166,3 +196,102 @@ def _slices(*tensors: torch.Tensor):
     flat = [t.view(-1) for t in tensors]
     for start in range(0, flat[0].numel(), SLICE):
         yield [t[start:start + SLICE] for t in flat]
+
+
+# ---- what a training step holds: the estimate -----------------------------------------------------
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, int8 block scales, fp32 scale absmax (lillm.nf4)
+
+
+def _lora_shapes(cfg: ModelConfig, targets) -> dict[str, tuple[int, int]]:
+    """(in, out) of each projection kind, by lillm.peft's short names."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {"q": (cfg.d_model, q), "k": (cfg.d_model, kv), "v": (cfg.d_model, kv), "o": (q, cfg.d_model),
+              "gate": (cfg.d_model, cfg.d_ff), "up": (cfg.d_model, cfg.d_ff), "down": (cfg.d_ff, cfg.d_model)}
+    return {t: shapes[t] for t in targets}
+
+
+def estimate_training_memory(cfg: ModelConfig, batch: int, seq_len: int, precision: str = "fp32",
+                             activation_checkpointing: bool = False, peft: str = "none", lora_rank: int = 8,
+                             lora_targets=("q", "v"), device: str = "cuda") -> dict[str, int]:
+    """Bytes of one training step of lillm.train on one device (no sharding), by part, and the peak.
+
+    weights: parameters (+ NF4 buffers for QLoRA); gradients: one per trained parameter;
+    optimizer: AdamW's two moments (fp32, or bf16 under bf16-true); activations: what autograd
+    keeps for the backward pass, counted tensor by tensor for lillm's block (measured with
+    saved-tensor hooks: 3 d-wide tensors per RMSNorm, q, k, v and the attention output, 4 d_ff-wide
+    tensors in the SwiGLU MLP; under LoRA the frozen projections keep less), plus the fused loss's
+    head-gradient buffer and, under autocast, the bf16 copies of the weights it makes. `precision`
+    is --precision's (PRECISIONS): auto is bf16 autocast on cuda and fp32 on a CPU, as in training.
+    peak = weights + optimizer + the largest of (activations + the loss's scratch at the end of the
+    forward pass), (activations + the head's gradient as backward starts) and (all gradients +
+    the optimizer's scratch): memory falls from the first to the last as backward frees
+    activations and makes gradients. Allocator slack and fragmentation are not modelled.
+    """
+    precision = resolve_precision(precision, device)
+    if peft not in ("none", "full", "lora", "qlora"):
+        raise ValueError(f"peft {peft!r}: the estimate knows none (= full), lora and qlora")
+    targets = list(_lora_shapes(cfg, ["q", "k", "v", "o", "gate", "up", "down"])) if lora_targets == "all" \
+        else list(lora_targets)
+    lora = peft in ("lora", "qlora")
+    d, hd, L, V, N = cfg.d_model, cfg.head_dim, cfg.n_layers, cfg.vocab_size, batch * seq_len
+    q_width, kv_width = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    counts = cfg.param_counts()
+    projections = counts["attention"] + counts["mlp"]
+    mlp_copies = 1 if cfg.shared_mlp else L  # a shared MLP has one LoRA per target
+    lora_params = sum(rank_in + rank_out for kind, (rank_in, rank_out) in _lora_shapes(cfg, targets).items()
+                      for _ in range(mlp_copies if kind in ("gate", "up", "down") else L)) * lora_rank
+    wb = 2 if precision == "bf16-true" else 4        # bytes per weight, gradient and optimizer moment
+    ab = 4 if precision == "fp32" else 2             # bytes per element of a matmul's activations
+
+    # -- weights, gradients, optimizer
+    if peft == "qlora":
+        weights = (counts["total"] - projections) * wb + projections * NF4_BYTES_PER_WEIGHT + lora_params * wb
+    else:
+        weights = (counts["total"] + (lora_params if lora else 0)) * wb
+    trained = lora_params if lora else counts["total"]
+    gradients, optimizer = trained * wb, 2 * trained * wb
+    largest = max(V * d, d * cfg.d_ff) if not lora else max(lora_rank * max(d, cfg.d_ff), 1)
+    if precision == "bf16-true":  # BF16AdamW: fp32 copies of one slice (lillm.memory.SLICE) at a time
+        optimizer_scratch = 8 * 4 * min(largest, 1 << 22)
+    elif device == "cuda":        # fused AdamW works in place
+        optimizer_scratch = 0
+    else:                         # single-tensor AdamW: sqrt(v) and its quotient, for one tensor at a time
+        optimizer_scratch = 2 * 4 * largest
+
+    # -- activations per block, per token (bytes); each term was checked with saved-tensor hooks
+    trains = {kind: (not lora) or kind in targets for kind in ("q", "k", "v", "o", "gate", "up", "down")}
+    residual = 2 if precision == "bf16-true" else 4   # the residual stream's dtype (fp32 under autocast)
+    block = 0
+    for fed in (("q", "k", "v"), ("gate", "up")):     # the two RMSNorms and the projections they feed
+        block += 4 * d                                # the norm's input, upcast to fp32 for its statistics
+        block += 0 if lora else residual * d          # its pre-weight value, kept when the norm's weight trains
+        if precision == "bf16":                       # every trained projection keeps its own bf16 cast
+            block += sum(2 * d for kind in fed if trains[kind])
+        elif any(trains[kind] for kind in fed):
+            block += ab * d                           # the norm's output, for the projections' weight gradients
+    block += ab * (2 * q_width + 2 * kv_width) + 4 * cfg.n_heads + 8   # q, k, v, attention output; logsumexp; rsqrt
+    block += ab * cfg.d_ff * (4 if trains["down"] else 3)               # gate, silu(gate), up (and their product)
+    block += ab * lora_rank * len(targets) if lora else 0                # A x of each LoRA
+    # Checkpointing: each block keeps only its input; one block's tensors come back at a time in backward.
+    blocks = L * N * residual * d if activation_checkpointing else L * N * block
+    recomputed = N * block if activation_checkpointing else 0
+
+    # -- the head, the fused loss (lillm.loss.LinearCrossEntropy), autocast's weight copies
+    head_trains = not lora
+    hidden = 4 if precision == "bf16" else wb         # the final hidden states' dtype
+    rows = min(N, 8192 if device == "cuda" else 256)  # lillm.loss.default_chunk
+    tail = N * d * (4 + (residual if head_trains else 0)) + N * d * hidden  # final norm; gradient of the hidden states
+    head_gradient = V * d * wb if head_trains else 0  # made in the forward pass, kept for backward
+    weight_copies = 2 * (projections + V * d) if precision == "bf16" else 0
+    saved = blocks + tail + head_gradient + weight_copies  # what the forward pass leaves for backward
+    loss_scratch = rows * V * 4 * 2                   # one chunk's logits and their softmax
+    if precision == "bf16-true":                      # fp32 copies of the head: its weight, its gradient buffer
+        loss_scratch += V * d * 4 * (2 if head_trains else 1)
+    nf4_scratch = 10 * max(d * cfg.d_ff, d * q_width) if peft == "qlora" else 0  # one projection dequantised
+    end_of_backward = gradients + (V * d * wb if head_trains and cfg.tie_embeddings else 0)  # the embedding's own
+    peak = weights + optimizer + max(saved + max(loss_scratch, nf4_scratch),
+                                     saved + head_gradient + N * d * hidden,  # backward starts
+                                     saved + recomputed,                      # a checkpointed block rebuilt
+                                     end_of_backward, gradients + optimizer_scratch)
+    return {"weights": int(weights), "gradients": int(gradients), "optimizer": int(optimizer),
+            "activations": int(saved + recomputed), "peak": int(peak), "trained_params": int(trained)}

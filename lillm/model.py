@@ -107,7 +107,7 @@ class KVCache(nn.Module):
 
     def rows(self, rows: slice, length: int) -> KVCache:
         """The same storage seen as rows[rows] and positions [0, length): writes go to this cache.
-        lillm.serve prefills one slot through rows(slice(s, s + 1), n) and decodes the busy slots
+        lillm.batching prefills one slot through rows(slice(s, s + 1), n) and decodes the busy slots
         through rows(slice(0, busy), longest) so attention reads no more than is in use."""
         view = KVCache.__new__(KVCache)
         nn.Module.__init__(view)
@@ -150,12 +150,21 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.cache: KVCache | None = None
         self.kv_prefix = None  # prefix tuning (lillm.peft.KVPrefix): (k, v, mask) -> longer k, v, mask
+        # Decoding only (lillm.quant.fuse_projections): q, k and v as one matrix, one matmul instead of three.
+        self.qkv_proj = None
+
+    def project_qkv(self, x):
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv = self.n_kv_heads * self.head_dim
+        return self.qkv_proj(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
 
     def forward(self, x, cos, sin, mask=None, cache_pos=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache_pos is not None:  # Transformer.forward has checked that the cache exists
             k, v = self.cache.update(cache_pos, k, v)
@@ -174,9 +183,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.gate_up_proj = None  # decoding only (lillm.quant.fuse_projections): gate and up as one matmul
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -190,10 +204,35 @@ class Block(nn.Module):
         else:
             self.mlp = mlp if mlp is not None else MLP(cfg)
 
+    @property
+    def feed_forward(self) -> nn.Module:
+        """The dense MLP, or the mixture of experts that stands in its place."""
+        return self.block_sparse_moe if "block_sparse_moe" in self._modules else self.mlp
+
     def forward(self, x, cos, sin, mask=None, cache_pos=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_pos)
-        feed_forward = self.block_sparse_moe if "block_sparse_moe" in self._modules else self.mlp
-        return x + feed_forward(self.post_attention_layernorm(x))
+        return x + self.feed_forward(self.post_attention_layernorm(x))
+
+
+# A dense MLP's projections and the same projection in a Mixtral expert (w1 = gate, w3 = up, w2 = down).
+EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def projection_slots(block: Block, name: str) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) of the linear layer(s) a projection name means in this block: q/k/v/o_proj in
+    the attention; gate/up/down_proj in the MLP or, in a mixture of experts, that projection of every
+    expert. Every feature that wraps or replaces projections (LoRA, QLoRA, adapters, int8) goes through
+    here, so it works on dense, shared-MLP and mixture-of-experts blocks alike. A mixture's router is no
+    projection: it is left as it is (it decides which experts run; its cost is d_model x n_experts)."""
+    if name in ATTENTION_PROJECTIONS:
+        return [(block.self_attn, name)]
+    if name not in EXPERT_NAMES:
+        raise KeyError(f"{name} is not a projection; choose from {ATTENTION_PROJECTIONS + tuple(EXPERT_NAMES)}")
+    feed_forward = block.feed_forward
+    if isinstance(feed_forward, SparseMoE):
+        return [(expert, EXPERT_NAMES[name]) for expert in feed_forward.experts]
+    return [(feed_forward, name)]
 
 
 class LlamaModel(nn.Module):
@@ -276,7 +315,7 @@ class Transformer(nn.Module):
         cache_pos: where the T new tokens go in the KV cache (None = no cache). An int attends over
             the keys written so far; a 0-d tensor makes every shape fixed for CUDA graphs: keys are
             the whole cache, attention_mask (if given) covers the whole cache, and nothing is read
-            back to the host. A (B,) tensor gives every row its own position (lillm.serve's slots):
+            back to the host. A (B,) tensor gives every row its own position (lillm.batching's slots):
             keys are the whole cache, each row sees its keys up to its own position, and the
             positions are also the rotary positions unless position_ids says otherwise.
         return_hidden: return the final normed hidden states (B, T, d_model) instead of the logits,

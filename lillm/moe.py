@@ -88,6 +88,11 @@ class SparseMoE(nn.Module):
         self.balance_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
 
+    def __getstate__(self) -> dict:
+        """A copy (copy.deepcopy, pickle) leaves out the last forward's auxiliary losses: they belong to
+        that forward's autograd graph, which torch cannot copy (quantize_int8 copies a model)."""
+        return {**super().__getstate__(), "balance_loss": None, "z_loss": None}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])

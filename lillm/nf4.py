@@ -242,8 +242,3 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4 block={self.block_size}"
-
-
-def quantized_bytes(module: nn.Module) -> int:
-    """Bytes held by the NF4 buffers of every NF4Linear inside `module` (shared modules once)."""
-    return sum(m.quantized.nbytes() for m in module.modules() if isinstance(m, NF4Linear))

@@ -18,6 +18,10 @@ small number of added parameters instead:
   bottleneck h + up(gelu(down(h))) on the output of the attention (after o_proj) and of the
   MLP (after down_proj), before the residual add; `up` starts at zero, so it starts as identity.
 
+A mixture of experts (lillm.moe) is adapted expert by expert: "gate", "up" and "down" mean that
+projection in every expert (w1, w3, w2), adapters sit after every expert's down projection, and
+QLoRA stores every expert in NF4; the router stays as it is, trainable only with "full".
+
 Wrapped projections keep their names (`...q_proj.weight` is still the frozen base weight)
 and add their own (`q_proj.lora_A`, `o_proj.adapter_up.weight`, `self_attn.kv_prefix.keys`),
 so a checkpoint of a PEFT model is the base state dict plus the new tensors. A shared MLP
@@ -30,7 +34,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -39,7 +42,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .errors import PeftError
+from .errors import InputFileError, PeftError
+from .folders import write_file_atomic, write_text_atomic
+from .model import projection_slots
 from .nf4 import NF4Linear
 
 METHODS = ("full", "lora", "qlora", "prefix", "adapters")
@@ -229,15 +234,15 @@ def prefix_from_tokens(model: nn.Module, token_ids: torch.Tensor) -> list[tuple[
 # ----------------------------------------------------------------------------- applying
 
 def _slots(model: nn.Module, kinds) -> list[tuple[nn.Module, str]]:
-    """(parent module, attribute) of every projection of these kinds, each shared module once."""
+    """(parent module, attribute) of every projection of these kinds, each shared module once; in a
+    mixture of experts, that projection of every expert (lillm.model.projection_slots)."""
     seen, slots = set(), []
     for block in model.model.layers:
         for kind in kinds:
-            parent = getattr(block, PROJECTIONS[kind][0])
-            key = (id(parent), PROJECTIONS[kind][1])
-            if key not in seen:
-                seen.add(key)
-                slots.append((parent, PROJECTIONS[kind][1]))
+            for parent, name in projection_slots(block, PROJECTIONS[kind][1]):
+                if (id(parent), name) not in seen:
+                    seen.add((id(parent), name))
+                    slots.append((parent, name))
     return slots
 
 
@@ -349,32 +354,21 @@ def describe(model: nn.Module) -> dict:
             "config": cfg.to_dict() if cfg else None}
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_peft(model: nn.Module, folder: str | os.PathLike) -> Path:
     """Write adapter_model.safetensors (the trained tensors) and adapter_config.json (how to rebuild)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().cpu() for k, v in peft_state_dict(model).items()}
     record = {"peft": model.peft_config.to_dict(), "base_config": model.config.to_dict(), "counts": describe(model)}
-    _write_atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _write_atomic(folder / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+    write_file_atomic(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    write_text_atomic(folder / CONFIG_FILE, json.dumps(record, indent=2) + "\n")
     return folder
 
 
 def read_peft_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: {folder} is not an adapter folder (save_peft writes "
+        raise InputFileError(f"{path} does not exist: {folder} is not an adapter folder (save_peft writes "
                                 f"{CONFIG_FILE} and {WEIGHTS_FILE})")
     try:
         record = json.loads(path.read_text())
@@ -400,7 +394,7 @@ def load_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
         raise PeftError(f"{folder} holds a {method!r} adapter but the model already has {model.peft_config.method!r}")
     path = folder / WEIGHTS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; the adapter folder is incomplete, save it again")
+        raise InputFileError(f"{path} is missing; the adapter folder is incomplete, save it again")
     tensors, expected = load_file(str(path)), peft_state_dict(model)
     if set(tensors) != set(expected):
         raise PeftError(f"{path}: tensors do not match the model. Missing: {sorted(set(expected) - set(tensors))[:5]}; "
@@ -412,12 +406,6 @@ def load_peft(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
                                 f"{tuple(target.shape)}")
             target.copy_(tensors[name])
     return model
-
-
-def peft_record(model: nn.Module) -> dict | None:
-    """What checkpoint.save_checkpoint writes to peft.json (None for a plain model)."""
-    cfg = getattr(model, "peft_config", None)
-    return cfg.to_dict() if cfg is not None else None
 
 
 def rebuild_peft(model: nn.Module, record: dict) -> nn.Module:

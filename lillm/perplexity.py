@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from .data import iter_eval_batches
+from .data import iter_eval_batches, open_stream
 from .loss import causal_lm_loss
 
 
@@ -77,12 +77,11 @@ def unigram_bits_per_byte(data: Path, meta: dict, chunk: int = 1 << 24) -> float
     """The baseline a model must beat: predict every val token from train-set token frequencies
     (add-one smoothed), ignoring all context. Bits per byte, like val_bpb."""
     data = Path(data)
-    dtype = np.dtype(meta["dtype"])
     counts = np.ones(meta["vocab_size"], dtype=np.float64)
-    train = np.memmap(data / "train.bin", dtype=dtype, mode="r")
+    train = open_stream(data / "train.bin", meta["dtype"])  # one file or its shards, as the loaders read it
     for start in range(0, len(train), chunk):
-        counts += np.bincount(train[start:start + chunk], minlength=meta["vocab_size"])
+        counts += np.bincount(train.read(start, chunk), minlength=meta["vocab_size"])
     log_probs = np.log(counts / counts.sum())
-    val = np.memmap(data / "val.bin", dtype=dtype, mode="r")
-    nats = -sum(log_probs[val[start:start + chunk]].sum() for start in range(0, len(val), chunk)) / len(val)
+    val = open_stream(data / "val.bin", meta["dtype"])
+    nats = -sum(log_probs[val.read(start, chunk)].sum() for start in range(0, len(val), chunk)) / len(val)
     return float(nats / math.log(2) / meta["splits"]["val"]["bytes_per_token"])

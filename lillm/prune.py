@@ -41,7 +41,7 @@ output points where its input did (cosine similarity near 1) does little; `block
 is 1 - cos, averaged over tokens.
 
 The Buzuzu-Mavi shape (vocab 8,064, d 1,024, FFN 2,816, tied, shared MLP, 32 heads of dim 32):
-    cfg = model.config                       # InkubaLM, after vocab.py cut it to 8,064 ids
+    cfg = model.config                       # InkubaLM, after vocab_shrink.py cut it to 8,064 ids
     target = buzuzu_shape(cfg, n_layers=8, whole_heads=False)   # 50,480,128 parameters (6 layers: 42,087,424)
     layers = top_layers(block_influence(model, batches), 8)   # lillm.importance; or first_n(8)
     small = prune_to_shape(model, target, activation_importance(model, batches), layers)
@@ -128,6 +128,21 @@ def _per_layer(indices, n_layers: int, size: int, what: str) -> list[torch.Tenso
     return sets
 
 
+def _per_expert(indices, cfg: ModelConfig) -> list[list[torch.Tensor]]:
+    """ffn_keep of a mixture of experts, as [layer][expert] sets: None (keep all), one set for every
+    expert of every layer (1-D), one per layer (2-D, L x k) or one per layer and expert (3-D, L x E x k).
+    Each expert's FFN channels are its own, so importance gives the 3-D form (lillm.importance)."""
+    L, E = cfg.n_layers, cfg.n_experts
+    if not (torch.is_tensor(indices) and indices.dim() == 3 or _is_per_layer(indices) and _is_per_layer(indices[0])):
+        return [[s] * E for s in _per_layer(indices, L, cfg.d_ff, "ffn_keep")]
+    if len(indices) != L:
+        raise PruneError(f"ffn_keep: got {len(indices)} per-layer sets for a model with {L} layers")
+    sets = [_per_layer(list(layer), E, cfg.d_ff, f"ffn_keep (layer {i})") for i, layer in enumerate(indices)]
+    if len({len(s[0]) for s in sets}) > 1:
+        raise PruneError(f"ffn_keep: the config holds one d_ff, but the layers keep {[len(s[0]) for s in sets]}")
+    return sets
+
+
 def _kv_heads(q_heads: torch.Tensor, cfg: ModelConfig, layer: int) -> torch.Tensor:
     group = cfg.n_heads // cfg.n_kv_heads
     kv, counts = torch.unique(q_heads // group, return_counts=True)
@@ -185,7 +200,8 @@ def _head_rows(heads: torch.Tensor, channels: torch.Tensor, head_dim: int) -> to
 def prune_width(model: Transformer, hidden_keep=None, ffn_keep=None, heads_keep=None, head_dim_keep=None,
                 value_dim_keep=None, rescale_norms: bool = True) -> Transformer:
     """A new, narrower model. Each argument is a sorted index set of what to KEEP (None keeps all):
-    hidden_keep (d channels), ffn_keep (one set, or one per layer unless the MLP is shared),
+    hidden_keep (d channels), ffn_keep (one set, or one per layer unless the MLP is shared; in a mixture of
+    experts also one per layer and expert, and the router loses the dropped hidden columns only),
     heads_keep (query heads: one set or one per layer, all of one size), head_dim_keep (channels in
     every head of q and k, RoPE pairs whole), value_dim_keep (in every head of v and o; default
     head_dim_keep). rescale_norms multiplies norm weights by sqrt(d/d') and eps by d/d'; q is always
@@ -194,7 +210,7 @@ def prune_width(model: Transformer, hidden_keep=None, ffn_keep=None, heads_keep=
     hidden = torch.arange(cfg.d_model) if hidden_keep is None else _index_set(hidden_keep, cfg.d_model, "hidden_keep")
     if cfg.shared_mlp and ffn_keep is not None and _is_per_layer(ffn_keep):
         raise PruneError("ffn_keep: this model's MLP is shared by every layer; pass one index set, not one per layer")
-    ffn = _per_layer(ffn_keep, L, cfg.d_ff, "ffn_keep")
+    ffn = _per_expert(ffn_keep, cfg) if cfg.n_experts else _per_layer(ffn_keep, L, cfg.d_ff, "ffn_keep")
     heads = _per_layer(heads_keep, L, cfg.n_heads, "heads_keep")
     kv = [_kv_heads(h, cfg, i) for i, h in enumerate(heads)]
     if len({len(k) for k in kv}) > 1:
@@ -219,14 +235,17 @@ def prune_width(model: Transformer, hidden_keep=None, ffn_keep=None, heads_keep=
         if name.endswith("norm.weight"):
             return scaled(_take(w, rows=hidden), norm_scale)
         layer, kind = int(name.split(".")[2]), name.split(".")[-2]
+        if kind in ("w1", "w2", "w3"):  # block_sparse_moe.experts.E.wN: that expert's own FFN channels
+            channels = ffn[layer][int(name.split(".")[-3])]
+            return _take(w, hidden, channels) if kind == "w2" else _take(w, channels, hidden)
         rows_cols = {"q_proj": (q_rows[layer], hidden), "k_proj": (k_rows[layer], hidden),
                      "v_proj": (v_rows[layer], hidden), "o_proj": (hidden, o_cols[layer]),
                      "gate_proj": (ffn[layer], hidden), "up_proj": (ffn[layer], hidden),
-                     "down_proj": (hidden, ffn[layer])}
+                     "down_proj": (hidden, ffn[layer]), "gate": (None, hidden)}  # gate: a mixture's router
         pruned = _take(w, *rows_cols[kind])
         return scaled(pruned, q_scale) if kind == "q_proj" else pruned
 
-    new_cfg = cfg.replace(d_model=len(hidden), d_ff=len(ffn[0]), n_heads=len(heads[0]), n_kv_heads=len(kv[0]),
+    new_cfg = cfg.replace(d_model=len(hidden), d_ff=len(ffn[0][0] if cfg.n_experts else ffn[0]), n_heads=len(heads[0]), n_kv_heads=len(kv[0]),
                           head_dim=len(qk), norm_eps=cfg.norm_eps * (cfg.d_model / len(hidden) if rescale_norms else 1))
     return assemble(new_cfg, map_parameters(model, prune), model)
 
@@ -291,12 +310,12 @@ def prune_to_shape(model: Transformer, target: ModelConfig, importance: dict | N
                    tie_source: str = "mean") -> Transformer:
     """Width (by importance; default weight magnitudes), then depth (`layers`, from the original
     model's numbering), then tying, to reach `target`'s shape. The vocabulary must already match
-    (shrink it with lillm.vocab first). Head dims are cut with head_dim_channels(how=head_dims)."""
+    (shrink it with lillm.vocab_shrink first). Head dims are cut with head_dim_channels(how=head_dims)."""
     cfg = model.config
     if target.vocab_size != cfg.vocab_size or target.shared_mlp != cfg.shared_mlp:
         raise PruneError(f"target vocab_size/shared_mlp {target.vocab_size}/{target.shared_mlp} differ from the "
                          f"model's {cfg.vocab_size}/{cfg.shared_mlp}: pruning keeps both; shrink the vocabulary first "
-                         "(lillm.vocab)")
+                         "(lillm.vocab_shrink)")
     if target.tie_embeddings is False and cfg.tie_embeddings:
         raise PruneError("the target is untied but the model is tied; pruning cannot untie embeddings")
     importance = importance if importance is not None else weight_importance(model)

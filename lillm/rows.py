@@ -5,13 +5,14 @@ Every stage after pretraining reads rows: SFT conversations ({"messages": [...],
 challenge's task files. This module is the one place that reads them, so every stage accepts the
 same files and reports a bad row the same way:
 
-- one message validator (`messages_problem`): a non-empty list of {"role", "content"} with the
-  roles of the chat template (lillm.tokenizer.ROLES); a conversation to learn from needs a
+- one message validator (`messages_problem`): a non-empty list of messages, each checked by the
+  chat template's own rule (lillm.tokenizer.message_problem); a conversation to learn from needs a
   non-empty assistant turn, a prompt to be answered must not end with one;
 - one record reader per container (`jsonl_records`, `csv_records`, `dataset_records`): JSON lines
-  decoded line by line, so one bad byte or line costs its row, not the file; CSV through the csv
-  module; parquet, JSON, arrow, save_to_disk folders and hub datasets through `datasets`
-  (lillm.sources, streamed);
+  decoded line by line and CSV decoded with every byte that is not UTF-8 kept as a marker
+  (`read_text`), so one bad byte or line costs its row, named, not the file; parquet, JSON, arrow,
+  save_to_disk folders and hub datasets through `datasets` (lillm.sources, streamed), whose own
+  errors, when a file is opened or while its rows are read, become one line that names it;
 - one collector (`collect_rows`) that turns records into rows, keeps the good ones, and names the
   file and line (or row) of every problem: skipped and counted, or with strict=True the first one
   stops the read with the fix in the message.
@@ -27,14 +28,17 @@ sorted by label, so the first N rows of one would hold a single label.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .errors import CorpusFormatError, DPODataError, InputFileError, SFTDataError, SFTSourceError, SourceError
+from .errors import (CorpusFormatError, DPODataError, InputEncodingError, InputFileError, SFTDataError,
+                     SFTSourceError, SourceError)
 from .sources import Source, column_names, open_dataset
-from .tokenizer import ROLES
+from .tokenizer import message_problem
 
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes "
           "the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
@@ -53,15 +57,9 @@ def messages_problem(messages, answered: bool = True) -> str | None:
     if not isinstance(messages, list) or not messages:
         return "'messages' is missing or not a non-empty list of {\"role\": ..., \"content\": ...}"
     for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            return f"message {index} is not an object"
-        if "role" not in message:
-            return f"message {index} has no 'role' (one of {', '.join(ROLES)})"
-        if message["role"] not in ROLES:
-            return f"message {index} has unknown role {message['role']!r} (roles: {', '.join(ROLES)})"
-        if not isinstance(message.get("content"), str):
-            kind = type(message.get("content")).__name__
-            return f"message {index} ({message['role']}) has content of type {kind}, not a string"
+        problem = message_problem(index, message)
+        if problem is not None:
+            return problem
         if answered and message["role"] == "assistant" and not message["content"].strip():
             return f"message {index} is an empty assistant turn (nothing to learn)"
     if answered and not any(m["role"] == "assistant" for m in messages):
@@ -157,19 +155,56 @@ def jsonl_records(path: Path, kind: str = "file", maker: str = "check the path")
                 yield where, None, f"not valid JSON ({error.msg} at column {error.colno})"
 
 
+NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
+
+
+def read_text(path: Path) -> str:
+    """A file's text, every byte that is not UTF-8 kept as a marker (surrogateescape) for `undecodable`
+    to name, instead of a UnicodeDecodeError for the whole file."""
+    return Path(path).read_bytes().decode("utf-8-sig", errors="surrogateescape")
+
+
+def undecodable(text: str) -> str | None:
+    """What is wrong with text read by read_text, when it held bytes that are not UTF-8; else None."""
+    found = NOT_UTF8.search(text)
+    if found is None:
+        return None
+    return f"not UTF-8 (byte {ord(found[0]) - 0xDC00:#04x} at column {found.start() + 1})"
+
+
+def table_records(path: Path, delimiter: str = ",") -> Iterator[tuple[int, dict, str | None]]:
+    """(line, record, problem) per row of a CSV (or TSV) file with a header; the problem names a field
+    that held bytes that are not UTF-8, else it is None."""
+    csv.field_size_limit(2**31 - 1)  # news articles and long tweets exceed csv's default 128 KiB field
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter=delimiter)
+    start = 2
+    for record in reader:
+        bad = next(((key, problem) for key, value in record.items()
+                    if (problem := undecodable(f"{key}{value}")) is not None), None)
+        yield start, record, None if bad is None else f"column {bad[0]!r}: {bad[1]}"
+        start = reader.line_num + 1
+
+
 def read_csv_rows(path: Path, delimiter: str = ",", hint: str = "see docs/DATA.md") -> list[dict]:
-    """Every row of a CSV (or, with delimiter "\\t", TSV) file with a header, as dicts."""
+    """Every row of a CSV (or, with delimiter "\\t", TSV) file with a header, as dicts; a row holding
+    bytes that are not UTF-8 is refused in one line that names it."""
     if not path.is_file():
         raise InputFileError(f"{path} not found; {hint}")
-    csv.field_size_limit(2**31 - 1)  # news articles and long tweets exceed csv's default 128 KiB field
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return list(csv.DictReader(f, delimiter=delimiter))
+    rows = []
+    for line, record, problem in table_records(path, delimiter):
+        if problem is not None:
+            raise InputEncodingError(f"{path}, line {line}: {problem}; save the file as UTF-8")
+        rows.append(record)
+    return rows
 
 
 def csv_records(path: Path) -> Iterator[Record]:
-    """(where, record, None) per row of a user's CSV file; where is file:line."""
-    for number, record in enumerate(read_csv_rows(path, ",", "check the path given to --files"), start=2):
-        yield f"{path}:{number}", record, None
+    """(where, record, problem) per row of a user's CSV file; where is file:line; a row holding bytes
+    that are not UTF-8 is a problem of its own row."""
+    if not path.is_file():
+        raise InputFileError(f"{path} not found; check the path given to --files")
+    for line, record, problem in table_records(path):
+        yield f"{path}:{line}", (None if problem else record), problem
 
 
 def dataset_records(source: Source, dataset=None) -> Iterator[Record]:
@@ -188,11 +223,12 @@ def need_columns(rows: list[dict], path: Path, columns: tuple[str, ...]) -> None
 # ---- records into rows -----------------------------------------------------------------------------------
 def collect_rows(records: Iterable[Record], make_row: RowMaker, error: type[Exception], strict: bool = False,
                  tasks: Iterable[str] | None = None, limit: int | None = None,
-                 max_reported: int = 10) -> tuple[list[dict], list[str]]:
+                 max_reported: int = 10, require_tasks: bool = False) -> tuple[list[dict], list[str]]:
     """The rows make_row accepts (those of `tasks` only, at most `limit`), and the problems of the
-    records skipped, each naming its file and line; strict=True raises `error` at the first problem."""
+    records skipped, each naming its file and line; strict=True raises `error` at the first problem.
+    require_tasks: a task of `tasks` that no row has is refused as unknown (a typo), naming those there."""
     wanted = None if tasks is None else set(tasks)
-    rows, problems = [], []
+    rows, problems, seen = [], [], set()
     for where, record, problem in records:
         row = None
         if problem is None:
@@ -201,10 +237,16 @@ def collect_rows(records: Iterable[Record], make_row: RowMaker, error: type[Exce
             if strict:
                 raise error(f"{where}: {problem}{STRICT_HINT}")
             problems.append(f"{where}: {problem}")
-        elif row is not None and (wanted is None or row.get("task") in wanted):
-            rows.append(row)
-            if limit is not None and len(rows) >= limit:
-                break
+        elif row is not None:
+            seen.add(row.get("task"))
+            if wanted is None or row.get("task") in wanted:
+                rows.append(row)
+                if limit is not None and len(rows) >= limit:
+                    break
+    unknown = sorted(wanted - seen) if require_tasks and wanted is not None else []
+    if unknown:
+        raise error(f"--tasks: unknown task(s) {unknown}: no row has them (the tasks there: "
+                    f"{sorted(map(str, seen))}); check the spelling")
     for message in problems[:max_reported]:
         print(f"skipped: {message}")
     if len(problems) > max_reported:
@@ -213,18 +255,22 @@ def collect_rows(records: Iterable[Record], make_row: RowMaker, error: type[Exce
 
 
 def read_conversations(paths: str | Path | Iterable[str | Path], strict: bool = False,
-                       tasks: Iterable[str] | None = None, max_reported: int = 10) -> tuple[list[dict], list[str]]:
+                       tasks: Iterable[str] | None = None, max_reported: int = 10,
+                       require_tasks: bool = False) -> tuple[list[dict], list[str]]:
     """Rows of JSON-lines conversation files (data/prepare_sft.py writes them), and the problems of
-    the rows skipped. tasks keeps only rows whose "task" is listed. Blank lines are skipped silently."""
+    the rows skipped. tasks keeps only rows whose "task" is listed (require_tasks: a task no row has is
+    refused as unknown). Blank lines are skipped silently."""
     return collect_rows(_jsonl_files(paths, "conversation file", "make it with data/prepare_sft.py"),
-                        as_conversation, SFTDataError, strict, tasks, max_reported=max_reported)
+                        as_conversation, SFTDataError, strict, tasks, max_reported=max_reported,
+                        require_tasks=require_tasks)
 
 
 def read_pairs(paths: str | Path | Iterable[str | Path], strict: bool = False, tasks: Iterable[str] | None = None,
-               max_reported: int = 10) -> tuple[list[dict], list[str]]:
+               max_reported: int = 10, require_tasks: bool = False) -> tuple[list[dict], list[str]]:
     """Rows of preference JSON-lines files (see pair_parts), and the problems of the rows skipped."""
     return collect_rows(_jsonl_files(paths, "preference file", "make it with data/prepare_dpo.py"),
-                        as_pair, DPODataError, strict, tasks, max_reported=max_reported)
+                        as_pair, DPODataError, strict, tasks, max_reported=max_reported,
+                        require_tasks=require_tasks)
 
 
 def _jsonl_files(paths, kind: str, maker: str) -> Iterator[Record]:

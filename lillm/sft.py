@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .errors import SFTDataError
+from .errors import FlagError, SFTDataError
 from .tokenizer import ROLES, Tokenizer
 
 IGNORE_INDEX = -100
@@ -270,9 +270,15 @@ class SFTBatches:
         mine = self._next_global_units()[self.rank * per_rank:(self.rank + 1) * per_rank]
         micro = [mine[i:i + self.micro_batch] for i in range(0, per_rank, self.micro_batch)]
         if self.batching == "pad":
-            return [pad_batch([self.examples[u[0]] for u in chunk], self.pad_id) for chunk in micro]
-        return [packed_batch([[self.examples[i] for i in u] for u in chunk], self.seq_len, self.pad_id)
-                for chunk in micro]
+            return [self.padded([self.examples[u[0]] for u in chunk]) for chunk in micro]
+        return [self.packed([[self.examples[i] for i in u] for u in chunk]) for chunk in micro]
+
+    def padded(self, examples: list) -> dict[str, torch.Tensor]:
+        """The tensors of a micro batch of units (pad); a subclass batching other units changes these two."""
+        return pad_batch(examples, self.pad_id)
+
+    def packed(self, rows: list[list]) -> dict[str, torch.Tensor]:
+        return packed_batch(rows, self.seq_len, self.pad_id)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "global_batch": self.global_batch,
@@ -282,8 +288,9 @@ class SFTBatches:
         mine = self.state_dict()
         for key in ("seed", "global_batch", "num_examples", "batching", "seq_len"):
             if state[key] != mine[key]:
-                raise ValueError(f"SFT data state has {key}={state[key]!r} but this run has {mine[key]!r}: "
-                                 "the stream would not continue; resume with the same data, flags and global batch")
+                raise FlagError(f"--resume: the run's data state has {key}={state[key]!r} but this run has "
+                                f"{mine[key]!r}: the stream would not continue; resume with the same data, flags and "
+                                "global batch (or start a new run)")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 

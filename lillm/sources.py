@@ -11,8 +11,9 @@ the same way and gets the same `Source` back:
 
 Nothing is downloaded whole: hub datasets and hf:// files are opened with `streaming=True`
 (the rows arrive over HTTP as they are read, as in Lhoest et al., 2021, "Datasets: A Community
-Library for NLP"), local parquet/JSON files are read in record batches, and a save_to_disk folder
-is memory-mapped Arrow. So a corpus bigger than memory, or than the disk, can be tokenized.
+Library for NLP"), local parquet, Arrow and JSON lines files are read a record batch at a time by
+lillm.datafiles (pyarrow and json, without importing `datasets`), and a save_to_disk folder is
+memory-mapped Arrow. So a corpus bigger than memory, or than the disk, can be tokenized.
 
 The hub is reached only when a source needs it, and never waited on: with HF_DATASETS_OFFLINE /
 HF_HUB_OFFLINE set, or when the endpoint does not answer within a few seconds, the source fails at
@@ -22,15 +23,18 @@ gets its own one-line error naming the fix.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
 from .corpora import CORPORA, HUB_CORPORA, data_dir as resolve_data_dir, read_documents, select_corpora
-from .errors import CorpusFormatError, HubUnavailableError, SourceError
+from .datafiles import BATCH_ROWS, check_text_column, clean_texts, missing_column, read_texts
+from .errors import CorpusFormatError, HubUnavailableError, InputFileError, LillmError, SourceError
 
 TEXT_FORMATS = {".txt": "txt", ".tsv": "tsv", ".csv": "csv", ".conll": "conll"}
 DATASET_FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json",
@@ -38,7 +42,6 @@ DATASET_FORMATS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".jso
 DEFAULT_TEXT_COLUMN = "text"
 OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 HUB_TIMEOUT_S = 3.0
-BATCH_ROWS = 1024   # rows per Arrow batch read from a dataset: big enough to amortise, small for memory
 DOWNLOAD_HINT = ("to use a local copy, download it where there is network (`hf download NAME --repo-type dataset "
                  "--local-dir DIR`) and pass its files with --files DIR/... (parquet, jsonl, arrow, or a "
                  "save_to_disk folder)")
@@ -73,13 +76,27 @@ class Source:
 
     @property
     def reads_with_datasets(self) -> bool:
+        """Read through `datasets` (rows as dicts); a local data file's texts are read by lillm.datafiles."""
         return self.fmt in ("json", "parquet", "arrow", "disk", "hub", "memory")
+
+    @property
+    def is_local_data_file(self) -> bool:
+        return self.fmt in ("json", "parquet", "arrow") and not self.needs_network
 
     def documents(self) -> Iterator[str]:
         """The non-empty documents, stripped, in the source's order."""
+        if self.is_local_data_file:
+            return read_texts(self.path, self.fmt, self.text_column or DEFAULT_TEXT_COLUMN, self.where())
         if not self.reads_with_datasets:
             return read_documents(self.path, self.fmt, self.text_column)
         return dataset_texts(open_dataset(self), self.text_column or DEFAULT_TEXT_COLUMN, self)
+
+    def check_text_column(self) -> None:
+        """Open the source and check its text column, so a bad name or no network fails before any work."""
+        if self.is_local_data_file:
+            check_text_column(self.path, self.fmt, self.text_column or DEFAULT_TEXT_COLUMN, self.where())
+        elif self.reads_with_datasets:
+            require_columns(open_dataset(self), [self.text_column or DEFAULT_TEXT_COLUMN], self)
 
     def records(self) -> Iterator[dict]:
         """Rows as dicts (for instruction data); only for sources read through `datasets`."""
@@ -252,18 +269,18 @@ def resolve_sources(langs=(), corpora=None, files=None, text_column=None, data_d
         if source.reads_with_datasets or source.path.exists():
             continue
         if source.name in CORPORA:
-            raise FileNotFoundError(f"corpus {source.name}: {source.path} not found; check --data-dir / "
+            raise InputFileError(f"corpus {source.name}: {source.path} not found; check --data-dir / "
                                     f"$LILLM_DATA_DIR (the data folder, see SOURCES.md there)")
-        raise FileNotFoundError(f"{source.path} not found (given with --files); check the path")
+        raise InputFileError(f"{source.path} not found (given with --files); check the path")
     for source in chosen:
         if source.fmt in ("json", "parquet", "arrow", "disk") and not source.needs_network and not source.path.exists():
-            raise FileNotFoundError(f"{source.path} not found (given with --files); check the path")
+            raise InputFileError(f"{source.path} not found (given with --files); check the path")
     names = [source.name for source in chosen]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise SourceError(f"source(s) {repeated} given twice; name each corpus or file once")
     if not chosen:
-        raise FileNotFoundError(f"no corpus file found for langs={langs}; check --data-dir / $LILLM_DATA_DIR")
+        raise InputFileError(f"no corpus file found for langs={langs}; check --data-dir / $LILLM_DATA_DIR")
     doc_limits = parse_budgets(max_docs, "--max-docs", names)
     token_limits = parse_budgets(max_tokens, "--max-tokens", names)
     return [Source(**{**source.__dict__, "max_docs": doc_limits.get(source.name, source.max_docs),
@@ -377,20 +394,84 @@ def open_dataset(source: Source):
     import datasets
 
     if source.fmt == "disk":
-        loaded = datasets.load_from_disk(source.location)
+        try:
+            with datasets_quiet():
+                loaded = datasets.load_from_disk(source.location)
+        except Exception as error:  # a damaged save_to_disk folder: its JSON or arrow files
+            raise unreadable(source, error) from None
         if isinstance(loaded, datasets.DatasetDict):
             if source.split not in loaded:
                 raise SourceError(f"{source.location} holds splits {list(loaded)}, not {source.split!r}; "
                                   f"choose one with --hf-split")
             loaded = loaded[source.split]
-        return loaded
+        return Guarded(loaded, source)
     try:
-        return datasets.load_dataset(source.fmt, data_files=source.location, split="train", streaming=True)
+        with datasets_quiet():
+            return Guarded(datasets.load_dataset(source.fmt, data_files=source.location, split="train",
+                                                 streaming=True), source)
     except Exception as error:  # a broken file gets one line, not a traceback
         if source.needs_network:
             raise hub_error(source.location, source.location, error) from None
-        raise CorpusFormatError(f"{source.location}: cannot be read as {source.fmt} ({type(error).__name__}: "
-                                f"{' '.join(str(error).split())[:300]})") from None
+        raise unreadable(source, error) from None
+
+
+@contextmanager
+def datasets_quiet():
+    """`datasets` logs a reading error before raising it; lillm reports it itself, in one line."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def unreadable(source: Source, error: Exception, row: int | None = None) -> CorpusFormatError:
+    """A data file that pyarrow or datasets cannot read (a line that is not a JSON object, an empty or
+    damaged parquet file, a damaged save_to_disk folder), as one line that names it."""
+    where = source.location if row is None else f"{source.location}, row {row}"
+    return CorpusFormatError(f"{where}: cannot be read as {source.fmt} ({type(error).__name__}: "
+                             f"{' '.join(str(error).split())[:300]}); fix or re-export the file")
+
+
+class Guarded:
+    """A dataset whose rows are read through `datasets` and pyarrow, which parse lazily: an error they
+    raise while rows are read (not only when the file is opened) becomes `unreadable`'s one line.
+    Everything else is the dataset's own."""
+
+    def __init__(self, dataset, source: Source):
+        self.dataset, self.source = dataset, source
+
+    def _guard(self, rows):
+        count = 0
+        while True:
+            try:
+                with datasets_quiet():
+                    row = next(rows)
+            except StopIteration:
+                return
+            except (LillmError, KeyboardInterrupt):
+                raise
+            except Exception as error:  # pyarrow.ArrowInvalid, json errors, OSError ... from the reader
+                raise unreadable(self.source, error, count + 1) from None
+            count += 1
+            yield row
+
+    def __iter__(self):
+        return self._guard(iter(self.dataset))
+
+    def iter(self, *args, **kwargs):  # batches (dataset_texts reads Arrow batches)
+        return self._guard(iter(self.dataset.iter(*args, **kwargs)))
+
+    def take(self, n: int) -> "Guarded":
+        return Guarded(self.dataset.take(n), self.source)
+
+    def select_columns(self, *args, **kwargs) -> "Guarded":
+        return Guarded(self.dataset.select_columns(*args, **kwargs), self.source)
+
+    def __getattr__(self, name: str):
+        return getattr(self.dataset, name)
 
 
 def column_names(dataset) -> list[str]:
@@ -405,23 +486,14 @@ def require_columns(dataset, columns: list[str], source: Source, flag: str = "--
     have = column_names(dataset)
     missing = [column for column in columns if column not in have]
     if missing:
-        raise CorpusFormatError(f"{source.where()} has no column {missing[0]!r}; its columns are {have}; "
-                                f"pass {flag} NAME naming one of them")
+        raise missing_column(source.where(), missing[0], have, flag)
 
 
 def dataset_texts(dataset, column: str, source: Source) -> Iterator[str]:
     """The stripped, non-empty strings of one column, read in Arrow batches."""
     require_columns(dataset, [column], source)
     for batch in dataset.select_columns([column]).iter(batch_size=BATCH_ROWS):
-        for text in batch[column]:
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise CorpusFormatError(f"{source.where()}: column {column!r} holds {type(text).__name__} values, "
-                                        f"not text; pass --text-column NAME naming a text column")
-            text = text.strip()
-            if text:
-                yield text
+        yield from clean_texts(batch[column], column, source.where())
 
 
 def budgeted(documents, max_docs: int | None = None, max_bytes: int | None = None) -> Iterator[str]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import heapq
 import json
-import os
 import re
 import struct
 from dataclasses import dataclass
@@ -29,7 +28,9 @@ from pathlib import Path
 
 import tokenizers
 
-from .errors import HFError
+from .errors import HFError, TokenizerMismatchError
+from .folders import write_file_atomic
+from .tokenizer import backend_sha256, check_recorded_hash
 
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
 
@@ -237,7 +238,11 @@ def load_tokenizer(folder: str | Path, exact: bool = False) -> tokenizers.Tokeni
         return tokenizer_from_sentencepiece(spm_path, json_path if json_path.exists() else None, exact=True)
     if json_path.exists():
         try:
-            return tokenizers.Tokenizer.from_file(str(json_path))
+            backend = tokenizers.Tokenizer.from_file(str(json_path))
+            check_recorded_hash(json_path, backend_sha256(backend))  # a lillm checkpoint's own, not a swapped one
+            return backend
+        except TokenizerMismatchError:
+            raise
         except Exception as e:  # tokenizers raises a bare Exception, e.g. for merges of pruned tokens
             if not spm_path.exists():
                 raise HFError(f"{json_path} cannot be loaded ({e}) and there is no tokenizer.model beside it to "
@@ -247,8 +252,4 @@ def load_tokenizer(folder: str | Path, exact: bool = False) -> tokenizers.Tokeni
 
 
 def save_tokenizer(tok: tokenizers.Tokenizer, path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tok.save(str(tmp))
-    os.replace(tmp, path)
-    return path
+    return write_file_atomic(path, lambda tmp: tok.save(str(tmp)))

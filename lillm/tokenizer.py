@@ -21,18 +21,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .errors import ChatTemplateError, InputFileError, TokenizerFileError
+from .errors import (ChatTemplateError, InputFileError, TokenizerFileError, TokenizerMismatchError,
+                     TokenizerTrainingError)
+from .folders import write_text_atomic
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 ROLES = ("system", "user", "assistant")
 N_BYTES = 256
+CHECKPOINT_RECORD = "lillm.json"  # what a lillm checkpoint folder records about itself (lillm.checkpoint)
 
 
 class Tokenizer:
@@ -65,25 +67,20 @@ class Tokenizer:
         except Exception as error:  # the Rust side raises a bare Exception
             raise TokenizerFileError(f"cannot load tokenizer {path}: {error}; if its merges name tokens that are "
                                      f"not in its vocab, lillm.tokenizer.load_lenient(path) can load it") from error
-        return cls(backend, str(path))
+        tokenizer = cls(backend, str(path))
+        check_recorded_hash(path, tokenizer.sha256)
+        return tokenizer
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write tokenizer.json atomically (temporary file, then os.replace)."""
+        """Write tokenizer.json atomically (a hidden temporary file, then a rename: lillm.folders)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.backend.to_str(pretty=True))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, self.backend.to_str(pretty=True))
 
     @property
     def sha256(self) -> str:
         """Hash of the canonical (compact) tokenizer.json text: same tokenizer, same hash."""
-        return hashlib.sha256(self.backend.to_str(pretty=False).encode("utf-8")).hexdigest()
+        return backend_sha256(self.backend)
 
     # -- encoding
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
@@ -163,7 +160,10 @@ class Tokenizer:
         eos = self._require(self.eos_id, "</s>")
         ids, mask = [bos], [0]
         for index, message in enumerate(messages):
-            role, content = _check_message(index, message)
+            problem = message_problem(index, message)
+            if problem is not None:
+                raise ChatTemplateError(problem)
+            role, content = message["role"], message["content"]
             content_ids = self.encode(content)
             trained = 1 if role == "assistant" else 0
             ids += [self.role_id(role)] + content_ids + [eos]
@@ -174,16 +174,35 @@ class Tokenizer:
         return ids, mask
 
 
-def _check_message(index: int, message) -> tuple[str, str]:
-    if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-        raise ChatTemplateError(f"message {index} must be a dict with 'role' and 'content', got {message!r}")
-    role, content = message["role"], message["content"]
-    if role not in ROLES:
-        raise ChatTemplateError(f"message {index} has role {role!r}; the roles are {', '.join(ROLES)}")
-    if not isinstance(content, str):
-        raise ChatTemplateError(f"message {index} ({role}) has content of type {type(content).__name__}; "
-                                f"content must be a string")
-    return role, content
+def message_problem(index: int, message) -> str | None:
+    """What is wrong with one chat message, {"role": one of ROLES, "content": a string}, or None.
+    The one check of a message: the chat template, every reader of rows and the server use it."""
+    if not isinstance(message, Mapping):
+        return f"message {index} is not an object with 'role' and 'content'"
+    if "role" not in message:
+        return f"message {index} has no 'role' (one of {', '.join(ROLES)})"
+    if message["role"] not in ROLES:
+        return f"message {index} has unknown role {message['role']!r} (roles: {', '.join(ROLES)})"
+    if not isinstance(message.get("content"), str):
+        kind = type(message.get("content")).__name__
+        return f"message {index} ({message['role']}) has content of type {kind}, not a string"
+    return None
+
+
+def bpe_json(backend: tokenizers.Tokenizer) -> tuple[dict, str | None]:
+    """A tokenizer's JSON, and why lillm cannot change its vocabulary (None when it can): growing and
+    shrinking work on a plain BPE model (words start from plain characters) with ids 0..n-1."""
+    data = json.loads(backend.to_str())
+    model = data.get("model", {})
+    if model.get("type") != "BPE":
+        return data, f"this tokenizer's model is {model.get('type')!r}; use a BPE tokenizer.json"
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return data, ("BPE with continuing_subword_prefix / end_of_word_suffix is not supported (its words do not "
+                      "start from plain characters)")
+    ids = sorted(set(model["vocab"].values()) | {t["id"] for t in data.get("added_tokens", [])})
+    if ids != list(range(len(ids))):
+        return data, f"token ids are not contiguous 0..{len(ids) - 1}; renumber the tokenizer first"
+    return data, None
 
 
 # ----------------------------------------------------------------------------- training
@@ -201,8 +220,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     """Train a byte-level BPE tokenizer with exactly ``vocab_size`` ids, specials at 0..6."""
     smallest = len(SPECIAL_TOKENS) + N_BYTES + 1
     if vocab_size < smallest:
-        raise ValueError(f"vocab_size={vocab_size} is too small: the {len(SPECIAL_TOKENS)} special tokens and "
-                         f"{N_BYTES} bytes alone take {smallest - 1} ids; use at least {smallest}")
+        raise TokenizerTrainingError(f"vocab_size={vocab_size} is too small: the {len(SPECIAL_TOKENS)} special tokens "
+                                     f"and {N_BYTES} bytes alone take {smallest - 1} ids; use at least {smallest}")
     backend = _empty_byte_level_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,  # counts the special tokens and the byte alphabet
@@ -214,9 +233,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     backend.train_from_iterator(texts, trainer=trainer)
     tokenizer = Tokenizer(backend)
     if tokenizer.vocab_size != vocab_size:
-        raise ValueError(f"training produced {tokenizer.vocab_size} ids, not vocab_size={vocab_size}: the corpus "
-                         f"has too few pairs seen at least min_frequency={min_frequency} times; give more text, "
-                         f"a smaller vocab_size or a smaller min_frequency")
+        raise TokenizerTrainingError(f"training produced {tokenizer.vocab_size} ids, not vocab_size={vocab_size}: "
+                                     f"the corpus has too few pairs seen at least min_frequency={min_frequency} "
+                                     "times; give more text, a smaller vocab_size or a smaller min_frequency")
     for token_id, token in enumerate(SPECIAL_TOKENS):
         assert tokenizer.token_to_id(token) == token_id, f"{token} landed at {tokenizer.token_to_id(token)}"
     return tokenizer
@@ -245,6 +264,31 @@ def _reachable_tokens(vocab: Mapping[str, int], merges: list[tuple[str, str]], a
                 reachable.add(result)
                 changed = True
     return reachable
+
+
+def backend_sha256(backend: tokenizers.Tokenizer) -> str:
+    """Tokenizer.sha256 of a bare `tokenizers` object: the hash checkpoints and token bins record."""
+    return hashlib.sha256(backend.to_str(pretty=False).encode("utf-8")).hexdigest()
+
+
+def recorded_sha256(folder: str | os.PathLike) -> str | None:
+    """The tokenizer hash a lillm checkpoint folder records (lillm.json, written by save_checkpoint), or None."""
+    try:
+        record = json.loads((Path(folder) / CHECKPOINT_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record.get("tokenizer_sha256") if isinstance(record, dict) else None
+
+
+def check_recorded_hash(path: Path, sha256: str) -> None:
+    """A checkpoint's tokenizer.json must be the one it was saved with, on every load: a tokenizer of the
+    same size swapped in would decode the model's ids into other text without any other error."""
+    recorded = recorded_sha256(path.parent) if path.name == "tokenizer.json" else None
+    if recorded and recorded != sha256:
+        raise TokenizerMismatchError(
+            f"{path} (sha256 {sha256[:16]}...) is not the tokenizer {path.parent} was saved with (sha256 "
+            f"{recorded[:16]}..., recorded in its {CHECKPOINT_RECORD}): it was replaced, and the model's ids would "
+            "decode into other text; put the checkpoint's own tokenizer.json back")
 
 
 def load_lenient(path: str | os.PathLike) -> tuple[Tokenizer, str]:

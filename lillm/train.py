@@ -28,7 +28,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -39,43 +39,56 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .errors import FlagError, TrainingDiverged
-from .folders import open_run_folder
+from .folders import open_run_folder, write_file_atomic
 from .loss import causal_lm_loss  # the default loss_fn; SFT and distillation pass their own
-from .memory import BF16AdamW, checkpoint_blocks
+from .memory import PRECISION_HELP, PRECISIONS, BF16AdamW, autocast_for, checkpoint_blocks
 from .model import Transformer
 from .moe import router_metrics
 from .muon import Muon, MuonWithAdamW, muon_matrices
+from .options import at_least, between, option, positive
+from .resume import adapt_optimizer_state, check_resume
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = "out/run"
-    max_steps: int = 1000
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1           # the schedule decays to lr * min_lr_ratio
-    warmup_steps: int = 100
-    schedule: str = "cosine"            # cosine, or wsd: warmup-stable-decay (lr_at)
-    decay_fraction: float = 0.2         # wsd: the last fraction of max_steps decays, by 1 - sqrt
-    optimizer: str = "adamw"            # adamw, or muon: Muon for the blocks' matrices, AdamW for the rest
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    weight_decay: float = 0.1
+    """The loop's settings. Each field with a help text is also a flag of every stage script
+    (lillm.options builds the flags, their checks and this config from the fields)."""
+    out_dir: str = option("out/run", "run folder: checkpoints, log.jsonl, loss.png", flag="--out")
+    max_steps: int = option(1000, "optimizer steps", check=at_least(1))
+    lr: float = option(3e-4, "peak learning rate", check=positive())
+    min_lr_ratio: float = option(0.1, "the schedule's floor as a fraction of --lr", check=between(0, 1))
+    warmup_steps: int = option(100, "steps of linear warm-up from 0 to --lr", check=at_least(0))
+    schedule: str = option("cosine", "after warm-up: cosine decay to the floor, or wsd (warmup-stable-decay): the "
+                                     "peak lr until the last --decay-fraction of the steps, which decay by 1-sqrt; a "
+                                     "WSD run keeps its stable-phase checkpoint, from which it can be continued for "
+                                     "more steps", choices=("cosine", "wsd"))
+    decay_fraction: float = option(0.2, "wsd: the fraction of --max-steps that decays",
+                                   check=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    optimizer: str = option("adamw", "adamw; or muon: Muon for the transformer blocks' matrices, AdamW (--lr) for "
+                                     "embeddings, head and norms (lillm/muon.py)", choices=("adamw", "muon"))
+    muon_lr: float = option(0.02, "Muon's peak learning rate (same schedule as --lr)", check=positive())
+    muon_momentum: float = option(0.95, "Muon's Nesterov momentum", check=(lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    weight_decay: float = option(0.1, "AdamW's decay of matrices and embeddings (never norms)", check=at_least(0))
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    eval_every: int = 200
-    save_every: int = 200
-    keep_last: int = 2
-    log_every: int = 10
-    max_bad_steps: int = 5              # non-finite steps in a row before the run stops
-    compile: bool = False
-    fsdp: bool = False                  # shard parameters, gradients and optimizer state (FSDP2)
-    precision: str = "auto"             # auto: bf16 autocast on CUDA, fp32 elsewhere; bf16-true: all bf16 (lillm.memory)
-    activation_checkpointing: bool = False  # recompute each block in the backward pass (lillm.memory)
-    seed: int = 1337
-    overwrite: bool = False             # a new run may replace the old run's own outputs in out_dir
-    flops_per_token: float | None = None
+    grad_clip: float = option(1.0, "largest gradient norm (clipped above)", check=positive())
+    eval_every: int = option(200, "steps between evaluations", check=(lambda v: v >= 0, "must be 0 (never) or more"))
+    save_every: int = option(200, "steps between checkpoints",
+                             check=(lambda v: v >= 0, "must be 0 (only at the end) or more"))
+    keep_last: int = option(2, "step checkpoints to keep", check=(lambda v: v >= 0, "must be 0 (keep all) or more"))
+    log_every: int = option(10, "steps between log lines", check=at_least(1))
+    max_bad_steps: int = option(5, "non-finite steps in a row before stopping", check=at_least(1))
+    compile: bool = option(False, "torch.compile the model")
+    fsdp: bool = option(False, "shard the model over torchrun processes (FSDP2) instead of replicating it (DDP)")
+    precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
+    activation_checkpointing: bool = option(
+        False, "recompute each transformer block in the backward pass: much less activation memory for about a "
+               "third more compute; losses and gradients unchanged")
+    seed: int = option(1337, "seed of the initial weights, the data order and sampling")
+    overwrite: bool = option(False, "start again in an existing run folder: removes its step_N folders, log.jsonl "
+                                    "and loss.png (nothing else); without it an existing run is refused")
+    seq_len: int | None = None          # the longest sequence of a step: MFU counts its FLOPs per token
+    settings: object = None             # the stage's own settings (a dataclass), recorded in checkpoints
     keep_best: str | None = None        # an evaluation metric to maximise: its best step is kept in out_dir/best
-    extra: dict = field(default_factory=dict)  # stage-specific settings, recorded in checkpoints
 
 
 @dataclass
@@ -289,10 +302,8 @@ class RunLog:
             score_axis.set_ylabel("the challenge's score on dev")
             score_axis.legend(loc="upper right")
         fig.tight_layout()
-        tmp = self.path.with_name("loss.tmp.png")
-        fig.savefig(tmp, dpi=100)
+        write_file_atomic(self.path.with_name("loss.png"), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
         plt.close(fig)
-        os.replace(tmp, self.path.with_name("loss.png"))
 
 
 # ---- the loop --------------------------------------------------------------------------
@@ -317,7 +328,7 @@ def _wrap(model: torch.nn.Module, env: Dist, cfg: TrainConfig) -> torch.nn.Modul
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
         if env.world == 1:
-            raise ValueError("--fsdp shards a model across processes: launch with torchrun --nproc_per_node=N (N > 1)")
+            raise FlagError("--fsdp shards a model across processes: launch with torchrun --nproc_per_node=N (N > 1)")
         if not model.config.shared_mlp:  # a module shared by every block can only be sharded once, at the root
             for block in model.model.layers:
                 fully_shard(block)
@@ -342,15 +353,12 @@ def _full_states(model, optimizer, cfg: TrainConfig) -> tuple[dict | None, dict]
 
 def _load_optimizer(model, optimizer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    state = adapt_optimizer_state(state, optimizer)  # a run resumed in another precision (lillm.resume)
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def _load_latest(out: Path, model: Transformer) -> tuple[Path, dict]:
-    checkpoints = ckpt.list_checkpoints(out)
-    if not checkpoints:
-        raise ckpt.CheckpointError(f"--resume: no complete checkpoint (step_N folder) in {out}; "
-                                   "start without --resume, or point --out at the run to continue")
-    latest = checkpoints[-1]
+def _load_latest(cfg: TrainConfig, model: Transformer) -> tuple[Path, dict]:
+    latest, _ = check_resume(cfg, model)  # every difference from the run's recorded settings, named
     state = ckpt.load_train_state(latest)
     ckpt.load_weights(model, ckpt.read_weights(latest / ckpt.WEIGHTS), source=str(latest))
     return latest, state
@@ -375,7 +383,7 @@ def _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, i
     model.to(env.device, dtype=torch.bfloat16 if cfg.precision == "bf16-true" else None)
     progress = Progress()
     if resume:  # weights go in before sharding; optimizer state once the optimizer exists
-        latest, state = _load_latest(out, model)
+        latest, state = _load_latest(cfg, model)
         saved = state["config"].get("optimizer", "adamw")
         if saved != cfg.optimizer:  # the other optimizer's state cannot continue this one's
             raise FlagError(f"--resume: {latest} was trained with --optimizer {saved}, not {cfg.optimizer}; resume "
@@ -389,9 +397,9 @@ def _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, i
         progress = Progress(**{k: state.get(k, v) for k, v in asdict(progress).items()})
         if env.is_main:
             print(f"resumed from {latest} at step {progress.step}")
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
-    autocast = torch.autocast(env.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    autocast = autocast_for(cfg.precision, env.device)
     peak = device_peak_flops(env.device)
+    flops_per_token = model.config.flops_per_token(cfg.seq_len) if peak is not None and cfg.seq_len else None
     log = RunLog(out, env.is_main)
     if resume:
         log.truncate_after(progress.step)
@@ -496,8 +504,8 @@ def _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, i
         tokens_per_s = step_tokens / dt
         record = {"step": progress.step, "tokens": progress.tokens, "loss": round(step_loss.item(), 5),
                   "lr": lr, "grad_norm": round(grad_norm.item(), 4), "tokens_per_s": round(tokens_per_s, 1)}
-        if peak is not None and cfg.flops_per_token:
-            record["mfu"] = round(cfg.flops_per_token * tokens_per_s / (peak * env.world), 4)
+        if flops_per_token is not None:
+            record["mfu"] = round(flops_per_token * tokens_per_s / (peak * env.world), 4)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                         **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}))

@@ -34,7 +34,7 @@ Healing after a shrink can distil from the unshrunk model: `OldIdTeacher` lets i
 student's (new) ids, and lillm.distill's teacher_token_ids gathers its logits at the kept ids.
 Supports BPE tokenizer.json files without continuing_subword_prefix / end_of_word_suffix:
 lillm's byte-level BPE and SentencePiece-style BPE with byte fallback (lillm.spm rebuilds
-InkubaLM's and repairs the Buzuzu-Mavi one). Expansion (new tokens) is lillm/vocab.py.
+InkubaLM's and repairs the Buzuzu-Mavi one). Expansion (new tokens) is lillm/vocab_expand.py.
 """
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ from tokenizers import pre_tokenizers
 from .errors import VocabShrinkError
 from .model import Transformer
 from .prune import assemble, map_parameters
+from .tokenizer import bpe_json
 
 BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
@@ -76,19 +77,12 @@ class BPETables:
 
     @classmethod
     def of(cls, tokenizer) -> "BPETables":
-        data = json.loads(_backend(tokenizer).to_str())
-        model = data.get("model", {})
-        if model.get("type") != "BPE":
-            raise VocabShrinkError(f"vocabulary shrinking closes a BPE vocabulary under its merges; this tokenizer's "
-                                   f"model is {model.get('type')!r}; use a BPE tokenizer.json")
-        if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-            raise VocabShrinkError("BPE with continuing_subword_prefix / end_of_word_suffix is not supported: its "
-                                   "words do not start from plain characters")
+        data, problem = bpe_json(_backend(tokenizer))
+        if problem is not None:
+            raise VocabShrinkError(f"vocabulary shrinking closes a BPE vocabulary under its merges: {problem}")
+        model = data["model"]
         vocab = model["vocab"]
         merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        ids = sorted(set(vocab.values()) | {t["id"] for t in data.get("added_tokens", [])})
-        if ids != list(range(len(ids))):
-            raise VocabShrinkError(f"token ids are not contiguous 0..{len(ids) - 1}; renumber the tokenizer first")
         added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
         if model.get("byte_fallback"):
             kind, byte_tokens = "byte_fallback", {f"<0x{b:02X}>" for b in range(256)}

@@ -15,7 +15,7 @@ task, language, input, target, prediction by likelihood, by greedy generation, t
 submission_<split>.csv in the challenge's layout (ID, Response, Targets), which
 --score-submission (or the organisers' scorer) turns back into the same numbers;
 --score-submission also reads the organisers' own layout. A file of the same name that lillm did
-not write is never replaced (lillm/outputs.py).
+not write is never replaced (lillm/folders.py).
 
 For each (task, language) of the split (test by default): classification by option likelihood and
 by greedy generation (weighted F1), translation by greedy generation (chrF, BLEU), the loss and bits
@@ -39,11 +39,11 @@ import torch
 from lillm import checkpoint as ckpt
 from lillm.challenge import (challenge_average, challenge_summary, evaluate_on_tasks, score_submission, submission_csv,
                              submission_rows, subset_score)
-from lillm.cli import check_device, need, run_main
+from lillm.cli import ArgumentParser, check_device, number, run_main
 from lillm.errors import InputFileError, SFTDataError
 from lillm.evaluate import SCORINGS
-from lillm.outputs import check_writable, write_outputs
-from lillm.rows import by_task_and_lang, evenly_spaced, jsonl_text, read_conversations
+from lillm.folders import check_writable, write_reports
+from lillm.rows import by_task_and_lang, evenly_spaced, jsonl_text, read_conversations, read_text
 from lillm.sft import assistant_loss, build_examples
 from lillm.tokenizer import Tokenizer
 
@@ -125,40 +125,33 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--score-submission", default=None, metavar="CSV",
                         help="only score a submission file (ID, Response, Targets) with the challenge's metric")
     parser.add_argument("--checkpoint", default="out/sft_run", help="checkpoint folder, or run folder (latest step)")
     parser.add_argument("--data", default="out/sft", help="folder with <split>.jsonl (and train.jsonl for baselines)")
     parser.add_argument("--split", default="test", choices=["train", "dev", "test"])
     parser.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: all in the split)")
-    parser.add_argument("--limit", type=int, default=100, help="rows per task and language (0 = all)")
+    parser.add_argument("--limit", type=number(0, rule="must be 0 (all) or more"), default=100, help="rows per task and language (0 = all)")
     parser.add_argument("--no-greedy", action="store_true", help="skip generation (likelihood scoring only)")
     parser.add_argument("--scoring", choices=SCORINGS, default="calibrated",
                         help="how option log-likelihoods become a class (lillm/evaluate.py); all are reported")
-    parser.add_argument("--no-repeat-ngram", type=int, default=0,
+    parser.add_argument("--no-repeat-ngram", type=number(0, rule="must be 0 (off) or more"), default=0,
                         help="translations never repeat an n-gram of their own (0 = off; lillm/generate.py)")
-    parser.add_argument("--beam", type=int, default=1, help="beam search width for translations (1 = greedy)")
-    parser.add_argument("--length-ratio", type=float, default=None,
+    parser.add_argument("--beam", type=number(1, rule="must be at least 1 (1 = greedy)"), default=1, help="beam search width for translations (1 = greedy)")
+    parser.add_argument("--length-ratio", type=number(0, kind=float, above=True), default=None,
                         help="a translation stops after this many times its source's tokens, + 4 (default: off)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest generated translation")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=number(1), default=128, help="longest generated translation")
+    parser.add_argument("--batch-size", type=number(1), default=16)
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="folder for eval_<split>.json/.md (default: the checkpoint)")
     args = parser.parse_args(argv)
-    need(args.limit >= 0, "--limit", args.limit, "must be 0 (all) or more")
-    need(args.max_new_tokens >= 1, "--max-new-tokens", args.max_new_tokens, "must be at least 1")
-    need(args.batch_size >= 1, "--batch-size", args.batch_size, "must be at least 1")
-    need(args.beam >= 1, "--beam", args.beam, "must be at least 1 (1 = greedy)")
-    need(args.no_repeat_ngram >= 0, "--no-repeat-ngram", args.no_repeat_ngram, "must be 0 (off) or more")
-    if args.length_ratio is not None:
-        need(args.length_ratio > 0, "--length-ratio", args.length_ratio, "must be above 0")
     if args.score_submission:
         path = Path(args.score_submission)
         if not path.is_file():
             raise InputFileError(f"--score-submission {path}: no such file; give the submission CSV")
-        scores = score_submission(path.read_text(encoding="utf-8"), str(path))
+        scores = score_submission(read_text(path), str(path))
         print(challenge_table({f"{path.name}": scores}))
         return scores
     check_device(args.device)
@@ -170,7 +163,7 @@ def main(argv=None) -> dict:
     model = ckpt.load_model(folder, device=args.device).eval()
     tokenizer = Tokenizer.from_file(args.tokenizer or folder / "tokenizer.json")
     data = Path(args.data)
-    rows, _ = read_conversations(data / f"{args.split}.jsonl", tasks=args.tasks)
+    rows, _ = read_conversations(data / f"{args.split}.jsonl", tasks=args.tasks, require_tasks=True)
     train_rows = []
     if args.split != "train" and (data / "train.jsonl").is_file():
         train_rows, _ = read_conversations(data / "train.jsonl", tasks=args.tasks)
@@ -204,7 +197,7 @@ def main(argv=None) -> dict:
     texts = [json.dumps(results, indent=2, ensure_ascii=False) + "\n", table, predictions_csv(records),
              jsonl_text(records),
              submission_csv(submission_rows(records, params))]
-    written = write_outputs(dict(zip(outputs, texts)))
+    written = write_reports(dict(zip(outputs, texts)))
     print(table)
     print("written: " + ", ".join(str(p) for p in written))
     return results

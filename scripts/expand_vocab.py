@@ -1,4 +1,4 @@
-"""Expand a checkpoint's vocabulary with tokens learned on a new language (lillm.vocab).
+"""Expand a checkpoint's vocabulary with tokens learned on a new language (lillm.vocab_expand).
 
     python scripts/expand_vocab.py --base out/pretrain --langs zul --new-tokens 2000 --out out/expanded
     python pretrain.py --data out/zul_data --init-from out/expanded --lr 1e-4   # then continue pretraining
@@ -17,11 +17,11 @@ import tempfile
 from pathlib import Path
 
 from lillm import checkpoint as ckpt
-from lillm.cli import need, run_main
+from lillm.cli import ArgumentParser, number, run_main
 from lillm.corpora import documents_for
-from lillm.folders import check_not_inside, check_output
+from lillm.folders import check_output
 from lillm.tokenizer import Tokenizer
-from lillm.vocab import expand_vocabulary, fertility_change
+from lillm.vocab_expand import expand_vocabulary, fertility_change
 
 
 def split_documents(langs: list[str], kinds: list[str], data_dir, holdout_every: int) -> tuple[list[str], list[str]]:
@@ -32,31 +32,25 @@ def split_documents(langs: list[str], kinds: list[str], data_dir, holdout_every:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="out/pretrain", help="checkpoint folder, or a run folder (latest step)")
     parser.add_argument("--tokenizer", default=None, help="the base tokenizer.json (default: the one in --base)")
     parser.add_argument("--langs", default="zul", help="comma-separated languages to learn tokens from")
     parser.add_argument("--kinds", default="mono,news,mt", help="corpus kinds to read (lillm.corpora)")
     parser.add_argument("--data-dir", default=None, help="data directory (default: $LILLM_DATA_DIR or ../shared/data)")
-    parser.add_argument("--new-tokens", type=int, default=2000)
-    parser.add_argument("--pad-multiple", type=int, default=64, help="pad the vocabulary to a multiple of this")
+    parser.add_argument("--new-tokens", type=number(1), default=2000)
+    parser.add_argument("--pad-multiple", type=number(1), default=64, help="pad the vocabulary to a multiple of this")
     parser.add_argument("--init", choices=["pieces", "mean"], default="pieces",
                         help="new rows: mean of the base pieces' rows, or of all rows")
-    parser.add_argument("--min-frequency", type=int, default=2)
-    parser.add_argument("--holdout-every", type=int, default=50, help="hold out every n-th document for the report")
+    parser.add_argument("--min-frequency", type=number(1), default=2)
+    parser.add_argument("--holdout-every", type=number(2, fix="every n-th document is held out, so 1 would hold out all of them"), default=50, help="hold out every n-th document for the report")
     parser.add_argument("--out", default="out/expanded")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier expansion in --out (only a lillm checkpoint holding only its files)")
     args = parser.parse_args(argv)
-    need(args.new_tokens >= 1, "--new-tokens", args.new_tokens, "must be at least 1")
-    need(args.pad_multiple >= 1, "--pad-multiple", args.pad_multiple, "must be at least 1")
-    need(args.min_frequency >= 1, "--min-frequency", args.min_frequency, "must be at least 1")
-    need(args.holdout_every >= 2, "--holdout-every", args.holdout_every, "must be at least 2",
-         "every n-th document is held out, so 1 would hold out all of them")
-
     base_folder = ckpt.resolve_checkpoint(args.base)
-    check_not_inside(args.out, base_folder, "--out", "--base")
-    check_output(args.out, "checkpoint", overwrite=args.overwrite)
+    check_output(args.out, "checkpoint", overwrite=args.overwrite,
+                 reads={"--base": base_folder, "--base (run folder)": args.base, "--tokenizer": args.tokenizer})
     tokenizer_path = Path(args.tokenizer) if args.tokenizer else base_folder / "tokenizer.json"
     base_tokenizer = Tokenizer.from_file(tokenizer_path)
     model = ckpt.load_model(base_folder)

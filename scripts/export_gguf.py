@@ -6,36 +6,33 @@
 
 Types: f32, f16 (norms stay f32), q8_0 (int8 blocks of 32 with an f16 scale), q4_0 (4-bit blocks;
 the embedding stays q8_0). The tokenizer, BOS/EOS/PAD ids and the chat template go into the file.
-An existing file is never replaced unless --overwrite is given. See lillm/gguf.py.
+A mixture of experts is written as llama.cpp's Mixtral layout (stacked expert tensors).
+The out file is never inside the checkpoint (or any lillm folder); an existing file is replaced
+only when it is a GGUF file and --overwrite is given (lillm/folders.py). See lillm/gguf.py.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from lillm.gguf import TYPES, GGUFExportError, export_gguf
+from lillm.cli import ArgumentParser, run_main
+from lillm.gguf import TYPES, export_gguf
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> None:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="lillm checkpoint folder, or a run folder (its latest step)")
     parser.add_argument("out", type=Path, help="the .gguf file to write")
     parser.add_argument("--type", dest="kind", choices=TYPES, default="f16", help="weight type (default f16)")
     parser.add_argument("--sentencepiece", type=Path, default=None,
                         help="tokenizer.model of an imported SentencePiece model (default: the checkpoint's own, "
                              "if it has one; else its tokenizer.json)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing out file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing GGUF file at out")
     args = parser.parse_args(argv)
-    try:
-        out = export_gguf(args.checkpoint, args.out, args.kind, overwrite=args.overwrite,
-                          sentencepiece=args.sentencepiece, progress=True)
-    except (GGUFExportError, FileNotFoundError) as e:
-        print(f"export_gguf: {e}", file=sys.stderr)
-        return 2
+    out = export_gguf(args.checkpoint, args.out, args.kind, overwrite=args.overwrite,
+                      sentencepiece=args.sentencepiece, progress=True)
     print(f"wrote {out} ({out.stat().st_size / 2**20:,.1f} MiB, {args.kind})")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -15,15 +15,16 @@ from pathlib import Path
 import torch
 
 from lillm import checkpoint as ckpt
-from lillm.cli import run_main
-from lillm.folders import check_not_inside, check_output
+from lillm.cli import ArgumentParser, run_main
+from lillm.folders import check_output
 from lillm.hf import export_llama
+from lillm.tokenizer import Tokenizer
 
 DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="lillm checkpoint folder")
     parser.add_argument("out", type=Path, nargs="?", help="folder to write (default out/exported/<checkpoint name>)")
     parser.add_argument("--dtype", choices=DTYPES, default="keep", help="dtype to write (keep: the checkpoint's own)")
@@ -32,8 +33,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     source = ckpt.resolve_checkpoint(args.checkpoint)  # a checkpoint folder, or a run folder's latest step
     out = args.out or Path("out/exported") / source.name
-    check_not_inside(out, source, "out", "the checkpoint")
-    check_output(out, "export", overwrite=args.overwrite, flag="out")
+    check_output(out, "export", overwrite=args.overwrite, flag="out",
+                 reads={"the checkpoint": source, "the run folder": args.checkpoint})
 
     dtype = DTYPES[args.dtype]
     ckpt.read_config(source)  # refuses a corrupt or unsupported config.json by name
@@ -42,6 +43,8 @@ def main(argv=None) -> None:
         dtype = DTYPES.get(saved, torch.float32)
     model = ckpt.load_model(source, dtype=dtype)
     tokenizer = source / "tokenizer.json"
+    if tokenizer.exists():
+        Tokenizer.from_file(tokenizer)  # the checkpoint's own (its recorded hash), before anything is written
     export_llama(model, out, tokenizer_path=tokenizer if tokenizer.exists() else None, overwrite=args.overwrite)
     cfg = model.config
     element = next(model.parameters()).element_size()

@@ -19,8 +19,8 @@ import torch
 
 from lillm import checkpoint as ckpt
 from lillm.checkpoint import need_folder
-from lillm.cli import run_main
-from lillm.folders import check_not_inside, check_output
+from lillm.cli import ArgumentParser, run_main
+from lillm.folders import check_output
 from lillm.hf import import_llama
 from lillm.spm import load_tokenizer, save_tokenizer
 
@@ -28,7 +28,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", type=Path, help="Hugging Face model folder (config.json, weights, tokenizer)")
     parser.add_argument("out", type=Path, nargs="?", help="checkpoint folder to write (default out/imported/<src name>)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the imported weights")
@@ -38,8 +38,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     need_folder(args.src, "Hugging Face model folder")
     out = args.out or Path("out/imported") / args.src.name
-    check_not_inside(out, args.src, "out", "the source folder")
-    check_output(out, "checkpoint", overwrite=args.overwrite, flag="out")
+    check_output(out, "checkpoint", overwrite=args.overwrite, flag="out", reads={"the source folder": args.src})
 
     start, notes = time.perf_counter(), []
     model = import_llama(args.src, dtype=DTYPES[args.dtype], shared_mlp=False if args.unroll_mlp else None,

@@ -29,7 +29,8 @@ import torch
 
 from lillm import checkpoint as ckpt
 from lillm.config import get_preset
-from lillm.data import BinLoader, StepBatches, load_meta
+from lillm.bin_format import load_meta
+from lillm.data import BinLoader, StepBatches
 from lillm.distill import distillation_loss
 from lillm.importance import activation_importance, block_influence, random_importance, top_layers
 from lillm.model import Transformer
@@ -37,44 +38,49 @@ from lillm.prune import buzuzu_random_prune, first_n, prune_to_shape
 from lillm.loss import causal_lm_loss
 from lillm.perplexity import bin_evaluator
 from lillm.train import Dist, TrainConfig, train
-from lillm.cli import run_main
+from lillm.cli import ArgumentParser, need, number, run_main
+from lillm.errors import TokenizerMismatchError
+from lillm.folders import claim_output, write_text_atomic
 
 ARMS = ("buzuzu", "random", "importance", "scratch")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default=None, help="pretrained checkpoint folder or run folder (latest step)")
     p.add_argument("--teacher-preset", default="small", help="preset to pretrain when --teacher is not given")
-    p.add_argument("--teacher-steps", type=int, default=300)
+    p.add_argument("--teacher-steps", type=number(1), default=300)
     p.add_argument("--data", default="out/data", help="token bins (train.bin, val.bin, meta.json)")
     p.add_argument("--out", default="out/prune_experiment")
-    p.add_argument("--d-model", type=int, default=80)
-    p.add_argument("--d-ff", type=int, default=256)
-    p.add_argument("--n-heads", type=int, default=3, help="query heads kept (whole kv groups)")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heal-steps", type=int, default=100)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch", type=int, default=16, help="sequences per step")
-    p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup-steps", type=int, default=15)
-    p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term in distillation")
-    p.add_argument("--calib-batches", type=int, default=8, help="calibration batches (of --batch sequences)")
-    p.add_argument("--eval-batches", type=int, default=40, help="val batches of --micro-batch sequences")
+    p.add_argument("--d-model", type=number(1), default=80)
+    p.add_argument("--d-ff", type=number(1), default=256)
+    p.add_argument("--n-heads", type=number(1), default=3, help="query heads kept (whole kv groups)")
+    p.add_argument("--layers", type=number(1), default=2)
+    p.add_argument("--heal-steps", type=number(0), default=100)
+    p.add_argument("--seq-len", type=number(1), default=128)
+    p.add_argument("--batch", type=number(1), default=16, help="sequences per step")
+    p.add_argument("--micro-batch", type=number(1), default=16)
+    p.add_argument("--lr", type=number(0, kind=float, above=True), default=2e-3)
+    p.add_argument("--warmup-steps", type=number(0), default=15)
+    p.add_argument("--temperature", type=number(0, kind=float, above=True), default=2.0)
+    p.add_argument("--alpha", type=number(0, 1, float), default=0.5, help="weight of the KL term in distillation")
+    p.add_argument("--calib-batches", type=number(1), default=8, help="calibration batches (of --batch sequences)")
+    p.add_argument("--eval-batches", type=number(1), default=40, help="val batches of --micro-batch sequences")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--no-kd", action="store_true", help="heal with cross-entropy only")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=number(0), default=1337)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=number(1), default=None,
                    help="CPU threads for torch (1 is often fastest on a CPU shared with other jobs)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run again in an earlier experiment folder (replaces its runs and results, nothing else)")
     return p.parse_args(argv)
 
 
 def train_config(args, out: Path, steps: int) -> TrainConfig:
     return TrainConfig(out_dir=str(out), max_steps=steps, lr=args.lr, warmup_steps=args.warmup_steps,
-                       eval_every=steps, save_every=0, keep_last=1, log_every=10, seed=args.seed)
+                       eval_every=steps, save_every=0, keep_last=1, log_every=10, seed=args.seed,
+                       overwrite=args.overwrite)
 
 
 def batches(args, meta: dict, data: Path, device) -> StepBatches:
@@ -86,11 +92,10 @@ def batches(args, meta: dict, data: Path, device) -> StepBatches:
 
 def load_or_pretrain_teacher(args, meta: dict, data: Path, env: Dist, evaluate) -> Transformer:
     if args.teacher:
-        folder = Path(args.teacher)
-        folder = folder if (folder / "config.json").is_file() else ckpt.list_checkpoints(folder)[-1]
+        folder = ckpt.resolve_checkpoint(args.teacher)
         teacher = ckpt.load_model(folder)
         if teacher.config.vocab_size != meta["vocab_size"]:
-            raise ValueError(f"--teacher {folder} has vocab_size {teacher.config.vocab_size} but the bins in {data} "
+            raise TokenizerMismatchError(f"--teacher {folder} has vocab_size {teacher.config.vocab_size} but the bins in {data} "
                              f"have {meta['vocab_size']}; use bins made with the teacher's tokenizer.json")
         return teacher
     torch.manual_seed(args.seed)
@@ -136,12 +141,12 @@ def markdown_table(results: dict, teacher_row: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.batch % args.micro_batch:
-        raise ValueError(f"--batch {args.batch} must be a multiple of --micro-batch {args.micro_batch}")
+    need(args.batch % args.micro_batch == 0, "--batch", args.batch, f"must be a multiple of --micro-batch "
+         f"{args.micro_batch}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    data, out, env = Path(args.data), Path(args.out), Dist(device=torch.device(args.device))
-    out.mkdir(parents=True, exist_ok=True)
+    data, env = Path(args.data), Dist(device=torch.device(args.device))
+    out = claim_output(args.out, "experiment", overwrite=args.overwrite, reads={"--data": data, "--teacher": args.teacher})
     meta = load_meta(data)
     evaluate = bin_evaluator(data / "val.bin", args.seq_len, args.micro_batch, args.eval_batches,
                              meta["splits"]["val"]["bytes_per_token"], env.device)
@@ -171,10 +176,10 @@ def main(argv=None) -> dict:
                                         "val_loss_after": metrics["val_loss"],
                                         "minutes": (time.perf_counter() - start) / 60}
             print(json.dumps({f"{arm}/{heal}": results[f"{arm}/{heal}"]}))
-            ckpt.write_text_atomic(path, json.dumps({"args": vars(args), "teacher": teacher_row, "target": target.to_dict(),
+            write_text_atomic(path, json.dumps({"args": vars(args), "teacher": teacher_row, "target": target.to_dict(),
                                            "results": results}, indent=2) + "\n")
     table = markdown_table(results, teacher_row)
-    ckpt.write_text_atomic(out / "results.md", table)
+    write_text_atomic(out / "results.md", table)
     print(table)
     return results
 

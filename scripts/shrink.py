@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -28,14 +28,15 @@ import numpy as np
 
 
 from lillm import checkpoint as ckpt
-from lillm.cli import (accumulation_steps, add_training_args, check_training_args, need, run_main,
-                       train_config_from_args)
+from lillm.cli import (ArgumentParser, accumulation_steps, add_training_args, check_training_args, number,
+                       run_main, train_config_from_args)
 from lillm.config import INKUBA_PARAMS
 from lillm.corpora import documents_for
-from lillm.data import BinLoader, StepBatches, token_dtype
+from lillm.bin_format import token_dtype
+from lillm.data import BinLoader, StepBatches
 from lillm.distill import distillation_loss
 from lillm.errors import InputFileError
-from lillm.folders import check_not_inside, check_output, check_run_folder, mark
+from lillm.folders import check_output, check_run_folder, mark, write_file_atomic, write_text_atomic
 from lillm.hf import import_llama
 from lillm.importance import (activation_importance, block_influence, random_importance, top_layers,
                               weight_importance)
@@ -50,36 +51,44 @@ from lillm.vocab_shrink import OldIdTeacher, shrink_model_vocab, shrink_tokenize
 KINDS = ("mono", "news", "sentiment", "mt")  # not 'ner': MasakhaNER sentences repeat Lacuna text
 
 
+@dataclass
+class HealRun:
+    """What a healing checkpoint records of its stage (TrainConfig.settings)."""
+    distill: bool
+    source: str  # the model that was shrunk
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", default="out/pretrain", help="Llama-format folder, lillm checkpoint or run folder")
     p.add_argument("--langs", nargs="+", default=["swa", "hau"], help="target languages (lillm.corpora)")
     p.add_argument("--data-dir", default=None, help="data directory (default: $LILLM_DATA_DIR or ../shared/data)")
-    p.add_argument("--max-docs", type=int, default=None, help="train documents per language (default: all)")
-    p.add_argument("--vocab", type=int, default=None, help="target vocabulary size (default: keep)")
-    p.add_argument("--min-count", type=int, default=1, help="keep only tokens seen this often in the train text")
-    p.add_argument("--d-model", type=int, default=None, help="hidden size (default: keep)")
-    p.add_argument("--d-ff", type=int, default=None, help="FFN size (default: keep)")
+    p.add_argument("--max-docs", type=number(1), default=None, help="train documents per language (default: all)")
+    p.add_argument("--vocab", type=number(1), default=None, help="target vocabulary size (default: keep)")
+    p.add_argument("--min-count", type=number(1), default=1, help="keep only tokens seen this often in the train text")
+    p.add_argument("--d-model", type=number(1), default=None, help="hidden size (default: keep)")
+    p.add_argument("--d-ff", type=number(1), default=None, help="FFN size (default: keep)")
     heads = p.add_mutually_exclusive_group()
-    heads.add_argument("--n-heads", type=int, default=None, help="query heads to keep (whole kv groups)")
-    heads.add_argument("--head-dim", type=int, default=None, help="channels per head to keep (RoPE pairs strided)")
+    heads.add_argument("--n-heads", type=number(1), default=None, help="query heads to keep (whole kv groups)")
+    heads.add_argument("--head-dim", type=number(1), default=None, help="channels per head to keep (RoPE pairs strided)")
     heads.add_argument("--whole-heads", action=argparse.BooleanOptionalAction, default=True,
                        help="when only --d-model shrinks: drop heads in proportion (default) or shrink head_dim")
-    p.add_argument("--layers", type=int, default=None, help="layers to keep (default: all)")
+    p.add_argument("--layers", type=number(1), default=None, help="layers to keep (default: all)")
     p.add_argument("--layer-choice", choices=["first", "influence"], default="influence")
     p.add_argument("--importance", choices=["activation", "weight", "random"], default="activation")
     p.add_argument("--tie", choices=["input", "output", "mean", "none"], default="mean",
                    help="tie untied embeddings from the input rows, the output rows or their mean")
     p.add_argument("--distill", action="store_true", help="heal by distilling from the unshrunk model")
-    p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term in distillation")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=16, help="sequences per healing step (all processes)")
-    p.add_argument("--calib-batches", type=int, default=8, help="calibration batches of --micro-batch sequences")
-    p.add_argument("--eval-tokens", type=int, default=16384, help="dev tokens per evaluation")
+    p.add_argument("--temperature", type=number(0, kind=float, above=True), default=2.0)
+    p.add_argument("--alpha", type=number(0, 1, float), default=0.5, help="weight of the KL term in distillation")
+    p.add_argument("--seq-len", type=number(1), default=256)
+    p.add_argument("--batch", type=number(1), default=16, help="sequences per healing step (all processes)")
+    p.add_argument("--calib-batches", type=number(1), default=8, help="calibration batches of --micro-batch sequences")
+    p.add_argument("--eval-tokens", type=number(1), default=16384, help="dev tokens per evaluation")
     p.add_argument("--heal-dir", default=None, help="healing run folder (default: <out>.heal)")
     add_training_args(p, out="out/shrunk", max_steps=0, lr=3e-4, warmup_steps=20, eval_every=0, save_every=0)
-    p.add_argument("--heal-steps", dest="max_steps", type=int, help="healing steps (same as --max-steps; 0: no healing)")
+    p.add_argument("--heal-steps", dest="max_steps", type=number(0, rule="must be 0 (no healing) or more"),
+                   help="healing steps (same as --max-steps; 0: no healing)")
     return p.parse_args(argv)
 
 
@@ -244,8 +253,7 @@ class Shrinker:
         args = self.args
         dtype = token_dtype(self.model.config.vocab_size)
         bin_path = heal_dir / "train.bin"
-        self.train_tokens.astype(dtype).tofile(str(bin_path) + ".tmp")
-        os.replace(str(bin_path) + ".tmp", bin_path)
+        write_file_atomic(bin_path, lambda tmp: self.train_tokens.astype(dtype).tofile(str(tmp)))
         accum = accumulation_steps(args.batch, args.micro_batch, self.env.world)
         loader = BinLoader(bin_path, args.seq_len, args.micro_batch * accum, seed=args.seed, rank=self.env.rank,
                            world_size=self.env.world, device=self.env.device, dtype=dtype)
@@ -255,7 +263,7 @@ class Shrinker:
             if self.kept_old_ids is not None:  # the teacher reads old ids and is read at the kept ids
                 teacher = OldIdTeacher(teacher, self.kept_old_ids)
             loss_fn = distillation_loss(teacher, args.temperature, args.alpha, teacher_token_ids=self.kept_old_ids)
-        cfg = train_config_from_args(args, stage="shrink-heal", distill=args.distill, source=self.report["source"])
+        cfg = train_config_from_args(args, args.seq_len, HealRun(args.distill, self.report["source"]))
         cfg.out_dir = str(heal_dir)
         train(self.model.train(), StepBatches(loader, accum), cfg, self.env, loss_fn=loss_fn,
               tokenizer_path=tokenizer_path, resume=args.resume, info={"stage": "shrink-heal"})
@@ -264,25 +272,14 @@ class Shrinker:
 
 def check_args(args) -> None:
     """Every flag and both output folders checked before the source is read."""
-    need(args.max_steps >= 0, "--heal-steps (--max-steps)", args.max_steps, "must be 0 (no healing) or more")
     check_training_args(args, allow_zero_steps=True)
-    for flag, value in (("--seq-len", args.seq_len), ("--batch", args.batch), ("--calib-batches", args.calib_batches),
-                        ("--eval-tokens", args.eval_tokens), ("--min-count", args.min_count)):
-        need(value >= 1, flag, value, "must be at least 1")
-    for flag, value in (("--vocab", args.vocab), ("--d-model", args.d_model), ("--d-ff", args.d_ff),
-                        ("--n-heads", args.n_heads), ("--head-dim", args.head_dim), ("--layers", args.layers),
-                        ("--max-docs", args.max_docs)):
-        if value is not None:
-            need(value >= 1, flag, value, "must be at least 1")
-    need(args.temperature > 0, "--temperature", args.temperature, "must be positive")
-    need(0 <= args.alpha <= 1, "--alpha", args.alpha, "must be between 0 and 1")
     source = Path(args.source)
     if not source.exists():
         raise InputFileError(f"--source {source} does not exist, so it is neither a model folder (config.json) nor a "
                              "run folder; pass an InkubaLM folder or a lillm checkpoint")
-    check_not_inside(args.out, source, "--out", "--source")
-    check_output(args.out, "checkpoint", overwrite=args.overwrite)
-    check_run_folder(heal_folder(args), resume=args.resume, overwrite=args.overwrite)
+    check_output(args.out, "checkpoint", overwrite=args.overwrite, reads={"--source": source})
+    check_run_folder(heal_folder(args), resume=args.resume, overwrite=args.overwrite, flag="--heal-dir",
+                     reads={"--source": source, "--out": args.out})
 
 
 def heal_folder(args) -> Path:
@@ -317,8 +314,8 @@ def main(argv=None) -> dict:
     report = shrinker.report
     ckpt.save_checkpoint(out, shrinker.model.cpu(), tokenizer_path, info={"stage": "shrink", "report": report},
                          overwrite=args.overwrite)
-    ckpt.write_text_atomic(out / "shrink_report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    ckpt.write_text_atomic(out / "shrink_report.md", render_report(report))
+    write_text_atomic(out / "shrink_report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "shrink_report.md", render_report(report))
     print(render_report(report))
     return report
 

@@ -75,6 +75,25 @@ def world(tmp_path_factory):
     weights = models / "ckpt_cut" / ckpt.WEIGHTS
     weights.write_bytes(weights.read_bytes()[:1000])
 
+    save_model(models / "ckpt_swapped", root / "tokA.json")  # then its tokenizer.json replaced, same size
+    shutil.copyfile(root / "tokB.json", models / "ckpt_swapped" / "tokenizer.json")
+    save_model(models / "ckpt_10m", root / "tokA.json", num_hidden_layers=10_000_000)
+    hf_10m = root / "hf_10m"
+    shutil.copytree(models / "ckpt_10m", hf_10m)
+
+    rows = root / "rows"  # files whose bytes or structure a reader cannot take
+    rows.mkdir()
+    chat = {"messages": [{"role": "user", "content": "Watoto?"}, {"role": "assistant", "content": "mpira"}]}
+    (rows / "allbad.jsonl").write_bytes(b'{"messages": "\xff"}\n' + b"not json\n")
+    (rows / "notobj.jsonl").write_text('{"text": "a"}\n[1, 2]\n"text"\n')
+    (rows / "zero.parquet").write_bytes(b"")
+    (rows / "disk").mkdir()
+    (rows / "disk" / "dataset_info.json").write_text("{")
+    (rows / "disk" / "state.json").write_text("{")
+    (rows / "sub_byte.csv").write_bytes(b"ID,Response,Targets\nID_size,1000,\xff\n")
+    (rows / "sub_twice.csv").write_text("ID,Response,Targets\nID_mt_1,a,b\nID_mt_1,a,b\nID_size,1000,\n")
+    (rows / "chat.jsonl").write_text(json.dumps(chat) + "\n")
+
     hf = root / "hf_randombin"
     hf.mkdir()
     shutil.copyfile(models / "ckpt" / "config.json", hf / "config.json")
@@ -86,6 +105,7 @@ def world(tmp_path_factory):
                         {"role": "assistant", "content": "mpira uwanjani"}], "task": "chat"}
     (sft / "train.jsonl").write_text((json.dumps(row) + "\n") * 8)
     (sft / "stats.json").write_text("{}\n")
+    shutil.copytree(sft, root / "sft_copy")
 
     user = root / "user"
     user.mkdir()
@@ -97,11 +117,12 @@ def world(tmp_path_factory):
     shutil.copytree(models / "ckpt", run / "step_000002", dirs_exist_ok=True)
     (run / "log.jsonl").write_text('{"step": 1, "tokens": 10, "loss": 5.0}\n')
     paths = {name: str(root / name) for name in ("corpus.txt", "tokA.json", "tokB.json", "bins", "bins_noval",
-                                                   "bins_badvocab", "hf_randombin", "sft", "user", "afile.txt",
+                                                   "bins_badvocab", "hf_randombin", "sft", "sft_copy", "user", "afile.txt",
                                                    "empty", "run")}
     paths.update({name: str(models / name) for name in ("ckpt", "ckpt_tokB", "ckpt_bigtok", "ckpt_rope",
                                                           "ckpt_bias", "ckpt_gelu", "ckpt_badjson", "ckpt_notok",
-                                                          "ckpt_cut")})
+                                                          "ckpt_cut", "ckpt_swapped", "ckpt_10m")})
+    paths.update(rows=str(rows), hf_10m=str(hf_10m))
     paths.update(tokA=paths["tokA.json"], tokB=paths["tokB.json"], corpus=paths["corpus.txt"], afile=paths["afile.txt"])
     paths.update(models=str(models), missing=str(root / "no_such_thing"), new=str(root / "fresh" / "out"),
                  val_tokens=str(meta["splits"]["val"]["tokens"]), long_prompt=" ".join(WORDS * 20))
@@ -161,7 +182,8 @@ CASES = [
     ("pretrain", PRE.replace("{new}", "{user}"), 2, ["--out", "user", "thesis.txt", "choose another --out"]),
     ("pretrain", PRE.replace("{new}", "{run}"), 2, ["--out", "run", "step_000002", "--resume", "--overwrite"]),
     ("pretrain", PRE + " --resume --overwrite", 2, ["--resume", "--overwrite", "pass one"]),
-    ("pretrain", PRE.replace("{new}", "{bins}"), 2, ["lillm bins folder", "choose another --out"]),
+    ("pretrain", PRE.replace("{new}", "{bins_noval}"), 2, ["lillm bins folder", "choose another --out"]),
+    ("pretrain", PRE.replace("{new}", "{bins}"), 2, ["--out", "contains --data", "outside it"]),
     ("pretrain", PRE.replace("{new}", "{afile}"), 2, ["afile.txt", "is a file, not a folder"]),
     # ---- sft_train.py
     ("sft_train", SFT + " --global-batch 0", 2, ["--global-batch 0", "at least 1"]),
@@ -209,7 +231,8 @@ CASES = [
      ["--out", "bins", "--overwrite"]),
     ("data.prepare_pretrain", "--tokenizer {tokA} --files {corpus} --out {run}", 2, ["lillm run folder"]),
     ("data.prepare_sft", "--tasks none --files {sft}/train.jsonl --out {user}", 2, ["thesis.txt", "another --out"]),
-    ("data.prepare_sft", "--tasks none --files {sft}/train.jsonl --out {sft}", 2, ["--out", "sft", "--overwrite"]),
+    ("data.prepare_sft", "--tasks none --files {sft}/train.jsonl --out {sft_copy}", 2, ["--out", "sft", "--overwrite"]),
+    ("data.prepare_sft", "--tasks none --files {sft}/train.jsonl --out {sft} --overwrite", 2, ["contains --files"]),
     # ---- scripts/export_hf.py and scripts/import_hf.py
     ("scripts.export_hf", "{ckpt} {user}", 2, ["user", "thesis.txt", "choose another out"]),
     ("scripts.export_hf", "{ckpt} {user} --overwrite", 2, ["user", "thesis.txt"]),
@@ -234,7 +257,69 @@ CASES = [
     ("scripts.shrink", "--source {ckpt} --out {new} --seq-len 0", 2, ["--seq-len 0"]),
     ("scripts.shrink", "--source {ckpt} --out {new} --heal-steps -1", 2, ["--heal-steps (--max-steps) -1", "0 (no healing)"]),
     ("scripts.evaluate", "--checkpoint {ckpt} --data {sft} --batch-size 0 --device cpu", 2, ["--batch-size 0"]),
+    ("scripts.evaluate", "--checkpoint {ckpt} --data {sft} --device cpu --out {corpus}", 2, ["corpus.txt", "is a file"]),
+    # ---- every writer through lillm/folders.py: what it reads is never its output
+    ("sft_train", SFT.replace("{ckpt}", "{run}/step_000002").replace("{new}", "{run}") + " --overwrite", 2,
+     ["contains --init-from", "outside it"]),
+    ("train_tokenizer", "--files {corpus} --out {corpus} --overwrite", 2, ["--out", "contains --files"]),
+    ("train_tokenizer", "--files {corpus} --out {ckpt}/tokenizer.json --overwrite", 2,
+     ["inside a lillm checkpoint folder", "outside it"]),
+    ("data.prepare_dpo", "--files {sft}/train.jsonl --out {user}", 2, ["thesis.txt", "choose another --out"]),
+    ("data.prepare_dpo", "--sft-data {sft} --out {sft} --overwrite", 2, ["contains --sft-data"]),
+    ("data.prepare_dpo", "--files {sft}/train.jsonl --out {bins} --overwrite", 2, ["lillm bins folder"]),
+    ("data.prepare_dpo", "--out {new}", 2, ["nothing to build from", "--sft-data", "--files"]),
+    ("data.prepare_dpo", "--files {missing}.jsonl --out {new}", 2, ["no_such_thing", "does not exist"]),
+    ("scripts.export_gguf", "{ckpt} {ckpt}/model.safetensors --overwrite", 2, ["inside the checkpoint", "outside it"]),
+    ("scripts.export_gguf", "{ckpt} {user}/thesis.txt --overwrite", 2, ["thesis.txt", "not a GGUF file"]),
+    ("scripts.export_gguf", "{ckpt} {user}", 2, ["is a folder", "GGUF file"]),
+    ("scripts.export_gguf", "{missing} {new}.gguf", 2, ["no_such_thing"]),
+    ("scripts.prune_experiment", "--teacher {ckpt} --data {bins} --out {user}", 2, ["thesis.txt", "another --out"]),
+    # ---- numbers that make no sense, and usage mistakes: one line (lillm.cli.ArgumentParser)
+    ("data.prepare_pretrain", "--tokenizer {tokA} --files {corpus} --out {new} --workers -2", 2,
+     ["--workers -2", "at least 1"]),
+    ("data.prepare_pretrain", "--tokenizer {tokA} --files {corpus} --out {new} --val-fraction 1", 2,
+     ["--val-fraction 1.0", "[0, 1)"]),
+    ("data.prepare_pretrain", "--tokenizer {tokA} --files {corpus} --out {new} --workers two", 2,
+     ["--workers", "invalid int value", "--help"]),
+    ("dpo_train", "--init-from {ckpt} --data {sft} --out {new} --loss simpo --gamma -1", 2, ["--gamma -1.0", "0 or more"]),
+    ("dpo_train", "--init-from {ckpt} --data {sft} --out {new} --beta 0", 2, ["--beta 0.0", "positive"]),
+    ("inference", INF + " --port 70000", 2, ["--port 70000", "65535"]),
+    ("inference", INF + " --temperature nan", 2, ["--temperature nan"]),
+    ("scripts.evaluate", "--checkpoint {ckpt} --split banana", 2, ["--split", "invalid choice", "--help"]),
+    ("scripts.import_hf", "", 2, ["required", "src"]),
+    ("scripts.prune_experiment", "--teacher {ckpt} --data {bins} --out {bins} --overwrite", 2, ["contains --data"]),
     ("scripts.evaluate", "--checkpoint {missing} --data {sft} --device cpu", 2, ["no_such_thing", "does not exist"]),
+]
+CASES += [
+    # ---- a checkpoint's tokenizer.json replaced by another of the same size: its recorded hash, on every load
+    *[(script, template, 2, ["ckpt_swapped/tokenizer.json", "is not the tokenizer", "was saved with", "back"])
+      for script, template in (("inference", INF.replace("{ckpt}", "{ckpt_swapped}")),
+                               ("sft_train", SFT.replace("{ckpt}", "{ckpt_swapped}")),
+                               ("scripts.evaluate", "--checkpoint {ckpt_swapped} --data {sft} --device cpu"),
+                               ("scripts.export_gguf", "{ckpt_swapped} {new}.gguf"),
+                               ("scripts.export_hf", "{ckpt_swapped} {new}"),
+                               ("scripts.expand_vocab", "--base {ckpt_swapped} --out {new}"))],
+    # ---- sizes a config.json asks for, against the weights, before anything is built
+    ("scripts.import_hf", "{hf_10m} {new}", 2, ["num_hidden_layers=10000000", "hold 2 layers"]),
+    ("inference", INF.replace("{ckpt}", "{ckpt_10m}"), 2, ["num_hidden_layers=10000000", "hold 2 layers"]),
+    # ---- readers: a bad byte, a line that is not an object, an empty or damaged file
+    ("data.prepare_sft", "--tasks none --files {rows}/allbad.jsonl --out {new}", 2,
+     ["every row of --files", "skipped", "fix those rows"]),
+    ("data.prepare_sft", "--tasks none --files {rows}/notobj.jsonl --prompt-column text --response-column text "
+     "--out {new}", 2, ["notobj.jsonl, row", "cannot be read as json"]),
+    ("data.prepare_pretrain", "--tokenizer {tokA} --files {rows}/notobj.jsonl --out {new} --workers 1", 2,
+     ["notobj.jsonl, row", "cannot be read as json"]),
+    ("data.prepare_pretrain", "--tokenizer {tokA} --files {rows}/zero.parquet --out {new} --workers 1", 2,
+     ["zero.parquet", "cannot be read as parquet"]),
+    ("data.prepare_pretrain", "--tokenizer {tokA} --files {rows}/disk --out {new} --workers 1", 2,
+     ["disk", "cannot be read"]),
+    ("data.prepare_dpo", "--files {rows}/zero.parquet --out {new}", 2, ["zero.parquet", "cannot be read as parquet"]),
+    ("scripts.evaluate", "--score-submission {rows}/sub_byte.csv", 2, ["sub_byte.csv, line 2", "not UTF-8"]),
+    ("scripts.evaluate", "--score-submission {rows}/sub_twice.csv", 2, ["line 3", "ID_mt_1 repeats line 2"]),
+    # ---- --tasks that no row has is unknown, not "no usable row"
+    ("sft_train", SFT + " --tasks chatt", 2, ["unknown task(s) ['chatt']", "'chat'", "spelling"]),
+    ("scripts.evaluate", "--checkpoint {ckpt} --data {sft} --split train --tasks chatt --device cpu", 2,
+     ["unknown task(s) ['chatt']"]),
 ]
 if not CUDA:  # on a machine with a GPU these are not bad input
     CASES += [("pretrain", PRE + " --device cuda", 2, ["--device cuda", "--device cpu"]),
@@ -270,3 +355,48 @@ def test_bad_input_is_refused_with_one_line(world, capsys, script, template, sta
 
 def test_there_are_at_least_sixty_cases():
     assert len(CASES) >= 60
+
+
+# ---- one numbers check: every numeric flag of every script declares its range (lillm.cli.number) ---------
+SCRIPTS = ["pretrain", "sft_train", "dpo_train", "inference", "train_tokenizer", "data.prepare_pretrain",
+           "data.prepare_sft", "data.prepare_dpo", "scripts.evaluate", "scripts.expand_vocab", "scripts.export_gguf",
+           "scripts.export_hf", "scripts.import_hf", "scripts.prune_experiment", "scripts.shrink"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_number_flag_declares_its_range_and_usage_mistakes_are_one_line(script, monkeypatch, capsys):
+    from lillm import cli
+
+    parsers = []
+
+    def capture(self, args=None, namespace=None):
+        parsers.append(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.ArgumentParser, "parse_args", capture)
+    with pytest.raises(KeyboardInterrupt):
+        importlib.import_module(script).main([])
+    parser = parsers[0]
+    plain = [a.option_strings[-1] for a in parser._actions if a.type in (int, float)]
+    assert not plain, f"{script}: numeric flags without a declared range (lillm.cli.number): {plain}"
+    monkeypatch.undo()
+    code, err = run(capsys, script, ["a", "b", "--no-such-flag"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--no-such-flag" in err and "--help" in err, err
+
+
+def test_the_servers_own_flags_are_refused_in_one_line_before_the_model_loads(world, capsys):
+    import socket
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    try:
+        port = str(held.getsockname()[1])
+        for extra, words in ((["--port", port], [f"--port {port}", "already in use", "--port 0"]),
+                             (["--host", "no-such-host.invalid"], ["--host no-such-host.invalid", "cannot be resolved"]),
+                             (["--port", "-1"], ["--port -1", "65535"])):
+            code, err = run(capsys, "inference", [world["ckpt"], "--serve", "--device", "cpu", *extra])
+            assert code == 2 and len(err.strip().splitlines()) == 1, err
+            assert all(word in err for word in words), err
+    finally:
+        held.close()

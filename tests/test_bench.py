@@ -165,7 +165,14 @@ def test_the_memory_reader_sees_an_allocation_and_the_stopwatch_its_time():
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     after = harness.read_memory()
     assert after.peak - before.now >= 60 * 2**20 and after.lifetime_peak >= before.now
-    assert watch.seconds > 0 and block.sum() > 0
+    assert watch.seconds > 0 and watch.cpu_seconds > 0 and block.sum() > 0
+
+
+def test_the_deploy_bench_says_where_compiled_tokens_part_from_eager():
+    from bench.deploy import agreement
+    assert agreement("x", [[1, 2], [3, 4]], [[1, 2], [3, 4]]) == \
+        {"x tokens equal eager": True, "x rows equal eager": 2, "x first difference at step": []}
+    assert agreement("x", [[1, 2], [3, 5]], [[1, 2], [3, 4]])["x first difference at step"] == [1]
 
 
 def test_the_optimizer_benchmark_times_adamw_and_muon_side_by_side(tmp_path, capsys):

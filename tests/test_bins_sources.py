@@ -1,6 +1,13 @@
-"""Tests for lillm/sources.py and lillm/bins.py: corpora read through `datasets` (local files only),
-mixtures, budgets, shards read by the loader as one stream, and every offline / bad-column error."""
+"""Tests for lillm/sources.py, lillm/datafiles.py and lillm/bins.py: local data files (read by pyarrow and
+json) and corpora read through `datasets` give the bins of the same text as .txt, de-duplication on disk
+drops exactly what a set in memory drops, mixtures, budgets, shards read by the loader as one stream, and
+every offline / bad-column error."""
+import gzip
 import json
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -13,12 +20,14 @@ import torch
 
 from data import prepare_pretrain
 from lillm import sources as sources_module
-from lillm.bins import prepare
+from lillm.bins import prepare, write_bins
+from lillm.combine import combine_bins
 from lillm.corpora import CORPORA, HUB_CORPORA
-from lillm.data import BinLoader, check_bins, iter_eval_batches
-from lillm.errors import CorpusFormatError, HubUnavailableError, SourceError
-from lillm.sources import dataset_source, resolve_sources
-from lillm.tokenizer import train_bpe
+from lillm.bin_format import check_bins
+from lillm.data import BinLoader, iter_eval_batches
+from lillm.errors import CorpusFormatError, FlagError, HubUnavailableError, SourceError
+from lillm.sources import dataset_source, parse_mix, resolve_sources
+from lillm.tokenizer import Tokenizer, train_bpe
 
 WORDS = ("habari za asubuhi rafiki yangu watoto wanacheza mpira uwanjani mvua inanyesha sana leo ina kwana "
          "abokina yara suna wasan ƙwallo ruwan sama yana sauka sosai yau café naïve").split()
@@ -49,14 +58,22 @@ def tokenizer_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """The same Swahili documents as .txt, parquet (two row groups), JSON lines and a save_to_disk folder."""
+    """The same Swahili documents as .txt, parquet (row groups of 64), JSON lines (plain, gzipped, one JSON
+    array), Arrow IPC (stream and file format, batches of 50) and a save_to_disk folder."""
     root = tmp_path_factory.mktemp("files")
     (root / "swa.txt").write_text("\n".join(SWAHILI) + "\n", encoding="utf-8")
     table = pa.table({"id": list(range(len(SWAHILI))), "text": SWAHILI})
     pq.write_table(table, root / "swa.parquet", row_group_size=64)
-    with open(root / "swa.jsonl", "w", encoding="utf-8") as f:
-        for i, text in enumerate(SWAHILI):
-            f.write(json.dumps({"content": text, "n": i}, ensure_ascii=False) + "\n")
+    rows = [{"content": text, "n": i} for i, text in enumerate(SWAHILI)]
+    lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    (root / "swa.jsonl").write_text(lines, encoding="utf-8")
+    with gzip.open(root / "swa.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(lines)
+    (root / "swa.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False), encoding="utf-8")
+    for name, new in (("swa.arrow", pa.ipc.new_stream), ("swa_file.arrow", pa.ipc.new_file)):
+        with pa.OSFile(str(root / name), "wb") as sink, new(sink, table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=50):
+                writer.write_batch(batch)
     datasets.Dataset.from_dict({"text": SWAHILI}).save_to_disk(str(root / "swa_disk"))
     (root / "hau.txt").write_text("\n".join(HAUSA) + "\n", encoding="utf-8")
     return root
@@ -77,11 +94,31 @@ def test_parquet_jsonl_disk_and_streamed_dataset_give_the_bins_of_the_txt_file(t
     run(tokenizer_path, tmp_path / "parquet", files=[files / "swa.parquet"])
     run(tokenizer_path, tmp_path / "jsonl", files=[files / "swa.jsonl"], text_column="content")
     run(tokenizer_path, tmp_path / "disk", files=[files / "swa_disk"])
+    for name in ("swa.jsonl.gz", "swa.json"):
+        run(tokenizer_path, tmp_path / name, files=[files / name], text_column="content")
+    for name in ("swa.arrow", "swa_file.arrow"):
+        run(tokenizer_path, tmp_path / name, files=[files / name])
     streamed = datasets.load_dataset("parquet", data_files=str(files / "swa.parquet"), split="train", streaming=True)
     assert isinstance(streamed, datasets.IterableDataset)
     run(tokenizer_path, tmp_path / "stream", sources=[dataset_source("stream", streamed)])
-    for name in ("parquet", "jsonl", "disk", "stream"):
+    for name in ("parquet", "jsonl", "disk", "stream", "swa.jsonl.gz", "swa.json", "swa.arrow", "swa_file.arrow"):
         assert bin_bytes(tmp_path / name) == expected, name
+
+
+def test_local_data_files_are_read_without_importing_datasets(tokenizer_path, files, tmp_path):
+    """`datasets` costs hundreds of MB in the reading process (and its workers): local files do not need it."""
+    script = "\n".join([
+        "import sys",
+        "from lillm.bins import prepare",
+        "from lillm.sources import file_source",
+        f"prepare({str(tokenizer_path)!r}, {str(tmp_path / 'out')!r}, files=[{str(files / 'swa.parquet')!r}], "
+        f"progress=False, val_fraction=0.1, workers=2)",
+        f"list(file_source({str(files / 'swa.jsonl.gz')!r}, 'content').documents())",
+        f"list(file_source({str(files / 'swa.arrow')!r}).documents())",
+        "print('datasets' in sys.modules)"])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip() == "False"
 
 
 def test_registered_corpus_txt_and_parquet_give_byte_identical_bins(tokenizer_path, files, tmp_path):
@@ -93,6 +130,57 @@ def test_registered_corpus_txt_and_parquet_give_byte_identical_bins(tokenizer_pa
     run(tokenizer_path, tmp_path / "txt", files=[files / "swa.txt"])
     run(tokenizer_path, tmp_path / "parquet", files=[files / "swa.parquet"], workers=2, chunk_bytes=300)
     assert bin_bytes(tmp_path / "registry") == bin_bytes(tmp_path / "txt") == bin_bytes(tmp_path / "parquet")
+
+
+# ---- de-duplication on disk ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def duplicated(tmp_path_factory):
+    """Two sources with known duplicates: repeats within each, across the two, and NFD twins of NFC texts."""
+    root = tmp_path_factory.mktemp("duplicated")
+    rng = np.random.default_rng(5)
+    pool = sentences(150, 9)
+    swahili = [pool[i] for i in rng.integers(0, 100, size=400)]
+    hausa = [pool[i] for i in rng.integers(50, 150, size=300)]
+    hausa = [unicodedata.normalize("NFD", text) if i % 3 == 0 else text for i, text in enumerate(hausa)]
+    (root / "swa.txt").write_text("\n".join(swahili) + "\n", encoding="utf-8")
+    pq.write_table(pa.table({"text": hausa}), root / "hau.parquet", row_group_size=50)
+    return root, swahili, hausa
+
+
+def decoded_documents(tokenizer_path, folder) -> list[str]:
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    documents = []
+    for name in ("train.bin", "val.bin"):
+        ids = np.fromfile(folder / name, dtype=np.uint16)
+        ends = np.flatnonzero(ids == tokenizer.eos_id)
+        documents += [tokenizer.decode(ids[start + 1:end].tolist())
+                      for start, end in zip(np.concatenate([[-1], ends[:-1]]), ends)]
+    return documents
+
+
+def test_deduplication_on_disk_drops_exactly_the_documents_a_set_in_memory_drops(tokenizer_path, duplicated,
+                                                                                  tmp_path):
+    root, swahili, hausa = duplicated
+    sources = resolve_sources(files=[root / "swa.txt", root / "hau.parquet"])
+    weights = parse_mix([f"{root / 'swa.txt'}=0.6", f"{root / 'hau.parquet'}=0.4"], [s.name for s in sources])
+
+    def bins(name, **settings):
+        meta = write_bins(tokenizer_path, tmp_path / name, sources, val_fraction=0.1, progress=False, **settings)
+        return meta, bin_bytes(tmp_path / name)
+
+    for mix in (None, weights):
+        in_memory = bins("memory", mix=mix, recent_digests=10**9)   # never spills: the Python set of before
+        on_disk = bins("disk", mix=mix, recent_digests=3, workers=2, chunk_bytes=400)   # spills every 3 digests
+        assert on_disk == in_memory
+        assert not list((tmp_path / "disk").glob(".dedup-*"))       # the spill folder is gone
+    # What the set drops, one source after the other: every NFC text after its first occurrence.
+    meta, _ = bins("sequential", recent_digests=3)
+    texts = [unicodedata.normalize("NFC", text) for text in swahili + hausa]
+    first = list(dict.fromkeys(texts))
+    dropped = {name: info["duplicates_dropped"] for name, info in meta["sources"].items()}
+    assert dropped == {str(root / "swa.txt"): len(swahili) - len(set(swahili)),
+                       str(root / "hau.parquet"): len(hausa) - (len(first) - len(set(swahili)))}
+    assert sorted(decoded_documents(tokenizer_path, tmp_path / "sequential")) == sorted(first)
 
 
 # ---- mixtures and budgets --------------------------------------------------------------------------
@@ -180,6 +268,36 @@ def test_resume_across_shards_continues_the_same_stream(single_and_sharded, tmp_
     resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     for x, _ in expected:
         assert torch.equal(resumed.next_batch()[0], x[2:])
+
+
+def test_parts_prepared_apart_combine_into_the_stream_of_one_run(tokenizer_path, files, tmp_path):
+    """One machine per slice of the sources, then --combine: the loader reads the stream one machine writes."""
+    both = [files / "swa.txt", files / "hau.txt"]
+    one = run(tokenizer_path, tmp_path / "one", files=both, shard_tokens=700)
+    run(tokenizer_path, tmp_path / "part-0", files=both[:1], shard_tokens=700)
+    run(tokenizer_path, tmp_path / "part-1", files=both[1:])              # one file per split: combined too
+    prepare_pretrain.main(["--combine", str(tmp_path / "part-0"), str(tmp_path / "part-1"),
+                           "--out", str(tmp_path / "all")])
+    combined = json.loads((tmp_path / "all" / "meta.json").read_text())
+    for split in ("train", "val"):
+        assert combined["splits"][split]["sources"] == one["splits"][split]["sources"]
+        streams = [b"".join((folder / shard["file"]).read_bytes() for shard in meta["splits"][split]["shards"])
+                   for folder, meta in ((tmp_path / "one", one), (tmp_path / "all", combined))]
+        assert streams[0] == streams[1]
+    check_bins(tmp_path / "all")
+    single = BinLoader(tmp_path / "one" / "train.bin", seq_len=64, batch_size=8, seed=3)
+    parts = BinLoader(tmp_path / "all" / "train.bin", seq_len=64, batch_size=8, seed=3)
+    for _ in range(10):
+        assert torch.equal(single.next_batch()[0], parts.next_batch()[0])
+    linked = (tmp_path / "all" / "train-00000.bin").stat()
+    assert linked.st_ino == (tmp_path / "part-0" / "train-00000.bin").stat().st_ino   # a hard link, not a copy
+    run(tokenizer_path, tmp_path / "seed-1", files=both[1:], seed=1)
+    with pytest.raises(SourceError, match=r"--seed 1 .* with 0"):
+        combine_bins([tmp_path / "part-0", tmp_path / "seed-1"], tmp_path / "x")
+    with pytest.raises(SourceError, match=r"more than one part"):
+        combine_bins([tmp_path / "part-1", tmp_path / "part-1"], tmp_path / "x")
+    with pytest.raises(FlagError, match="--combine joins folders already prepared"):
+        prepare_pretrain.parse_args(["--combine", str(tmp_path / "part-0"), "--files", str(both[0])])
 
 
 def test_a_missing_shard_is_named(single_and_sharded):

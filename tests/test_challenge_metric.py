@@ -17,7 +17,7 @@ from lillm.challenge import (
 )
 from lillm.errors import OutputConflict, SubmissionError
 from lillm.metrics import macro_f1
-from lillm.outputs import write_outputs
+from lillm.folders import write_reports
 
 
 # ---- F1 ----------------------------------------------------------------------------------------------
@@ -182,15 +182,15 @@ def test_bad_submissions_name_the_row():
 # ---- output files --------------------------------------------------------------------------------------
 def test_outputs_never_replace_a_users_file_but_replace_their_own(tmp_path):
     mine = tmp_path / "submission_test.csv"
-    write_outputs({mine: "ID,Response,Targets\n"})
-    write_outputs({mine: "ID,Response,Targets\nmodel_size,1,\n"})  # lillm's own, unchanged: replaced
+    write_reports({mine: "ID,Response,Targets\n"})
+    write_reports({mine: "ID,Response,Targets\nmodel_size,1,\n"})  # lillm's own, unchanged: replaced
     assert mine.read_text().endswith("model_size,1,\n")
     users = tmp_path / "predictions_test.csv"
     users.write_text("the user's own work\n")
     with pytest.raises(OutputConflict, match="predictions_test.csv exists and was not written by lillm"):
-        write_outputs({tmp_path / "eval_test.md": "table", users: "ours"})
+        write_reports({tmp_path / "eval_test.md": "table", users: "ours"})
     assert users.read_text() == "the user's own work\n" and not (tmp_path / "eval_test.md").exists()
     mine.write_text("edited by hand\n")
     with pytest.raises(OutputConflict):
-        write_outputs({mine: "ours again"})
+        write_reports({mine: "ours again"})
     assert mine.read_text() == "edited by hand\n" and not list(tmp_path.glob("*.tmp"))

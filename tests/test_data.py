@@ -1,4 +1,4 @@
-"""Tests for lillm/data.py (pretraining half): bin checks, the random-window loader, eval batches."""
+"""Tests for lillm/data.py and lillm/bin_format.py: bin checks, the random-window loader, eval batches."""
 import json
 from types import SimpleNamespace
 
@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from lillm import data
+from lillm import bin_format
 from lillm.bins import encode_documents
-from lillm.data import (BinFormatError, BinLoader, MissingMetaError, check_bins, iter_eval_batches, load_meta,
-                        max_token_id, token_dtype)
+from lillm.bin_format import check_bins, load_meta, max_token_id, token_dtype
+from lillm.data import BinLoader, iter_eval_batches
+from lillm.errors import BinFormatError, MissingMetaError
 
 SHA = "a" * 64
 
@@ -103,7 +104,7 @@ def test_check_bins_refuses_dtype_inconsistent_with_vocab(tmp_path):
 
 
 def test_max_token_id_finds_the_maximum_in_the_last_slice(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MAX_ID_CHUNK", 4)
+    monkeypatch.setattr(bin_format, "MAX_ID_CHUNK", 4)
     tokens = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 58], dtype=np.uint16)
     tokens.tofile(tmp_path / "x.bin")
     assert max_token_id(tmp_path / "x.bin", np.uint16) == 58

@@ -1,7 +1,7 @@
 import torch
 
 from lillm.config import get_preset
-from lillm.generate import StaticDecoder, generate, sample_next
+from lillm.generate import StaticDecoder, cache_length, generate, sample_next
 from lillm.model import Transformer
 
 
@@ -68,10 +68,27 @@ def test_fixed_shape_decoding_equals_generate_and_keeps_its_cache_between_calls(
     expected = generate(model, prompts, max_new_tokens=10, temperature=0)
     assert generate(model, prompts, max_new_tokens=10, temperature=0, compile=decoder) == expected
     cache = model.model.layers[0].self_attn.cache
-    assert cache.k.shape[2] == model.config.max_seq_len  # one length for every request that fits
+    assert cache.k.shape[2] == 64  # 15 positions needed: the shortest cache length, also the next call's
     assert generate(model, prompts, max_new_tokens=4, temperature=0, compile=decoder) == [e[:4] for e in expected]
     assert model.model.layers[0].self_attn.cache is cache
     assert generate(model, prompts[:1], max_new_tokens=6, temperature=0, compile=decoder) == [expected[0][:6]]
+
+
+def test_a_compiled_cache_is_a_power_of_two_long_within_the_context():
+    """One graph per cache length: powers of two (at least 64) up to the context, and a request
+    beyond the context gets its own length."""
+    model = make()  # context 128
+    assert [cache_length(model, n) for n in (1, 64, 65, 100, 128, 129)] == [64, 64, 128, 128, 128, 129]
+
+
+def test_sampled_decoding_through_the_fixed_shape_step_draws_what_generate_draws():
+    """The step returns the logits; a sampled row draws from them with the caller's seeded
+    generator, as the plain path does, so a seed gives the same tokens either way."""
+    model = make()
+    prompts = [[5, 9, 11, 3, 7], [8, 2]]
+    settings = dict(max_new_tokens=12, temperature=0.9, top_k=20, top_p=0.9, seed=3)
+    assert generate(model, prompts, compile=StaticDecoder(model, compile=False), **settings) == \
+        generate(model, prompts, **settings)
 
 
 def test_fixed_shape_step_traces_as_one_graph_without_host_reads():

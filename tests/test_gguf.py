@@ -16,11 +16,11 @@ from lillm import checkpoint as ckpt
 from lillm.config import get_preset
 from lillm.gguf import (
     CHAT_TEMPLATE,
-    GGUFExportError,
     export_gguf,
     interleaved_to_rotate_half,
     rotate_half_to_interleaved,
 )
+from lillm.errors import GGUFExportError, OutputFolderError
 from lillm.model import RotaryEmbedding, Transformer, apply_rotary
 from lillm.tokenizer import train_bpe
 
@@ -177,14 +177,22 @@ def test_sentencepiece_tokenizer_goes_in_as_llama_with_scores_and_types(folder, 
 
 def test_an_existing_file_is_refused_and_kept_unless_overwrite(folder, tmp_path):
     path, _, _ = folder
-    target = tmp_path / "mine.gguf"
-    target.write_bytes(b"the user's file")
-    with pytest.raises(GGUFExportError, match="--overwrite"):
+    target = tmp_path / "model.gguf"
+    export_gguf(path, target, "f32")
+    before = target.read_bytes()
+    with pytest.raises(OutputFolderError, match="--overwrite"):
         export_gguf(path, target, "f16")
-    assert target.read_bytes() == b"the user's file"
+    assert target.read_bytes() == before
     export_gguf(path, target, "f16", overwrite=True)
-    assert target.read_bytes()[:4] == b"GGUF"
+    assert target.read_bytes()[:4] == b"GGUF" and target.read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+    # a file that is not a GGUF file is the user's: never replaced, not even with --overwrite
+    mine = tmp_path / "mine.gguf"
+    mine.write_bytes(b"the user's file")
+    for overwrite in (False, True):
+        with pytest.raises(OutputFolderError, match="not a GGUF file"):
+            export_gguf(path, mine, "f16", overwrite=overwrite)
+    assert mine.read_bytes() == b"the user's file"
 
 
 def test_script_reports_bad_input_in_one_line_with_status_2(folder, tmp_path):

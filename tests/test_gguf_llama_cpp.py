@@ -72,6 +72,18 @@ def test_tiny_logits_equal_lillm_in_f32_and_f16(tmp_path, bpe_tokenizer, shape):
         assert diff <= tolerance
 
 
+def test_mixture_of_experts_logits_equal_lillm_in_f32(tmp_path, bpe_tokenizer):
+    """llama.cpp's llama architecture runs Mixtral's layout: router, stacked experts, top-k renormalised."""
+    torch.manual_seed(0)
+    model = Transformer(get_preset("moe-tiny", vocab_size=320, init_std=0.1)).eval()
+    folder = save(tmp_path, model, bpe_tokenizer)
+    expected = lillm_logits(model, PROMPT)
+    got = llama_logits(llama(export_gguf(folder, tmp_path / "moe-f32.gguf", "f32")), PROMPT)
+    diff = float(np.abs(got - expected).max())
+    print(f"moe f32: max |llama.cpp - lillm| = {diff:.2e} (logits up to {np.abs(expected).max():.2f})")
+    assert diff <= 1e-4
+
+
 def test_inkuba_shaped_checkpoint_with_sentencepiece_exports_and_runs(tmp_path, buzuzu):
     """Shared MLP, untied head, no GQA, the Buzuzu-Mavi SentencePiece tokenizer (8,064 pieces)."""
     _, spm_folder = buzuzu

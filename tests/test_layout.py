@@ -3,7 +3,8 @@
 - no import cycles inside lillm/ (imports inside functions count too);
 - the library never imports a driver (a stage script, scripts/, data/, bench/), and no driver
   imports another driver (library code belongs in lillm/, where every driver can reach it);
-- no code that edits the module search path, and no private name imported from another module.
+- no code that edits the module search path, and no private name imported from another module;
+- the README's design map names every module of lillm/.
 """
 from __future__ import annotations
 
@@ -97,3 +98,12 @@ def test_no_private_name_is_imported_from_another_module():
             offenders += [f"{rel}: {name} from {module}" for name in names
                           if name.startswith("_") and not name.startswith("__")]
     assert not offenders, offenders
+
+
+def test_every_library_module_is_in_the_readmes_design_map():
+    """The README's design map names every module of lillm/: a new module adds its row."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    design = readme[readme.index("## Design"):]
+    missing = [path.name for path in sorted((REPO / "lillm").glob("*.py"))
+               if path.stem != "__init__" and f"`lillm/{path.name}`" not in design]
+    assert not missing, f"add a row to the README's design map for {missing}"

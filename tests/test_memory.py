@@ -192,15 +192,15 @@ def test_resume_is_exact_with_checkpointing_and_bf16_true(tmp_path, changes):
 
 # ---- the memory estimate ------------------------------------------------------------------------
 def test_estimate_counts_what_each_setting_saves():
-    from lillm.config import estimate_training_memory
+    from lillm.memory import estimate_training_memory
     cfg = get_preset("lillm-300m")
-    full = estimate_training_memory(cfg, 8, 512, "autocast")
+    full = estimate_training_memory(cfg, 8, 512, "bf16")
     assert full["weights"] == full["gradients"] == 4 * cfg.num_params() and full["optimizer"] == 8 * cfg.num_params()
     pure = estimate_training_memory(cfg, 8, 512, "bf16-true")
     assert pure["weights"] * 2 == full["weights"] and pure["optimizer"] * 2 == full["optimizer"]
-    recomputed = estimate_training_memory(cfg, 8, 512, "autocast", activation_checkpointing=True)
+    recomputed = estimate_training_memory(cfg, 8, 512, "bf16", activation_checkpointing=True)
     assert recomputed["activations"] < full["activations"] / 3
-    qlora = estimate_training_memory(cfg, 8, 512, "autocast", peft="qlora")
+    qlora = estimate_training_memory(cfg, 8, 512, "bf16", peft="qlora")
     assert qlora["weights"] < full["weights"] / 3 and qlora["gradients"] < full["gradients"] / 100
 
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from lillm import bins
-from lillm.data import BinLoader, check_bins
+from lillm.bin_format import check_bins
+from lillm.data import BinLoader
+from lillm.errors import EmptyCorpusError
 from lillm.tokenizer import Tokenizer, train_bpe
 
 from data import prepare_pretrain
@@ -152,11 +154,11 @@ def test_missing_registered_corpus_names_corpus_and_data_dir(tokenizer_path, tmp
 def test_empty_corpus_is_named(tokenizer_path, corpus, tmp_path):
     blank = tmp_path / "blank.txt"
     blank.write_text("\n   \n\n", encoding="utf-8")
-    with pytest.raises(bins.EmptyCorpusError, match=r"corpus .*blank\.txt .*gave no documents"):
+    with pytest.raises(EmptyCorpusError, match=r"corpus .*blank\.txt .*gave no documents"):
         run(tokenizer_path, corpus + [blank], tmp_path / "out")
     copy = tmp_path / "copy.txt"
     copy.write_text(HAUSA[0] + "\n", encoding="utf-8")
-    with pytest.raises(bins.EmptyCorpusError, match=r"copy\.txt.*1 duplicate"):
+    with pytest.raises(EmptyCorpusError, match=r"copy\.txt.*1 duplicate"):
         run(tokenizer_path, corpus + [copy], tmp_path / "out")
     assert not (tmp_path / "out" / "meta.json").exists()
     assert not list((tmp_path / "out").glob(".*.tmp")), "temporary files are cleaned up"

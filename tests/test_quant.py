@@ -10,7 +10,7 @@ from lillm import checkpoint as ckpt
 from lillm.config import get_preset
 from lillm.generate import StaticDecoder, generate
 from lillm.model import Transformer
-from lillm.quant import Int8Linear, quantize_int8, quantize_rows
+from lillm.quant import Int8Linear, native_int8_op, quantize_int8, quantize_rows
 from lillm.tokenizer import train_bpe
 
 KERNELS = ["fbgemm", "weight-only", "dequant"]
@@ -73,11 +73,34 @@ def test_original_model_is_untouched_and_shared_mlp_stays_shared():
     quantized = quantize_int8(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert isinstance(model.lm_head, torch.nn.Linear)
-    mlps = {id(block.mlp.gate_proj) for block in quantized.model.layers}
-    assert len(mlps) == 1 and isinstance(quantized.model.layers[2].mlp.gate_proj, Int8Linear)
+    mlps = {id(block.mlp.gate_up_proj) for block in quantized.model.layers}
+    assert len(mlps) == 1 and isinstance(quantized.model.layers[2].mlp.gate_up_proj, Int8Linear)
+    assert isinstance(quantized.model.layers[2].mlp.down_proj, Int8Linear)
     assert isinstance(quantized.lm_head, Int8Linear)
     # the tied embedding itself stays fp32: a token reads one row of it
     assert quantized.model.embed_tokens.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fused_projections_give_the_unfused_layers_outputs(kernel):
+    """q/k/v and gate/up stacked into one int8 matrix each: every row keeps its scale and fbgemm
+    rounds a call's activations once for all rows, so the logits are the unfused model's (to the
+    bit for the int8 kernels; dequant's fp32 matmul may sum in another order) and one matmul runs
+    where three and two did."""
+    model = tiny_model(shared_mlp=True, n_layers=3)
+    fused, separate = quantize_int8(model, kernel), quantize_int8(model, kernel, fuse=False)
+    attention, mlp = fused.model.layers[1].self_attn, fused.model.layers[1].mlp
+    assert attention.qkv_proj.out_features == (4 + 2 + 2) * 16 and not hasattr(attention, "q_proj")
+    assert mlp.gate_up_proj.out_features == 2 * 192 and not hasattr(mlp, "up_proj")
+    assert separate.model.layers[1].self_attn.qkv_proj is None
+    ids = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, expected = fused(ids), separate(ids)
+    if kernel == "dequant":
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(got, expected)
+    assert generate(fused, [[5, 9, 33]], 8, temperature=0) == generate(separate, [[5, 9, 33]], 8, temperature=0)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -136,11 +159,24 @@ def test_the_compiled_step_of_an_int8_model_traces_whole_and_decodes_as_eager(ke
 
 
 @pytest.mark.slow
+def test_the_cpp_int8_operator_builds_and_gives_fbgemms_numbers():
+    """lillm/fbgemm_int8.cpp (built by torch's extension loader, as inductor builds its kernels)
+    calls the same fbgemm kernel as the eager layer: the same bits."""
+    assert native_int8_op(), "the C++ operator did not build: see the warning"
+    layer = Int8Linear(torch.randn(96, 64), "fbgemm")
+    layer.before_compile("inductor")
+    assert layer.compiled_call[0] == "native"
+    x = torch.randn(3, 64)
+    assert torch.equal(torch.ops.lillm.fbgemm_int8_linear_native(x, layer.compiled_call[1], 96), layer(x))
+
+
+@pytest.mark.slow
 def test_inductor_compiled_decoding_on_the_cpu_equals_eager_for_fp32_and_int8():
-    """The real compile (C++ kernels; minutes on a 2-core machine): same greedy tokens as eager."""
+    """The real compile (C++ kernels and wrapper; minutes on a 2-core machine): same greedy tokens
+    as eager, for one prompt and a padded batch."""
     fp32 = tiny_model()
     for model in (fp32, quantize_int8(fp32)):
-        prompts = [[5, 9, 11, 3, 7]]
-        expected = generate(model, prompts, max_new_tokens=12, temperature=0)
-        decoder = StaticDecoder(model, backend="inductor")
-        assert generate(model, prompts, max_new_tokens=12, temperature=0, compile=decoder) == expected
+        for prompts in ([[5, 9, 11, 3, 7]], [[5, 9, 11, 3, 7], [8, 2]]):
+            expected = generate(model, prompts, max_new_tokens=12, temperature=0)
+            decoder = StaticDecoder(model, backend="inductor")
+            assert generate(model, prompts, max_new_tokens=12, temperature=0, compile=decoder) == expected

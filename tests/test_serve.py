@@ -17,7 +17,8 @@ from lillm.config import get_preset
 from lillm.errors import FlagError
 from lillm.generate import generate
 from lillm.model import Transformer
-from lillm.serve import ChatServer, Defaults, Engine, Job, StopMatcher
+from lillm.batching import Engine, Job, StopMatcher
+from lillm.serve import ChatServer, Defaults
 from lillm.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parent.parent

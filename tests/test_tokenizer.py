@@ -96,12 +96,12 @@ def test_chat_generation_prompt_appends_unmasked_assistant_token(tok):
 
 
 def test_chat_bad_role_names_message_index(tok):
-    with pytest.raises(ChatTemplateError, match=r"message 1 has role 'bot'"):
+    with pytest.raises(ChatTemplateError, match=r"message 1 has unknown role 'bot'"):
         tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}])
 
 
 def test_chat_non_string_content_names_message_index(tok):
-    with pytest.raises(ChatTemplateError, match=r"message 0 \(user\).*must be a string"):
+    with pytest.raises(ChatTemplateError, match=r"message 0 \(user\).*not a string"):
         tok.apply_chat_template([{"role": "user", "content": ["a"]}])
 
 

@@ -9,7 +9,7 @@ import torch
 from lillm.config import get_preset
 from lillm.model import Transformer
 from lillm.tokenizer import Tokenizer, train_bpe
-from lillm.vocab import (VocabExpansionError, bpe_split, expand_model_vocab, expand_tokenizer, expand_vocabulary,
+from lillm.vocab_expand import (VocabExpansionError, bpe_split, expand_model_vocab, expand_tokenizer, expand_vocabulary,
                          fertility_change, learn_new_merges)
 
 OLD_SYLLABLES = ["ka", "ma", "ta", "li", "no", "wa", "se", "du"]
@@ -161,7 +161,7 @@ def test_expanding_a_swahili_tokenizer_with_isizulu_lowers_isizulu_fertility():
 def test_training_only_new_rows_leaves_old_rows_and_other_weights_untouched():
     from lillm.config import get_preset
     from lillm.model import Transformer
-    from lillm.vocab import train_only_new_rows
+    from lillm.vocab_expand import train_only_new_rows
     torch.manual_seed(0)
     model = Transformer(get_preset("tiny", vocab_size=64))
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,10 +1,10 @@
-"""Change a model's vocabulary: the tokenizer and the embedding rows move together.
+"""Grow a model's vocabulary: new tokens appended to the tokenizer and embedding rows made for them.
 
 A vocabulary is two things that must agree: the tokenizer (which string is which id) and
-the model's embedding and output rows (what each id means). This module changes both.
-SHRINKING (keep only the tokens a language uses) is for now in lillm/vocab_shrink.py.
+the model's embedding and output rows (what each id means). This module grows both;
+shrinking (keep only the tokens a language uses) is lillm/vocab_shrink.py.
 
-EXPANSION (the bafoGPT road; Cui et al., 2023, "Efficient and Effective Text Encoding for
+Expansion (the bafoGPT road; Cui et al., 2023, "Efficient and Effective Text Encoding for
 Chinese LLaMA"): a model pretrained on Swahili and Hausa splits isiZulu into many short
 pieces. We learn the tokens it lacks and append them, without moving any existing id.
 
@@ -46,7 +46,7 @@ from tokenizers import models, pre_tokenizers, trainers
 
 from .errors import VocabExpansionError
 from .model import Transformer
-from .tokenizer import Tokenizer, fertility_report, merge_parts
+from .tokenizer import Tokenizer, bpe_json, fertility_report, merge_parts
 
 FILLER = "<|unused_{}|>"
 
@@ -54,18 +54,9 @@ FILLER = "<|unused_{}|>"
 # ----------------------------------------------------------------------------- expansion: tokenizer
 
 def _bpe_json(tokenizer: Tokenizer) -> dict:
-    data = json.loads(tokenizer.backend.to_str())
-    model = data.get("model", {})
-    if model.get("type") != "BPE":
-        raise VocabExpansionError(f"{tokenizer.source}: vocabulary expansion appends BPE merges, but this tokenizer's "
-                                  f"model is {model.get('type')!r}; use a BPE tokenizer.json")
-    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        raise VocabExpansionError(f"{tokenizer.source}: BPE with continuing_subword_prefix / end_of_word_suffix is "
-                                  "not supported (its words do not start from plain characters)")
-    ids = sorted(set(model["vocab"].values()) | {t["id"] for t in data.get("added_tokens", [])})
-    if ids != list(range(len(ids))):
-        raise VocabExpansionError(f"{tokenizer.source}: token ids are not contiguous 0..{len(ids) - 1}, so new ids "
-                                  "cannot simply follow the old ones")
+    data, problem = bpe_json(tokenizer.backend)
+    if problem is not None:  # new ids follow the old ones, new merges follow the old merges
+        raise VocabExpansionError(f"{tokenizer.source}: vocabulary expansion appends BPE merges and ids: {problem}")
     return data
 
 
