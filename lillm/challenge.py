@@ -487,7 +487,7 @@ def evaluate_on_tasks(model, tokenizer: Tokenizer, groups: dict[tuple[str, str],
                       train_groups: dict | None = None, greedy: bool = True, scoring: str = "calibrated",
                       batch_size: int = 16, max_new_tokens: int = 128, progress: bool = False,
                       translate: bool | None = None, no_repeat_ngram: int = 0,
-                      length_ratio: float | None = None, beam: int = 1) -> tuple[dict, list]:
+                      length_ratio: float | None = None, beam: int = 1, copy_bias: float = 0.0) -> tuple[dict, list]:
     """Score a model on conversation rows grouped by (task, language) (lillm/evaluate.py): the
     subsets' results by "task/lang" and one prediction record per row (prediction_records).
     `greedy` also answers classification rows by generation; translations are generated when
@@ -495,7 +495,7 @@ def evaluate_on_tasks(model, tokenizer: Tokenizer, groups: dict[tuple[str, str],
     subsets, records = {}, []
     for (task, lang), group in tqdm(groups.items(), desc="subsets", disable=not progress):
         result = evaluate_subset(model, tokenizer, group, (train_groups or {}).get((task, lang)), greedy, batch_size,
-                                 max_new_tokens, scoring, translate, no_repeat_ngram, length_ratio, beam)
+                                 max_new_tokens, scoring, translate, no_repeat_ngram, length_ratio, beam, copy_bias)
         records += prediction_records(task, lang, group, result)
         subsets[f"{task}/{lang}"] = result
     return subsets, records

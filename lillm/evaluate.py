@@ -166,11 +166,12 @@ def match_option(text: str, options: Sequence[str]) -> str | None:
 @torch.no_grad()
 def generate_answers(model, tokenizer: Tokenizer, rows: list[dict], max_new_tokens: int = 128,
                      batch_size: int = 16, no_repeat_ngram: int = 0, length_ratio: float | None = None,
-                     beam: int = 1) -> list[str]:
+                     beam: int = 1, copy_bias: float = 0.0) -> list[str]:
     """Greedy answers (or beam > 1: lillm.beam.beam_search's best), decoded without special tokens.
     no_repeat_ngram: lillm.generate.NoRepeatNgram; length_ratio: an answer stops after length_ratio x
     its row's input tokens (+ 4), so a loop cannot run on to max_new_tokens (a translation is rarely
-    twice its source's length)."""
+    twice its source's length); copy_bias: added to the logits of the tokens of a row's input (its
+    source sentence), so names, numbers and loanwords pass over (lillm.generate.LogitBias; greedy only)."""
     max_len = model.config.max_seq_len
     budget = max(1, min(max_new_tokens, max_len // 2))
     prompts = [prompt_ids(tokenizer, prompt_and_answer(row)[0], max_len - budget) for row in rows]
@@ -185,8 +186,10 @@ def generate_answers(model, tokenizer: Tokenizer, rows: list[dict], max_new_toke
             outputs = beam_search(model, chunk, longest, beam, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                                   no_repeat_ngram=no_repeat_ngram)
         else:
+            bias = [dict.fromkeys(tokenizer.encode(str(row.get("input", ""))), copy_bias)
+                    for row in rows[start:start + batch_size]] if copy_bias else None
             outputs = generate(model, chunk, longest, temperature=0.0, eos_id=tokenizer.eos_id,
-                               pad_id=tokenizer.pad_id, no_repeat_ngram=no_repeat_ngram)
+                               pad_id=tokenizer.pad_id, no_repeat_ngram=no_repeat_ngram, logit_bias=bias)
         # Greedy decoding is causal per row: stopping a row at its cap is cutting its output there
         # (for a beam's best output the cut is an approximation: a shorter hypothesis might have won).
         answers += [tokenizer.decode(ids[:cap]).strip() for ids, cap in zip(outputs, caps[start:start + batch_size])]
@@ -196,7 +199,7 @@ def generate_answers(model, tokenizer: Tokenizer, rows: list[dict], max_new_toke
 def evaluate_subset(model, tokenizer: Tokenizer, rows: list[dict], train_rows: list[dict] | None = None,
                     greedy: bool = True, batch_size: int = 16, max_new_tokens: int = 128,
                     scoring: str = "sum", translate: bool | None = None, no_repeat_ngram: int = 0,
-                    length_ratio: float | None = None, beam: int = 1) -> dict:
+                    length_ratio: float | None = None, beam: int = 1, copy_bias: float = 0.0) -> dict:
     """Scores of one (task, lang) subset: classification if rows have options, else translation.
     Classification by likelihood uses `scoring` (SCORINGS); every scoring's F1 is reported beside.
     `greedy` adds classification by generated answers; translations are generated when `translate`
@@ -233,7 +236,7 @@ def evaluate_subset(model, tokenizer: Tokenizer, rows: list[dict], train_rows: l
         result["metric"] = "chrF"
         if greedy if translate is None else translate:
             hypotheses = generate_answers(model, tokenizer, rows, max_new_tokens, batch_size, no_repeat_ngram,
-                                          length_ratio, beam)
+                                          length_ratio, beam, copy_bias)
             for record, hypothesis in zip(per_row, hypotheses):
                 record["greedy"] = hypothesis
             result["greedy"] = chrf(hypotheses, references)

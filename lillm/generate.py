@@ -21,7 +21,9 @@ the smallest set whose probability reaches p. Temperature 0 is greedy. A small m
 greedy output falls into loops ("na pia ni, na pia ni, ..."); `no_repeat_ngram=n` forbids a
 row to repeat any n-gram of its own output (Paulus et al., 2018; fairseq's and transformers'
 no_repeat_ngram_size), so a loop must move on. The prompt is not counted: a translation may copy
-names and numbers from its source as often as it likes.
+names and numbers from its source as often as it likes. `logit_bias` adds a number to chosen
+tokens' logits per row (OpenAI's logit_bias, one dict per row): the evaluation uses it to favour
+the tokens of a translation's source (names, numbers and loanwords pass over unchanged).
 
 Streaming: `TextStream` turns the tokens of a row into text as they arrive (inference.py prints
 them, lillm/batching.py streams them to the server), never splitting a character.
@@ -56,6 +58,25 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class LogitBias:
+    """A sampler wrapper adding biases[row][token] to the logits before each choice."""
+
+    def __init__(self, sample: Callable[[torch.Tensor], torch.Tensor], biases: list[dict[int, float]]):
+        self.sample, self.biases = sample, biases
+        self.table: torch.Tensor | None = None  # (rows, vocab), built on the first call
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.table is None:
+            if len(self.biases) != logits.shape[0]:
+                raise ValueError(f"logit_bias has {len(self.biases)} rows for a batch of {logits.shape[0]}")
+            self.table = torch.zeros_like(logits)
+            for row, bias in enumerate(self.biases):
+                if bias:
+                    self.table[row, list(bias)] = torch.tensor(list(bias.values()), dtype=logits.dtype,
+                                                               device=logits.device)
+        return self.sample(logits + self.table)
 
 
 class NoRepeatNgram:
@@ -192,9 +213,11 @@ def cache_length(model: Transformer, needed: int) -> int:
 def generate_stream(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 128,
                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                     eos_id: int | None = None, pad_id: int = 0, seed: int | None = None,
-                    compile: bool | StaticDecoder = False, no_repeat_ngram: int = 0) -> Iterator[torch.Tensor]:
+                    compile: bool | StaticDecoder = False, no_repeat_ngram: int = 0,
+                    logit_bias: list[dict[int, float]] | None = None) -> Iterator[torch.Tensor]:
     """Yield a (B,) tensor of new token ids per step; rows that have emitted eos yield pad_id after.
-    no_repeat_ngram > 0: no row repeats an n-gram of its own output (NoRepeatNgram).
+    no_repeat_ngram > 0: no row repeats an n-gram of its own output (NoRepeatNgram); logit_bias:
+    per row, {token id: number added to its logit} (LogitBias).
 
     compile: True decodes through the model's StaticDecoder (CUDA graphs on a GPU; the first call
     per batch size compiles for a minute), or pass a StaticDecoder of your own.
@@ -207,9 +230,12 @@ def generate_stream(model: Transformer, prompts: list[list[int]], max_new_tokens
     sample = partial(sample_next, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     if no_repeat_ngram:
         sample = NoRepeatNgram(sample, no_repeat_ngram)
+    if logit_bias is not None:
+        sample = LogitBias(sample, logit_bias)
     if compile:
         decoder = compile if isinstance(compile, StaticDecoder) else static_decoder(model)
-        greedy = temperature <= 0 and not no_repeat_ngram  # the n-gram ban must see each step's logits
+        # the n-gram ban and the biases must see each step's logits
+        greedy = temperature <= 0 and not no_repeat_ngram and logit_bias is None
         yield from _static_stream(decoder, ids, mask, positions, max_new_tokens, sample, greedy, eos_id, pad_id)
         return
     if len({len(prompt) for prompt in prompts}) == 1:
@@ -269,7 +295,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, pad_id: int = 0, seed: int | None = None,
              on_token: Callable[[int, int], None] | None = None,
-             compile: bool | StaticDecoder = False, no_repeat_ngram: int = 0) -> list[list[int]]:
+             compile: bool | StaticDecoder = False, no_repeat_ngram: int = 0,
+             logit_bias: list[dict[int, float]] | None = None) -> list[list[int]]:
     """New tokens for each prompt (without the prompt), cut after the first eos (kept).
 
     on_token(row, token_id) is called as tokens arrive, for streaming to a terminal.
@@ -278,7 +305,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     outputs: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for step_tokens in generate_stream(model, prompts, max_new_tokens, temperature, top_k, top_p,
-                                       eos_id, pad_id, seed, compile, no_repeat_ngram):
+                                       eos_id, pad_id, seed, compile, no_repeat_ngram, logit_bias):
         for row, token in enumerate(step_tokens.tolist()):
             if done[row]:
                 continue

@@ -40,7 +40,7 @@ from lillm import checkpoint as ckpt
 from lillm.challenge import (challenge_average, challenge_summary, evaluate_on_tasks, score_submission, submission_csv,
                              submission_rows, subset_score)
 from lillm.cli import ArgumentParser, check_device, number, run_main
-from lillm.errors import InputFileError, SFTDataError
+from lillm.errors import FlagError, InputFileError, SFTDataError
 from lillm.evaluate import SCORINGS
 from lillm.folders import check_writable, write_reports
 from lillm.rows import by_task_and_lang, evenly_spaced, jsonl_text, read_conversations, read_text
@@ -139,6 +139,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-repeat-ngram", type=number(0, rule="must be 0 (off) or more"), default=0,
                         help="translations never repeat an n-gram of their own (0 = off; lillm/generate.py)")
     parser.add_argument("--beam", type=number(1, rule="must be at least 1 (1 = greedy)"), default=1, help="beam search width for translations (1 = greedy)")
+    parser.add_argument("--copy-bias", type=number(0, kind=float), default=0.0,
+                        help="added to the logits of a translation's source tokens, so names and numbers pass over "
+                             "(0 = off; greedy decoding only)")
     parser.add_argument("--length-ratio", type=number(0, kind=float, above=True), default=None,
                         help="a translation stops after this many times its source's tokens, + 4 (default: off)")
     parser.add_argument("--max-new-tokens", type=number(1), default=128, help="longest generated translation")
@@ -147,6 +150,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None, help="folder for eval_<split>.json/.md (default: the checkpoint)")
     args = parser.parse_args(argv)
+    if args.copy_bias and args.beam > 1:
+        raise FlagError(f"--copy-bias {args.copy_bias} works with greedy decoding, not --beam {args.beam}: "
+                        "leave out one of them")
     if args.score_submission:
         path = Path(args.score_submission)
         if not path.is_file():
@@ -177,13 +183,13 @@ def main(argv=None) -> dict:
     subsets, records = evaluate_on_tasks(model, tokenizer, groups, train_groups, not args.no_greedy, args.scoring,
                                          args.batch_size, args.max_new_tokens, progress=True,
                                          no_repeat_ngram=args.no_repeat_ngram, length_ratio=args.length_ratio,
-                                         beam=args.beam)
+                                         beam=args.beam, copy_bias=args.copy_bias)
     for (task, lang), group in groups.items():
         subsets[f"{task}/{lang}"].update(loss_and_bpb(model, tokenizer, group, model.config.max_seq_len,
                                                       args.batch_size))
         subsets[f"{task}/{lang}"].pop("rows")
     results = {"checkpoint": str(folder), "split": args.split, "limit": args.limit, "scoring": args.scoring,
-               "no_repeat_ngram": args.no_repeat_ngram, "length_ratio": args.length_ratio, "beam": args.beam,
+               "no_repeat_ngram": args.no_repeat_ngram, "length_ratio": args.length_ratio, "beam": args.beam, "copy_bias": args.copy_bias,
                "subsets": subsets,
                "challenge": challenge_summary(records, subsets, params, args.scoring, not args.no_greedy)}
     scores = {tuple(k.split("/")): subset_score(r) for k, r in subsets.items()}

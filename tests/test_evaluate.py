@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from lillm import checkpoint as ckpt
 from lillm.config import INKUBA_PARAMS, get_preset
 from lillm.challenge import challenge_average, zindi_score
-from lillm.evaluate import (SCORINGS, classify_by_likelihood, content_free, evaluate_subset, match_option,
-                            option_logprobs, option_scores, scored_options)
+from lillm.evaluate import (SCORINGS, classify_by_likelihood, content_free, evaluate_subset, generate_answers,
+                            match_option, option_logprobs, option_scores, scored_options)
 from lillm.metrics import bleu, chrf, tokenize_13a, weighted_f1
 from lillm.model import Transformer
 from lillm.sft import prompt_ids
@@ -198,3 +198,15 @@ def test_evaluate_script_writes_table_and_json(tmp_path, tokenizer):
         script.run_main(script.main, ["--checkpoint", str(tmp_path / "model"), "--data", str(data), "--limit", "2",
                     "--out", str(tmp_path / "eval")])
     assert exit_info.value.code == 2 and (tmp_path / "eval" / "predictions_test.csv").read_text() == "mine\n"
+
+
+def test_copy_bias_makes_a_translation_use_its_source_tokens(tokenizer):
+    model = tiny_model()
+    row = {"messages": [{"role": "user", "content": "Translate: Watoto mpira"},
+                        {"role": "assistant", "content": "x"}], "task": "translation", "lang": "swa",
+           "input": "Watoto mpira"}
+    source = set(tokenizer.encode("Watoto mpira"))
+    biased = generate_answers(model, tokenizer, [row], max_new_tokens=6, copy_bias=1e4)[0]
+    assert biased and set(tokenizer.encode(biased)) <= source   # every token comes from the source
+    plain = generate_answers(model, tokenizer, [row], max_new_tokens=6)[0]
+    assert plain == generate_answers(model, tokenizer, [row], max_new_tokens=6, copy_bias=0.0)[0]

@@ -119,3 +119,15 @@ def test_no_repeat_ngram_never_repeats_an_ngram_of_the_rows_own_output():
                 seen.add(gram)
                 same = i + 1
             assert out[:same] == plain[row][:same]
+
+
+def test_logit_bias_moves_greedy_choices_only_in_its_own_row():
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", vocab_size=64)).eval()
+    prompts = [[1, 5, 9], [1, 7, 3, 2]]
+    plain = generate(model, prompts, 6, temperature=0.0)
+    favoured = plain[0][0] + 1
+    biased = generate(model, prompts, 6, temperature=0.0, logit_bias=[{favoured: 1e4}, {}])
+    assert biased[0] == [favoured] * 6          # a huge bias wins every step of its row
+    assert biased[1] == plain[1]                # the other row decodes as before
+    assert generate(model, prompts, 6, temperature=0.0, logit_bias=[{}, {}]) == plain
