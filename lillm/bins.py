@@ -449,7 +449,8 @@ def write_bins(tokenizer_path, out_dir, sources: list[Source], val_fraction: flo
         chunks = read_chunks(sources, schedule, chunk_bytes)
         results = encode_chunks(tokenizer, chunks, workers, split_key(seed), schedule.stop)
         try:
-            with tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=not progress) as bar:
+            # delay: a bad row found in the first second is refused in one line, with no bar before it
+            with tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=not progress, delay=1) as bar:
                 writer.run(results, bar)
         finally:
             schedule.stop.set()

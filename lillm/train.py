@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .errors import FlagError, TrainingDiverged
-from .folders import open_run_folder, write_file_atomic
+from .folders import open_run_folder, write_file_atomic, write_text_atomic
 from .loss import causal_lm_loss  # the default loss_fn; SFT and distillation pass their own
 from .memory import PRECISION_HELP, PRECISIONS, BF16AdamW, autocast_for, checkpoint_blocks
 from .model import Transformer
@@ -432,7 +432,7 @@ def _train(model, source, cfg, env, loss_fn, evaluate, tokenizer_path, resume, i
             ckpt.save_checkpoint(out / "best", model, tokenizer_path, None, dict(info, step=progress.step,
                                  tokens=progress.tokens, best={cfg.keep_best: value}), state_dict=model_state,
                                  overwrite=True)
-            ckpt.write_text_atomic(out / "best.json", json.dumps({"step": progress.step, "metric": cfg.keep_best,
+            write_text_atomic(out / "best.json", json.dumps({"step": progress.step, "metric": cfg.keep_best,
                                                                   "value": value, "folder": "best"}) + "\n")
             log.write({"step": progress.step, "tokens": progress.tokens, "best": {cfg.keep_best: value}})
         if env.world > 1:

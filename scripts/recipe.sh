@@ -54,24 +54,31 @@ esac
 # ---- settings -------------------------------------------------------------------------------------
 if [ "$TINY" = 1 ]; then
   : "${PRESET:=tiny}" "${TEACHER:=tiny}" "${VOCAB:=512}" "${TOK_DOCS:=200}" "${CORPORA:=afrisenti-swa-train mafand-hau-train}"
+  : "${TOK_LANGS:=swa hau eng}" "${EVAL_ARGS:=--no-repeat-ngram 3 --length-ratio 2 --scoring batch-prior}"
   : "${STEPS:=4}" "${SEQ:=64}" "${BATCH_TOKENS:=512}" "${MICRO:=8}" "${LR:=2e-3}" "${WARMUP:=1}"
   : "${SFT_LIMIT:=12}" "${SFT_MT_STEPS:=2}" "${SFT_ALL_STEPS:=2}" "${SFT_BATCH:=4}" "${SFT_MICRO:=4}" "${SFT_LR:=1e-3}" "${SFT_WARMUP:=1}"
   : "${EVAL_LIMIT:=3}" "${MAX_NEW:=8}" "${EXTRA:=}"
   : "${SHRINK:=--d-model 32 --d-ff 88 --layers 1}" "${HEAL_STEPS:=2}" "${HEAL_DOCS:=40}" "${HEAL_BATCH:=8}"
 elif [ "$DEVICE" = cuda ]; then
   : "${PRESET:=lillm-39m}" "${TEACHER:=lillm-300m}" "${VOCAB:=8192}" "${TOK_DOCS:=0}" "${CORPORA:=}"
+  : "${TOK_LANGS:=swa hau eng}" "${EVAL_ARGS:=--no-repeat-ngram 3 --length-ratio 2 --scoring batch-prior}"
   : "${STEPS:=600}" "${SEQ:=512}" "${BATCH_TOKENS:=131072}" "${MICRO:=32}" "${LR:=2e-3}" "${WARMUP:=100}"
   : "${SFT_LIMIT:=}" "${SFT_MT_STEPS:=300}" "${SFT_ALL_STEPS:=600}" "${SFT_BATCH:=64}" "${SFT_MICRO:=32}" "${SFT_LR:=3e-4}" "${SFT_WARMUP:=30}"
   : "${EVAL_LIMIT:=0}" "${MAX_NEW:=128}" "${EXTRA:=--compile}"
   : "${SHRINK:=--d-model 512 --d-ff 1408 --layers 12}" "${HEAL_STEPS:=500}" "${HEAL_DOCS:=}" "${HEAL_BATCH:=64}"
 else
+  # the measured CPU recipe (docs/QUALITY.md): English in the tokenizer (the translations' source side),
+  # most of the minutes on translation SFT, classification by batch calibration, n-gram bans in decoding
   : "${PRESET:=small}" "${TEACHER:=small-teacher}" "${VOCAB:=8192}" "${TOK_DOCS:=0}" "${CORPORA:=}"
-  : "${STEPS:=300}" "${SEQ:=128}" "${BATCH_TOKENS:=8192}" "${MICRO:=16}" "${LR:=2e-3}" "${WARMUP:=50}"
-  : "${SFT_LIMIT:=}" "${SFT_MT_STEPS:=100}" "${SFT_ALL_STEPS:=200}" "${SFT_BATCH:=16}" "${SFT_MICRO:=16}" "${SFT_LR:=1e-3}" "${SFT_WARMUP:=10}"
-  : "${EVAL_LIMIT:=100}" "${MAX_NEW:=96}" "${EXTRA:=}"
+  : "${TOK_LANGS:=swa hau eng}" "${EVAL_ARGS:=--no-repeat-ngram 3 --length-ratio 2 --scoring batch-prior}"
+  : "${STEPS:=200}" "${SEQ:=128}" "${BATCH_TOKENS:=8192}" "${MICRO:=16}" "${LR:=2e-3}" "${WARMUP:=50}"
+  : "${SFT_LIMIT:=}" "${SFT_MT_STEPS:=350}" "${SFT_ALL_STEPS:=100}" "${SFT_BATCH:=16}" "${SFT_MICRO:=16}" "${SFT_LR:=1e-3}" "${SFT_WARMUP:=10}"
+  : "${EVAL_LIMIT:=200}" "${MAX_NEW:=96}" "${EXTRA:=}"
   : "${SHRINK:=--d-model 192 --d-ff 512 --layers 4}" "${HEAL_STEPS:=100}" "${HEAL_DOCS:=2000}" "${HEAL_BATCH:=32}"
 fi
 read -r -a EXTRA_ARGS <<< "$EXTRA"
+read -r -a TOK_LANG_LIST <<< "$TOK_LANGS"
+read -r -a EVAL_ARG_LIST <<< "$EVAL_ARGS"
 read -r -a SHRINK_ARGS <<< "$SHRINK"
 read -r -a CORPORA_LIST <<< "$CORPORA"
 TOK_ARGS=(); [ "$TOK_DOCS" != 0 ] && TOK_ARGS=(--max-docs "$TOK_DOCS")
@@ -98,7 +105,7 @@ fi
 [ "$DRY" = 1 ] || mkdir -p "$OUT"
 echo "road $ROAD on $DEVICE$([ "$TINY" = 1 ] && echo ' (tiny)') into $OUT"
 
-stage tokenizer $PY train_tokenizer.py --langs swa hau --vocab-size "$VOCAB" --out "$OUT/tokenizer/tokenizer.json" \
+stage tokenizer $PY train_tokenizer.py --langs "${TOK_LANG_LIST[@]}" --vocab-size "$VOCAB" --out "$OUT/tokenizer/tokenizer.json" \
   "${TOK_ARGS[@]}" "${DATA_ARGS[@]}"
 stage bins $PY data/prepare_pretrain.py --tokenizer "$OUT/tokenizer/tokenizer.json" --langs swa hau --out "$OUT/data" \
   "${BIN_ARGS[@]}" "${DATA_ARGS[@]}"
@@ -126,6 +133,6 @@ stage sft-all $PY sft_train.py --init-from "$OUT/sft_mt" --out "$OUT/sft_all" \
   --max-steps "$SFT_ALL_STEPS" --eval-every "$SFT_ALL_STEPS" --save-every "$SFT_ALL_STEPS" "${SFT[@]}"
 stage evaluate $PY scripts/evaluate.py --checkpoint "$OUT/sft_all" --data "$OUT/sft" --split test \
   --tasks translation sentiment nli --limit "$EVAL_LIMIT" --max-new-tokens "$MAX_NEW" --device "$DEVICE" \
-  --out "$OUT/eval"
+  --out "$OUT/eval" "${EVAL_ARG_LIST[@]}"
 [ "$DRY" = 1 ] && exit 0
 echo "done in $(( $(date +%s) - START )) s: $OUT/eval/eval_test.md, $OUT/eval/submission_test.csv, $OUT/recipe.log"

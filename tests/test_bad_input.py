@@ -308,7 +308,7 @@ CASES += [
     ("data.prepare_sft", "--tasks none --files {rows}/notobj.jsonl --prompt-column text --response-column text "
      "--out {new}", 2, ["notobj.jsonl, row", "cannot be read as json"]),
     ("data.prepare_pretrain", "--tokenizer {tokA} --files {rows}/notobj.jsonl --out {new} --workers 1", 2,
-     ["notobj.jsonl, row", "cannot be read as json"]),
+     ["notobj.jsonl, line 2", "not an object with named columns"]),
     ("data.prepare_pretrain", "--tokenizer {tokA} --files {rows}/zero.parquet --out {new} --workers 1", 2,
      ["zero.parquet", "cannot be read as parquet"]),
     ("data.prepare_pretrain", "--tokenizer {tokA} --files {rows}/disk --out {new} --workers 1", 2,

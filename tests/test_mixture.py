@@ -119,7 +119,7 @@ def test_pretrain_with_task_data_runs_end_to_end(tmp_path, tokenizer):
                              "--task-data", str(tmp_path / "sft"), "--task-start", "0.5", "--task-share", "0.5"])
     assert metrics is not None
     record = json.loads((tmp_path / "run" / "step_000004" / "lillm.json").read_text())
-    assert record["train_config"]["extra"]["task_share"] == 0.5
+    assert record["train_config"]["settings"]["task_share"] == 0.5
 
 
 def test_pretrain_model_overrides_change_the_presets_shape(tmp_path, tokenizer):
