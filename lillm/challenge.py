@@ -484,7 +484,7 @@ def baseline_records(records: list[dict], subsets: dict) -> list[dict]:
 
 
 def evaluate_on_tasks(model, tokenizer: Tokenizer, groups: dict[tuple[str, str], list[dict]],
-                      train_groups: dict | None = None, greedy: bool = True, scoring: str = "calibrated",
+                      train_groups: dict | None = None, greedy: bool = True, scoring: str = "batch-prior",
                       batch_size: int = 16, max_new_tokens: int = 128, progress: bool = False,
                       translate: bool | None = None, no_repeat_ngram: int = 0,
                       length_ratio: float | None = None, beam: int = 1, copy_bias: float = 0.0) -> tuple[dict, list]:
@@ -501,7 +501,7 @@ def evaluate_on_tasks(model, tokenizer: Tokenizer, groups: dict[tuple[str, str],
     return subsets, records
 
 
-def challenge_summary(records: list[dict], subsets: dict, params: int, scoring: str = "calibrated",
+def challenge_summary(records: list[dict], subsets: dict, params: int, scoring: str = "batch-prior",
                       greedy: bool = True) -> dict:
     """The challenge's numbers for the model (classification by `scoring`, and by every other scoring
     and by greedy answers beside) and for the baselines (train majority, copy the source)."""
@@ -517,7 +517,7 @@ def challenge_summary(records: list[dict], subsets: dict, params: int, scoring: 
 
 
 def challenge_evaluator(tokenizer: Tokenizer, rows: list[dict], train_rows: list[dict] | None = None,
-                        limit: int | None = 50, scoring: str = "calibrated", max_new_tokens: int = 96,
+                        limit: int | None = 50, scoring: str = "batch-prior", max_new_tokens: int = 96,
                         batch_size: int = 16, no_repeat_ngram: int = 0, length_ratio: float | None = None,
                         beam: int = 1):
     """evaluate(model) for the training loop (lillm/train.py): the organisers' score and its parts on

@@ -34,6 +34,7 @@ the reference answers come from lillm.sft.assistant_loss.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from typing import Sequence
 
@@ -163,6 +164,21 @@ def match_option(text: str, options: Sequence[str]) -> str | None:
     return max(starts, key=len) if starts else None
 
 
+# A name or a number: a capitalised word after the first (the first is capitalised anyway), or digits.
+NAME_OR_NUMBER = re.compile(r"(?<=\s)[A-Z][\w'-]*|\d[\d.,:%]*")
+
+
+def names_and_numbers(tokenizer: Tokenizer, source: str) -> set[int]:
+    """Token ids of the names and numbers of a source sentence, as they would appear mid-sentence
+    (after a space) or glued to punctuation: the tokens a translation should carry over unchanged.
+    Biasing every source token instead pulls English function words into the output (docs/QUALITY.md)."""
+    ids: set[int] = set()
+    for word in NAME_OR_NUMBER.findall(source):
+        ids.update(tokenizer.encode(" " + word))
+        ids.update(tokenizer.encode(word))
+    return ids
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer: Tokenizer, rows: list[dict], max_new_tokens: int = 128,
                      batch_size: int = 16, no_repeat_ngram: int = 0, length_ratio: float | None = None,
@@ -170,8 +186,9 @@ def generate_answers(model, tokenizer: Tokenizer, rows: list[dict], max_new_toke
     """Greedy answers (or beam > 1: lillm.beam.beam_search's best), decoded without special tokens.
     no_repeat_ngram: lillm.generate.NoRepeatNgram; length_ratio: an answer stops after length_ratio x
     its row's input tokens (+ 4), so a loop cannot run on to max_new_tokens (a translation is rarely
-    twice its source's length); copy_bias: added to the logits of the tokens of a row's input (its
-    source sentence), so names, numbers and loanwords pass over (lillm.generate.LogitBias; greedy only)."""
+    twice its source's length); copy_bias: added to the logits of the tokens of the names and numbers
+    in a row's input (its source sentence), so they pass over unchanged (lillm.generate.LogitBias;
+    greedy only)."""
     max_len = model.config.max_seq_len
     budget = max(1, min(max_new_tokens, max_len // 2))
     prompts = [prompt_ids(tokenizer, prompt_and_answer(row)[0], max_len - budget) for row in rows]
@@ -186,7 +203,7 @@ def generate_answers(model, tokenizer: Tokenizer, rows: list[dict], max_new_toke
             outputs = beam_search(model, chunk, longest, beam, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                                   no_repeat_ngram=no_repeat_ngram)
         else:
-            bias = [dict.fromkeys(tokenizer.encode(str(row.get("input", ""))), copy_bias)
+            bias = [dict.fromkeys(names_and_numbers(tokenizer, str(row.get("input", ""))), copy_bias)
                     for row in rows[start:start + batch_size]] if copy_bias else None
             outputs = generate(model, chunk, longest, temperature=0.0, eos_id=tokenizer.eos_id,
                                pad_id=tokenizer.pad_id, no_repeat_ngram=no_repeat_ngram, logit_bias=bias)

@@ -9,7 +9,8 @@ from lillm import checkpoint as ckpt
 from lillm.config import INKUBA_PARAMS, get_preset
 from lillm.challenge import challenge_average, zindi_score
 from lillm.evaluate import (SCORINGS, classify_by_likelihood, content_free, evaluate_subset, generate_answers,
-                            match_option, option_logprobs, option_scores, scored_options)
+                            match_option, names_and_numbers, option_logprobs, option_scores, scored_options)
+from lillm.generate import generate
 from lillm.metrics import bleu, chrf, tokenize_13a, weighted_f1
 from lillm.model import Transformer
 from lillm.sft import prompt_ids
@@ -200,13 +201,16 @@ def test_evaluate_script_writes_table_and_json(tmp_path, tokenizer):
     assert exit_info.value.code == 2 and (tmp_path / "eval" / "predictions_test.csv").read_text() == "mine\n"
 
 
-def test_copy_bias_makes_a_translation_use_its_source_tokens(tokenizer):
+def test_copy_bias_makes_a_translation_carry_the_sources_names_and_numbers(tokenizer):
     model = tiny_model()
-    row = {"messages": [{"role": "user", "content": "Translate: Watoto mpira"},
+    row = {"messages": [{"role": "user", "content": "Translate: watoto Chanya 2"},
                         {"role": "assistant", "content": "x"}], "task": "translation", "lang": "swa",
-           "input": "Watoto mpira"}
-    source = set(tokenizer.encode("Watoto mpira"))
-    biased = generate_answers(model, tokenizer, [row], max_new_tokens=6, copy_bias=1e4)[0]
-    assert biased and set(tokenizer.encode(biased)) <= source   # every token comes from the source
+           "input": "watoto Chanya 2"}
+    favoured = names_and_numbers(tokenizer, "watoto Chanya 2")
+    words = (" Chanya", "Chanya", " 2", "2")   # "watoto" is neither a name nor a number
+    assert favoured == {token for word in words for token in tokenizer.encode(word)}
+    biased = generate(model, [tokenizer.encode("watoto Chanya 2")], 6, temperature=0.0,
+                      logit_bias=[dict.fromkeys(favoured, 1e4)])[0]
+    assert set(biased) <= favoured
     plain = generate_answers(model, tokenizer, [row], max_new_tokens=6)[0]
     assert plain == generate_answers(model, tokenizer, [row], max_new_tokens=6, copy_bias=0.0)[0]
