@@ -55,6 +55,7 @@ esac
 if [ "$TINY" = 1 ]; then
   : "${PRESET:=tiny}" "${TEACHER:=tiny}" "${VOCAB:=512}" "${TOK_DOCS:=200}" "${CORPORA:=afrisenti-swa-train mafand-hau-train}"
   : "${TOK_LANGS:=swa hau eng}" "${EVAL_ARGS:=--no-repeat-ngram 3 --length-ratio 2 --scoring batch-prior}"
+  : "${PRETRAIN_ARGS:=--optimizer muon --schedule wsd}" "${SFT_ARGS:=--schedule wsd}"
   : "${STEPS:=4}" "${SEQ:=64}" "${BATCH_TOKENS:=512}" "${MICRO:=8}" "${LR:=2e-3}" "${WARMUP:=1}"
   : "${SFT_LIMIT:=12}" "${SFT_MT_STEPS:=2}" "${SFT_ALL_STEPS:=2}" "${SFT_BATCH:=4}" "${SFT_MICRO:=4}" "${SFT_LR:=1e-3}" "${SFT_WARMUP:=1}"
   : "${EVAL_LIMIT:=3}" "${MAX_NEW:=8}" "${EXTRA:=}"
@@ -62,15 +63,18 @@ if [ "$TINY" = 1 ]; then
 elif [ "$DEVICE" = cuda ]; then
   : "${PRESET:=lillm-39m}" "${TEACHER:=lillm-300m}" "${VOCAB:=8192}" "${TOK_DOCS:=0}" "${CORPORA:=}"
   : "${TOK_LANGS:=swa hau eng}" "${EVAL_ARGS:=--no-repeat-ngram 3 --length-ratio 2 --scoring batch-prior}"
+  : "${PRETRAIN_ARGS:=}" "${SFT_ARGS:=}"
   : "${STEPS:=600}" "${SEQ:=512}" "${BATCH_TOKENS:=131072}" "${MICRO:=32}" "${LR:=2e-3}" "${WARMUP:=100}"
   : "${SFT_LIMIT:=}" "${SFT_MT_STEPS:=300}" "${SFT_ALL_STEPS:=600}" "${SFT_BATCH:=64}" "${SFT_MICRO:=32}" "${SFT_LR:=3e-4}" "${SFT_WARMUP:=30}"
   : "${EVAL_LIMIT:=0}" "${MAX_NEW:=128}" "${EXTRA:=--compile}"
   : "${SHRINK:=--d-model 512 --d-ff 1408 --layers 12}" "${HEAL_STEPS:=500}" "${HEAL_DOCS:=}" "${HEAL_BATCH:=64}"
 else
   # the measured CPU recipe (docs/QUALITY.md): English in the tokenizer (the translations' source side),
-  # most of the minutes on translation SFT, classification by batch calibration, n-gram bans in decoding
+  # most of the minutes on translation SFT, warmup-stable-decay, Muon in pretraining, classification by
+  # batch calibration, n-gram bans in decoding
   : "${PRESET:=small}" "${TEACHER:=small-teacher}" "${VOCAB:=8192}" "${TOK_DOCS:=0}" "${CORPORA:=}"
   : "${TOK_LANGS:=swa hau eng}" "${EVAL_ARGS:=--no-repeat-ngram 3 --length-ratio 2 --scoring batch-prior}"
+  : "${PRETRAIN_ARGS:=--optimizer muon --schedule wsd}" "${SFT_ARGS:=--schedule wsd}"
   : "${STEPS:=200}" "${SEQ:=128}" "${BATCH_TOKENS:=8192}" "${MICRO:=16}" "${LR:=2e-3}" "${WARMUP:=50}"
   : "${SFT_LIMIT:=}" "${SFT_MT_STEPS:=350}" "${SFT_ALL_STEPS:=100}" "${SFT_BATCH:=16}" "${SFT_MICRO:=16}" "${SFT_LR:=1e-3}" "${SFT_WARMUP:=10}"
   : "${EVAL_LIMIT:=200}" "${MAX_NEW:=96}" "${EXTRA:=}"
@@ -79,6 +83,8 @@ fi
 read -r -a EXTRA_ARGS <<< "$EXTRA"
 read -r -a TOK_LANG_LIST <<< "$TOK_LANGS"
 read -r -a EVAL_ARG_LIST <<< "$EVAL_ARGS"
+read -r -a PRETRAIN_ARG_LIST <<< "$PRETRAIN_ARGS"
+read -r -a SFT_ARG_LIST <<< "$SFT_ARGS"
 read -r -a SHRINK_ARGS <<< "$SHRINK"
 read -r -a CORPORA_LIST <<< "$CORPORA"
 TOK_ARGS=(); [ "$TOK_DOCS" != 0 ] && TOK_ARGS=(--max-docs "$TOK_DOCS")
@@ -111,7 +117,7 @@ stage bins $PY data/prepare_pretrain.py --tokenizer "$OUT/tokenizer/tokenizer.js
   "${BIN_ARGS[@]}" "${DATA_ARGS[@]}"
 PRETRAIN=(--data "$OUT/data" --max-steps "$STEPS" --seq-len "$SEQ" --global-batch-tokens "$BATCH_TOKENS"
           --micro-batch "$MICRO" --lr "$LR" --warmup-steps "$WARMUP" --eval-every $(( STEPS / 2 > 0 ? STEPS / 2 : 1 ))
-          --save-every "$STEPS" --eval-batches 20 --device "$DEVICE" "${EXTRA_ARGS[@]}")
+          --save-every "$STEPS" --eval-batches 20 --device "$DEVICE" "${EXTRA_ARGS[@]}" "${PRETRAIN_ARG_LIST[@]}")
 if [ "$ROAD" = scratch ]; then
   stage pretrain $PY pretrain.py --preset "$PRESET" --out "$OUT/pretrain" "${PRETRAIN[@]}"
   BASE="$OUT/pretrain"
@@ -126,7 +132,7 @@ fi
 stage sft-data $PY data/prepare_sft.py --out "$OUT/sft" --tasks translation sentiment nli news "${SFT_DATA_ARGS[@]}" \
   "${DATA_ARGS[@]}"
 SFT=(--data "$OUT/sft" --batching pack --global-batch "$SFT_BATCH" --micro-batch "$SFT_MICRO" --lr "$SFT_LR"
-     --warmup-steps "$SFT_WARMUP" --device "$DEVICE" "${EXTRA_ARGS[@]}")
+     --warmup-steps "$SFT_WARMUP" --device "$DEVICE" "${EXTRA_ARGS[@]}" "${SFT_ARG_LIST[@]}")
 stage sft-translation $PY sft_train.py --init-from "$BASE" --tasks translation --out "$OUT/sft_mt" \
   --max-steps "$SFT_MT_STEPS" --eval-every "$SFT_MT_STEPS" --save-every "$SFT_MT_STEPS" "${SFT[@]}"
 stage sft-all $PY sft_train.py --init-from "$OUT/sft_mt" --out "$OUT/sft_all" \
