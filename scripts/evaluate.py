@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--tasks", nargs="+", default=None, help="only these tasks (default: all in the split)")
     parser.add_argument("--limit", type=number(0, rule="must be 0 (all) or more"), default=100, help="rows per task and language (0 = all)")
     parser.add_argument("--no-greedy", action="store_true", help="skip generation (likelihood scoring only)")
-    parser.add_argument("--scoring", choices=SCORINGS, default="calibrated",
+    parser.add_argument("--scoring", choices=SCORINGS, default="batch-prior",
                         help="how option log-likelihoods become a class (lillm/evaluate.py); all are reported")
     parser.add_argument("--no-repeat-ngram", type=number(0, rule="must be 0 (off) or more"), default=0,
                         help="translations never repeat an n-gram of their own (0 = off; lillm/generate.py)")

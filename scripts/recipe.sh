@@ -75,8 +75,8 @@ else
   : "${PRESET:=small}" "${TEACHER:=small-teacher}" "${VOCAB:=8192}" "${TOK_DOCS:=0}" "${CORPORA:=}"
   : "${TOK_LANGS:=swa hau eng}" "${EVAL_ARGS:=--no-repeat-ngram 3 --length-ratio 2 --scoring batch-prior}"
   : "${PRETRAIN_ARGS:=--optimizer muon --schedule wsd}" "${SFT_ARGS:=--schedule wsd}"
-  : "${STEPS:=200}" "${SEQ:=128}" "${BATCH_TOKENS:=8192}" "${MICRO:=16}" "${LR:=2e-3}" "${WARMUP:=50}"
-  : "${SFT_LIMIT:=}" "${SFT_MT_STEPS:=350}" "${SFT_ALL_STEPS:=100}" "${SFT_BATCH:=16}" "${SFT_MICRO:=16}" "${SFT_LR:=1e-3}" "${SFT_WARMUP:=10}"
+  : "${STEPS:=400}" "${SEQ:=128}" "${BATCH_TOKENS:=8192}" "${MICRO:=16}" "${LR:=2e-3}" "${WARMUP:=50}"
+  : "${SFT_LIMIT:=}" "${SFT_MT_STEPS:=700}" "${SFT_ALL_STEPS:=200}" "${SFT_BATCH:=16}" "${SFT_MICRO:=16}" "${SFT_LR:=1e-3}" "${SFT_WARMUP:=10}"
   : "${EVAL_LIMIT:=200}" "${MAX_NEW:=96}" "${EXTRA:=}"
   : "${SHRINK:=--d-model 192 --d-ff 512 --layers 4}" "${HEAL_STEPS:=100}" "${HEAL_DOCS:=2000}" "${HEAL_BATCH:=32}"
 fi
