@@ -103,13 +103,18 @@ def test_task_micro_batches_rounds_the_share_and_keeps_at_least_one():
     assert task_micro_batches(3, 0.5) == 2
 
 
-def test_pretrain_with_task_data_runs_end_to_end(tmp_path, tokenizer):
+def make_bins(tmp_path, tokenizer) -> None:
+    """tmp_path/bins: token bins of a small corpus, through data/prepare_pretrain.py."""
     tokenizer.save(tmp_path / "tokenizer.json")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"{t} {i}" for i, t in enumerate(TEXTS * 3)) + "\n", encoding="utf-8")
     from data import prepare_pretrain
     prepare_pretrain.main(["--tokenizer", str(tmp_path / "tokenizer.json"), "--files", str(corpus),
                            "--out", str(tmp_path / "bins"), "--val-fraction", "0.1"])
+
+
+def test_pretrain_with_task_data_runs_end_to_end(tmp_path, tokenizer):
+    make_bins(tmp_path, tokenizer)
     (tmp_path / "sft").mkdir()
     (tmp_path / "sft" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows()), encoding="utf-8")
     metrics = pretrain.main(["--data", str(tmp_path / "bins"), "--out", str(tmp_path / "run"), "--preset", "tiny",
@@ -123,12 +128,7 @@ def test_pretrain_with_task_data_runs_end_to_end(tmp_path, tokenizer):
 
 
 def test_pretrain_model_overrides_change_the_presets_shape(tmp_path, tokenizer):
-    tokenizer.save(tmp_path / "tokenizer.json")
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"{t} {i}" for i, t in enumerate(TEXTS * 3)) + "\n", encoding="utf-8")
-    from data import prepare_pretrain
-    prepare_pretrain.main(["--tokenizer", str(tmp_path / "tokenizer.json"), "--files", str(corpus),
-                           "--out", str(tmp_path / "bins"), "--val-fraction", "0.1"])
+    make_bins(tmp_path, tokenizer)
     pretrain.main(["--data", str(tmp_path / "bins"), "--out", str(tmp_path / "run"), "--preset", "tiny", "--model",
                    "n_layers=3", "d_ff=96", "--seq-len", str(SEQ), "--global-batch-tokens", str(SEQ * MICRO),
                    "--micro-batch", str(MICRO), "--max-steps", "1", "--eval-every", "0", "--save-every", "1"])
