@@ -12,12 +12,11 @@ the other. It imports no torch, so preparing data starts fast.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from .errors import BinFormatError, InputFileError, MissingMetaError
+from .errors import BinFormatError, InputFileError, MissingMetaError, read_json_file
 
 META_NAME = "meta.json"
 UINT16_VOCAB_LIMIT = 1 << 16      # uint16 holds ids 0..65535
@@ -54,10 +53,7 @@ def load_meta(bin_dir) -> dict:
         raise MissingMetaError(
             f"{meta_path} not found: the token bins in {directory} have no meta.json, so their "
             f"tokenizer, dtype and sizes are unknown; {remake_hint(directory)}")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BinFormatError(f"{meta_path} is not valid JSON ({error}); {remake_hint(directory)}") from None
+    meta = read_json_file(meta_path, BinFormatError, remake_hint(directory))
     for key in ("tokenizer_sha256", "vocab_size", "dtype", "eos_id", "splits"):
         if key not in meta:
             raise BinFormatError(f"{meta_path} has no key {key!r}; {remake_hint(directory)}")

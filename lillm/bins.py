@@ -203,15 +203,37 @@ def encode_chunks(tokenizer: Tokenizer, chunks, workers: int, key: bytes, stop: 
 
 
 # ---- writing ----------------------------------------------------------------------------------------
-class ShardedWriter:
+class PendingShards:
+    """One split's shard files, made under hidden temporary names beside their final ones: commit()
+    renames them into place, discard() removes them (so a failed run leaves no half-written bin)."""
+
+    def __init__(self, out_dir: Path, split: str):
+        self.out_dir, self.split = out_dir, split
+        self.shards: list[dict] = []     # {"file", "tokens", "temporary"}
+
+    def close(self) -> None:
+        pass
+
+    def commit(self) -> list[dict]:
+        self.close()
+        for shard in self.shards:
+            os.replace(shard["temporary"], self.out_dir / shard["file"])
+        return [{"file": shard["file"], "tokens": shard["tokens"]} for shard in self.shards]
+
+    def discard(self) -> None:
+        for shard in self.shards:
+            shard["temporary"].unlink(missing_ok=True)
+
+
+class ShardedWriter(PendingShards):
     """Appends token ids to temporary files beside their final names; commit() renames them into place.
 
     shard_tokens=0 writes one file, `{split}.bin`; otherwise `{split}-00000.bin`, ... of shard_tokens each.
     """
 
     def __init__(self, out_dir: Path, split: str, shard_tokens: int = 0):
-        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
-        self.shards: list[dict] = []     # {"file", "tokens", "temporary"}
+        super().__init__(out_dir, split)
+        self.shard_tokens = shard_tokens
         self.file = None
 
     def _final_name(self, index: int) -> str:
@@ -242,16 +264,12 @@ class ShardedWriter:
     def commit(self) -> list[dict]:
         if not self.shards:
             self._open_next()      # an empty split still gets its (empty) file
-        self.close()
-        for shard in self.shards:
-            os.replace(shard["temporary"], self.out_dir / shard["file"])
-        return [{"file": shard["file"], "tokens": shard["tokens"]} for shard in self.shards]
+        return super().commit()
 
     def discard(self) -> None:
         if self.file is not None:
             self.file.close()
-        for shard in self.shards:
-            shard["temporary"].unlink(missing_ok=True)
+        super().discard()
 
 
 # ---- the writer's side: documents in output order ---------------------------------------------------

@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig, unsupported_hf_fields
-from .errors import CheckpointError, InputFileError
+from .errors import CheckpointError, InputFileError, read_json_file
 from .folders import check_replaceable, discard, hidden_tmp, mark, publish_folder, write_file_atomic
 from .model import Transformer
 from .tokenizer import backend_sha256, recorded_sha256
@@ -184,10 +184,7 @@ def read_config(folder: str | Path) -> ModelConfig:
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a checkpoint folder: {path.name} is missing "
                               "(a checkpoint holds config.json and model.safetensors)")
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt, use an earlier one") from None
+    hf = read_json_file(path, CheckpointError, "the checkpoint is corrupt, use an earlier one")
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path} is not a JSON object; the checkpoint is corrupt, use an earlier one")
     problems = unsupported_hf_fields(hf)

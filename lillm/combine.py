@@ -17,7 +17,6 @@ or give each machine a slice of every source.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -25,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from .bin_format import META_NAME
-from .bins import publish_bins
-from .errors import BinFormatError, SourceError
+from .bins import PendingShards, publish_bins
+from .errors import BinFormatError, SourceError, read_json_file
 
 MUST_AGREE = ("tokenizer_sha256", "vocab_size", "dtype", "eos_id")
 SETTINGS_MUST_AGREE = ("seed", "val_fraction")
@@ -37,10 +36,7 @@ def read_part(folder: Path) -> dict:
     if not path.is_file():
         raise BinFormatError(f"{path} not found: {folder} is not a folder of token bins written by "
                              f"data/prepare_pretrain.py (or its run did not finish)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise BinFormatError(f"{path} is not valid JSON ({error}); prepare that part again") from None
+    return read_json_file(path, BinFormatError, "prepare that part again")
 
 
 def split_files(meta: dict, split: str) -> list[dict]:
@@ -69,12 +65,8 @@ def check_parts(parts: list[Path], metas: list[dict]) -> None:
                           f"the sources (different files), or the same text is counted twice")
 
 
-class LinkedSplit:
+class LinkedSplit(PendingShards):
     """One split of the combined folder: the parts' files linked (or copied) under temporary names."""
-
-    def __init__(self, out_dir: Path, split: str):
-        self.out_dir, self.split = out_dir, split
-        self.shards: list[dict] = []
 
     def add(self, source: Path, tokens: int, itemsize: int) -> None:
         if not source.is_file():
@@ -91,18 +83,6 @@ class LinkedSplit:
         except OSError:   # another filesystem (or no hard links): a copy
             shutil.copyfile(source, temporary)
         self.shards.append({"file": name, "tokens": tokens, "temporary": temporary})
-
-    def close(self) -> None:
-        pass
-
-    def commit(self) -> list[dict]:
-        for shard in self.shards:
-            os.replace(shard["temporary"], self.out_dir / shard["file"])
-        return [{"file": shard["file"], "tokens": shard["tokens"]} for shard in self.shards]
-
-    def discard(self) -> None:
-        for shard in self.shards:
-            shard["temporary"].unlink(missing_ok=True)
 
 
 def all_sources(per_part: list[dict]) -> dict:

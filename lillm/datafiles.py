@@ -12,7 +12,7 @@ one batch of rows at a time:
 - JSON lines (`.jsonl`, `.json`, optionally gzipped): one row per line, parsed with `json`; a
   `.json` file holding one array of rows is read whole (it cannot be streamed).
 
-Every reader gives what `lillm.sources.dataset_texts` gives for the same file read through
+Every reader gives what `lillm.hub.dataset_texts` gives for the same file read through
 `datasets`: each value of the column, stripped, without None and empty strings, in file order;
 a missing column or a non-text value is one CorpusFormatError naming the columns or the row.
 Hub datasets, hf:// files and save_to_disk folders are still read through `datasets`.

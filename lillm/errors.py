@@ -8,9 +8,21 @@ lillm, so every module can raise these errors without bending the import graph.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 
 class LillmError(ValueError):
     """Bad input: the message says what is wrong, where, and how to fix it."""
+
+
+def read_json_file(path: str | Path, error: type[LillmError], fix: str = ""):
+    """The JSON value a file holds; a file that is not JSON (or not UTF-8) is one line of `error`,
+    ending in the fix. Whether the file exists is the caller's check (its message knows the file's role)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
+        raise error(f"{path} is not valid JSON ({problem})" + (f"; {fix}" if fix else "")) from None
 
 
 # ---- data ----------------------------------------------------------------------------------------

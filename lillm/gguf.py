@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .errors import GGUFExportError
+from .errors import GGUFExportError, read_json_file
 from .folders import check_output_file, write_file_atomic
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -242,10 +242,7 @@ def checkpoint_vocab(folder: Path, sentencepiece: Path | None = None) -> GGUFVoc
     if not path.exists():
         raise GGUFExportError(f"{path} is missing: a GGUF file carries its tokenizer; copy the tokenizer.json "
                               "the model was trained with into the folder (or pass --sentencepiece tokenizer.model)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GGUFExportError(f"{path} is not valid JSON ({e})") from None
+    data = read_json_file(path, GGUFExportError)
     Tokenizer.from_file(path)  # loads, and is the tokenizer the checkpoint was saved with (its recorded hash)
     return byte_level_vocab(data, str(path))
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from .checkpoint import check_config_fits, fsync_tree, load_weights, replace_folder, unique_state_dict
 from .config import ModelConfig, unsupported_hf_fields
-from .errors import CheckpointError, HFError, HFFileNotFoundError
+from .errors import CheckpointError, HFError, HFFileNotFoundError, read_json_file
 from .folders import check_replaceable, hidden_tmp, mark
 from .model import Transformer
 
@@ -71,10 +71,7 @@ def read_hf_config(folder: Path) -> dict:
     if not path.exists():
         raise HFFileNotFoundError(f"{path} is missing: a Hugging Face model folder needs config.json "
                                   "(download it with the weights, e.g. huggingface-cli download <repo>)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise HFError(f"{path} is not valid JSON ({e})") from None
+    return read_json_file(path, HFError)
 
 
 # ---- weight files: which file holds which tensor, read one tensor at a time ----------------

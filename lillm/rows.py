@@ -37,7 +37,8 @@ from typing import Callable, Iterable, Iterator
 
 from .errors import (CorpusFormatError, DPODataError, InputEncodingError, InputFileError, SFTDataError,
                      SFTSourceError, SourceError)
-from .sources import Source, column_names, open_dataset
+from .hub import column_names, open_dataset
+from .sources import Source
 from .tokenizer import message_problem
 
 ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes "

@@ -19,7 +19,7 @@ from lillm.cli import run_main
 import torch
 
 from data import prepare_pretrain
-from lillm import sources as sources_module
+from lillm import hub
 from lillm.bins import prepare, write_bins
 from lillm.combine import combine_bins
 from lillm.corpora import CORPORA, HUB_CORPORA
@@ -346,7 +346,7 @@ def test_hub_name_without_network_fails_with_one_line_saying_how_to_use_a_local_
 def fake_hub(monkeypatch, error):
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(sources_module, "check_hub_reachable", lambda what: None)
+    monkeypatch.setattr(hub, "check_hub_reachable", lambda what: None)
 
     def load_dataset(*args, **kwargs):
         raise error
@@ -376,7 +376,7 @@ def test_missing_config_and_unknown_dataset_get_one_line_each(tokenizer_path, tm
 
 def test_missing_column_in_a_hub_dataset_lists_its_columns(tokenizer_path, files, tmp_path, monkeypatch):
     streamed = datasets.load_dataset("json", data_files=str(files / "swa.jsonl"), split="train", streaming=True)
-    monkeypatch.setattr(sources_module, "open_hub_dataset", lambda *args: streamed)
+    monkeypatch.setattr(hub, "open_hub_dataset", lambda *args: streamed)
     with pytest.raises(CorpusFormatError, match=r"--hf owner/name|owner/name.*no column 'text'; its columns are "
                                                 r"\['content', 'n'\]"):
         run(tokenizer_path, tmp_path / "out", hf=["owner/name"])
