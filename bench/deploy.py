@@ -155,8 +155,9 @@ def speed(model, int8, theirs, llama, args, threads: int) -> list[dict]:
             eager = model if name == "fp32" else int8
             calls[f"lillm {name} compiled"] = lambda eager=eager, decoder=decoder: ours(eager, decoder=decoder)
             with torch.no_grad():  # compiles now (outside the timing) and compares the tokens with eager's
-                same.update(agreement(f"lillm {name} compiled", calls[f"lillm {name} compiled"](),
-                                      calls[f"lillm {name}"]()))
+                got, expected = calls[f"lillm {name} compiled"](), calls[f"lillm {name}"]()
+                same.update(agreement(f"lillm {name} compiled", got, expected))
+                same[f"lillm {name} compiled fp32 top-2 gap where rows part"] = tie_gaps(model, prompts, got, expected)
         if llama is not None:
             calls["llama.cpp q8_0"] = lambda prompts=prompts: llama(prompts, args.new_tokens)
         calls = {name: call for name, call in calls.items() if name not in args.skip}
@@ -184,6 +185,20 @@ def agreement(name: str, got: list[list[int]], expected: list[list[int]]) -> dic
              for mine, theirs in zip(got, expected) if mine != theirs]
     return {f"{name} tokens equal eager": not first, f"{name} rows equal eager": len(expected) - len(first),
             f"{name} first difference at step": first}
+
+
+def tie_gaps(model, prompts: list[list[int]], got: list[list[int]], expected: list[list[int]]) -> list[float]:
+    """For each row where two greedy paths part: fp32's gap between its two best logits at that step
+    (after the prompt and the tokens both paths share). A gap of a few hundredths is a near-tie, where
+    int8's rounding noise may pick either token."""
+    gaps = []
+    for prompt, mine, theirs in zip(prompts, got, expected):
+        step = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
+        if step is not None:
+            logits = model(torch.tensor([prompt + theirs[:step]]))[0, -1].float()
+            top = logits.topk(2).values
+            gaps.append(round(float(top[0] - top[1]), 4))
+    return gaps
 
 
 # ---- int8 kernels ---------------------------------------------------------------------------------

@@ -175,6 +175,21 @@ def test_the_deploy_bench_says_where_compiled_tokens_part_from_eager():
     assert agreement("x", [[1, 2], [3, 5]], [[1, 2], [3, 4]])["x first difference at step"] == [1]
 
 
+def test_where_rows_part_the_deploy_bench_gives_fp32_s_top_two_gap_there():
+    from bench.deploy import tie_gaps
+    from lillm.config import get_preset
+    from lillm.model import Transformer
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny")).eval()
+    prompts, expected = [[5, 6, 7], [8, 9]], [[10, 11, 12], [13, 14, 15]]
+    got = [[10, 11, 12], [13, 99, 15]]   # the second row parts at step 1
+    with torch.no_grad():
+        gaps = tie_gaps(model, prompts, got, expected)
+        top = model(torch.tensor([[8, 9, 13]]))[0, -1].topk(2).values
+    assert gaps == [round(float(top[0] - top[1]), 4)] and gaps[0] >= 0
+    assert tie_gaps(model, prompts, expected, expected) == []
+
+
 def test_the_optimizer_benchmark_times_adamw_and_muon_side_by_side(tmp_path, capsys):
     from bench import optim
     record = optim.main(["--presets", "tiny", "--batch", "2", "--seq-len", "8", "--repeats", "1", "--warmup", "1",
