@@ -20,7 +20,7 @@ import torch
 from lillm import checkpoint as ckpt
 from lillm.cli import ArgumentParser, check_device, number, run_main
 from lillm.errors import CheckpointError, FlagError, TokenizerMismatchError
-from lillm.generate import TextStream, generate
+from lillm.generate import StaticDecoder, TextStream, generate
 from lillm.peft import load_peft
 from lillm.quant import quantize_int8
 from lillm.tokenizer import Tokenizer
@@ -122,8 +122,12 @@ def serve(model, tokenizer: Tokenizer, args) -> None:
     from lillm.serve import ChatServer, Defaults
     defaults = Defaults(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
                         top_p=args.top_p)
+    decoder = None
+    if args.compile:
+        print("compiling the decoding step (a minute or more on a CPU)...", file=sys.stderr, flush=True)
+        decoder = StaticDecoder(model)
     server = ChatServer(model, tokenizer, model_name=args.checkpoint.rstrip("/"), host=args.host, port=args.port,
-                        defaults=defaults, slots=args.slots, max_queue=args.max_queue)
+                        defaults=defaults, slots=args.slots, max_queue=args.max_queue, decoder=decoder)
     print(f"serving {args.checkpoint} at {server.url} (chat page: {server.url}/ , API: {server.url}/v1); "
           "Ctrl-C stops", file=sys.stderr, flush=True)
     server.serve_forever()
@@ -144,7 +148,8 @@ def main(argv=None):
     parser.add_argument("--adapter", default=None, help="a lillm.peft adapter folder to apply to the checkpoint")
     parser.add_argument("--compile", action="store_true",
                         help="decode with fixed shapes through torch.compile (CUDA graphs on a GPU): the first "
-                             "reply compiles for a minute, later ones are several times faster (lillm.generate)")
+                             "reply compiles for a minute, later ones are several times faster (lillm.generate); "
+                             "with --serve every decoding step of the server, compiled before it listens")
     parser.add_argument("--quantize", choices=["none", "int8"], default="none",
                         help="int8: projection and head weights as int8 with a scale per output channel, about "
                              "2-3x faster CPU decoding (lillm/quant.py); fp32 stays the reference")
@@ -163,8 +168,8 @@ def main(argv=None):
                         help="--serve: requests waiting for a slot at most; beyond that the server answers 503 "
                              "with Retry-After")
     args = parser.parse_args(argv)
-    if args.serve and (args.chat or args.prompt or args.compile):
-        raise FlagError("--serve runs a server: drop --chat, --prompt and --compile")
+    if args.serve and (args.chat or args.prompt):
+        raise FlagError("--serve runs a server: drop --chat and --prompt")
     if args.slots < 1 or args.max_queue < 0:
         raise FlagError(f"--slots must be at least 1 and --max-queue at least 0 (got {args.slots} and "
                         f"{args.max_queue})")

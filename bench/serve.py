@@ -5,7 +5,8 @@
     python -m bench.serve --llama-server PATH ...              # else LILLM_LLAMA_SERVER, else on PATH
 
 Each server runs as a process of its own on 127.0.0.1 (a free port), with the same threads and
-slots: lillm as `inference.py CKPT --serve --slots S [--quantize int8]`, llama.cpp as
+slots: lillm as `inference.py CKPT --serve --slots S [--quantize int8]` (and, with --compile, a
+second lillm server with its decoding step compiled, `--compile`), llama.cpp as
 `llama-server -np S` on the same checkpoint exported to GGUF (lillm/gguf.py; q8_0 beside int8,
 f32 beside fp32). Without a llama-server, llama-cpp-python's own server (`python -m
 llama_cpp.server`, the [llama] extra with its server dependencies) stands in: it decodes one
@@ -269,11 +270,11 @@ def build_checkpoint(args, work: Path) -> Path:
     return ckpt.save_checkpoint(work / "ckpt", model, tokenizer_path=work / "tokenizer.json")
 
 
-def lillm_command(args, folder: Path, port: int) -> list[str]:
+def lillm_command(args, folder: Path, port: int, compiled: bool = False) -> list[str]:
     command = [sys.executable, str(ROOT / "inference.py"), str(folder), "--serve", "--host", LOOPBACK,
                "--port", str(port), "--slots", str(args.slots), "--max-queue", str(max(64, max(args.clients))),
                "--temperature", "0", "--device", "cpu"]
-    return command + (["--quantize", "int8"] if args.precision == "int8" else [])
+    return command + (["--quantize", "int8"] if args.precision == "int8" else []) + (["--compile"] if compiled else [])
 
 
 def llama_command(path: str, gguf: Path, args, context: int, port: int) -> list[str]:
@@ -312,6 +313,8 @@ def main(argv=None) -> list[dict]:
                         help="int8: lillm --quantize int8 beside llama.cpp q8_0; fp32: beside f32")
     parser.add_argument("--preset", default="lillm-39m", help="random weights of this preset (without --checkpoint)")
     parser.add_argument("--checkpoint", help="a checkpoint folder to serve (with its tokenizer.json)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also lillm with --compile (its decoding step compiled once, before it listens)")
     parser.add_argument("--llama-server", help="llama.cpp's llama-server executable")
     parser.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false", help="lillm alone")
     parser.add_argument("--json", type=Path, help="write the rows here")
@@ -324,6 +327,8 @@ def main(argv=None) -> list[dict]:
     from lillm.checkpoint import read_config
     context = read_config(folder).max_seq_len
     servers = [("lillm " + args.precision, lambda port: lillm_command(args, folder, port))]
+    if args.compile:
+        servers.append((f"lillm {args.precision} compiled", lambda port: lillm_command(args, folder, port, True)))
     python_server = args.llama_cpp and not llama_path and llama_cpp_python_server()
     if llama_path or python_server:
         from lillm.gguf import export_gguf

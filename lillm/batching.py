@@ -19,6 +19,19 @@ top-p and its own seeded generator, so a seed reproduces an answer whatever else
 Requests beyond the slots wait in a bounded queue; beyond that the server answers 503 with
 Retry-After. (vLLM, Kwon et al., 2023, adds paged caches, which a small model does not need.)
 
+Compiled steps. With a `StaticDecoder` (lillm.generate; `inference.py --serve --compile`) a step
+runs the first 1, 2, 4, ... slots (the power of two that covers the last busy one) over the first
+128 cache positions or the whole cache (whichever covers the longest row): at most 8 fixed shapes,
+each compiled once before the server listens (inductor's C++ on a CPU, CUDA graphs on a GPU), so no
+Python runs per layer. Each shape reads the cache through views made once (the same objects every
+step, so the compiled code's guards keep holding). A free row among them decodes a dummy token into
+its own row, which its next request's prefill overwrites; attention never reads past a row's own
+position. Prefill stays eager (a prompt's length varies).
+
+With int8 weights (lillm/quant.py) fbgemm rounds a call's activations with one scale for all the
+call's rows, so a request's logits move slightly with its neighbours in the batch (eager or
+compiled): at a near-tie its greedy token can differ from its answer alone. fp32 rows never mix.
+
 Stop strings are matched on the decoded text, across token boundaries: text that could be the
 start of a stop string is held back until the next token settles it, so nothing past a stop
 string is ever sent (StopMatcher). A client that hangs up (its socket closes) cancels its
@@ -39,9 +52,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import RequestError
-from .generate import TextStream, sample_next
+from .generate import StaticDecoder, TextStream, sample_next
 from .model import Transformer
 from .tokenizer import Tokenizer
+
+SHORT_CACHE = 128  # cache positions of the compiled steps for short rows (the rest read the whole context)
 
 
 @dataclass
@@ -125,7 +140,8 @@ class Engine:
     frees its row. A decoding step runs the rows up to the last busy one, each at its own position.
     """
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, slots: int = 8, max_queue: int = 64):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, slots: int = 8, max_queue: int = 64,
+                 decoder: StaticDecoder | None = None):
         if slots < 1 or max_queue < 0:
             raise ValueError(f"slots must be at least 1 and max_queue at least 0, got {slots} and {max_queue}")
         self.model, self.tokenizer = model, tokenizer
@@ -134,7 +150,10 @@ class Engine:
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.steps = 0  # decoding steps run so far (a request's first_step / end_step count in these)
         self.batch_sizes: Counter[int] = Counter()  # how many decoding steps had each number of busy rows
+        self.step_shapes: Counter[tuple[int, int]] = Counter()  # steps per (rows, cache positions) run
         self.caches: list | None = None
+        self.decoder = decoder  # None: each step runs the busy rows eagerly, over the cache in use
+        self.views: dict[tuple[int, int], list] = {}  # (rows, positions) -> the compiled steps' cache views
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="lillm-engine", daemon=True)
 
@@ -218,6 +237,58 @@ class Engine:
             return self._end(index, ("error", f"generation failed: {type(error).__name__}: {error}"))
         self._emit(index, slot.sample(logits))
 
+    def compiled_shape(self, rows: int, length: int) -> tuple[int, int]:
+        """(rows, cache positions) of the compiled step that covers `rows` rows of `length` positions:
+        a power of two of rows, at most the slots; 128 positions, or the model's whole context."""
+        context = self.model.config.max_seq_len
+        positions = min(SHORT_CACHE, context) if length <= SHORT_CACHE else context
+        return min(len(self.slots), 1 << (rows - 1).bit_length()), positions
+
+    def compiled_shapes(self) -> list[tuple[int, int]]:
+        return sorted({self.compiled_shape(rows, length) for rows in range(1, len(self.slots) + 1)
+                       for length in (1, self.model.config.max_seq_len)})
+
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Run the compiled step once per shape on free rows, so no request waits for a compile."""
+        if self.decoder is None:
+            return
+        self._ensure_cache()
+        shapes = self.compiled_shapes()
+        # Each shape is one compiled entry of the decoder's step; more than the 8 it made room for with 16 slots.
+        torch._dynamo.config.recompile_limit += max(0, len(shapes) - 8)
+        for rows, length in shapes:
+            self._decode([None] * rows, length)
+
+    def _decode(self, rows: list[Slot | None], length: int) -> tuple[torch.Tensor, list[int]]:
+        """Logits (rows, V) and greedy tokens for each row's last token at its own position, attending
+        over the first `length` cache positions."""
+        tokens = torch.tensor([slot.last if slot else 0 for slot in rows], device=self.device)
+        positions = torch.tensor([slot.length if slot else 0 for slot in rows], device=self.device)
+        if self.decoder is not None:  # one of a few fixed shapes, through views made once
+            with self._views(len(rows), length):
+                logits, greedy, _, _ = self.decoder(tokens, positions[:, None], positions, None)
+        else:  # the busy rows (and free ones below them), over the positions in use
+            with self._rows(slice(0, len(rows)), length):
+                logits = self.model(tokens[:, None], cache_pos=positions)[:, -1]
+            greedy = logits.max(-1).indices  # the first maximum, as sample_next's greedy branch
+        return logits, greedy.tolist()
+
+    @contextmanager
+    def _views(self, rows: int, length: int):
+        """_rows for a compiled step: the cache seen as its first rows and positions, through view
+        objects kept for the engine's life, so every call of a shape passes the same modules."""
+        if (rows, length) not in self.views:
+            self.views[(rows, length)] = [cache.rows(slice(0, rows), length) for cache in self.caches]
+        layers = self.model.model.layers
+        for layer, view in zip(layers, self.views[(rows, length)]):
+            layer.self_attn.cache = view
+        try:
+            yield
+        finally:
+            for layer, cache in zip(layers, self.caches):
+                layer.self_attn.cache = cache
+
     @torch.no_grad()
     def _step(self) -> None:
         """One new token for every busy slot: each row's last token at its own position."""
@@ -227,19 +298,19 @@ class Engine:
         busy = [index for index, slot in enumerate(self.slots) if slot is not None]
         if not busy:
             return
-        rows = self.slots[:busy[-1] + 1]  # free rows below the last busy one run too (one call), ignored
-        tokens = torch.tensor([[slot.last if slot else 0] for slot in rows], device=self.device)
-        positions = torch.tensor([slot.length if slot else 0 for slot in rows], device=self.device)
+        needed = busy[-1] + 1  # free rows below the last busy one run too (one call), ignored
+        length = max(self.slots[index].length for index in busy) + 1
+        if self.decoder is not None:
+            needed, length = self.compiled_shape(needed, length)
         try:
-            with self._rows(slice(0, len(rows)), max(slot.length for slot in rows if slot) + 1):
-                logits = self.model(tokens, cache_pos=positions)[:, -1]
+            logits, greedy = self._decode(self.slots[:needed], length)
         except Exception as error:  # noqa: BLE001 -- fail the requests of this step, keep serving others
             for index in busy:
                 self._end(index, ("error", f"generation failed: {type(error).__name__}: {error}"))
             return
         self.steps += 1
         self.batch_sizes[len(busy)] += 1
-        greedy = logits.max(-1).indices.tolist()  # the first maximum, as sample_next's greedy branch
+        self.step_shapes[(needed, length)] += 1
         for index in busy:
             slot = self.slots[index]
             slot.length += 1  # slot.last is in the cache now

@@ -158,12 +158,16 @@ class StaticDecoder:
             else:
                 settings = {"mode": mode} if mode is not None and not on_cpu else {}
             self.step = torch.compile(self._step, backend=backend, fullgraph=True, dynamic=False, **settings)
+            # Dynamo counts compiled entries per code object, and every decoder compiles this same
+            # method: give each new decoder room for its own shapes (its default is 8 in all).
+            torch._dynamo.config.recompile_limit += 8
         self.compiled = compile
         self.warm: set[tuple[int, int]] = set()  # (batch, cache length) that have run once since the cache was made
 
     def _step(self, token: torch.Tensor, position: torch.Tensor, cache_pos: torch.Tensor,
               key_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """token (B,), position (B, 1), cache_pos () -> logits (B, V), greedy token (B,), position + 1, cache_pos + 1."""
+        """token (B,), position (B, 1), cache_pos () -> logits (B, V), greedy token (B,), position + 1, cache_pos + 1.
+        cache_pos may also be (B,), a position per row (lillm.batching), with key_valid None."""
         logits = self.model(token[:, None], position_ids=position, attention_mask=key_valid, cache_pos=cache_pos)[:, -1]
         return logits, logits.max(-1).indices, position + 1, cache_pos + 1
 
@@ -178,7 +182,9 @@ class StaticDecoder:
         if self.graphs:  # a CUDA graph's outputs are overwritten by its next replay: keep copies
             torch.compiler.cudagraph_mark_step_begin()
             return tuple(out.clone() for out in self.step(token, position, cache_pos, key_valid))
-        shape = (token.shape[0], key_valid.shape[1])
+        # (batch, keys): generate passes a key mask; lillm.batching's per-row positions attend over the cache.
+        keys = key_valid.shape[1] if key_valid is not None else self.model.model.layers[0].self_attn.cache.k.shape[2]
+        shape = (token.shape[0], keys)
         if not self.compiled or shape not in self.warm:
             self.warm.add(shape)
             return self.step(token, position, cache_pos, key_valid)

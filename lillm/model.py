@@ -119,10 +119,17 @@ class KVCache(nn.Module):
         if isinstance(pos, torch.Tensor) and pos.dim() == 1:
             # One position per row (continuous batching: every row is at its own length): scatter
             # each row's T new keys to its own place and return the whole cache, masked by the caller.
-            where = (pos[:, None] + torch.arange(k.shape[2], device=k.device))[:, None, :, None].expand_as(k)
-            self.k.scatter_(2, where, k)
-            self.v.scatter_(2, where, v)
-            return self.k, self.v
+            # The call's rows are the cache's first rows (lillm.batching may run fewer than it holds).
+            rows = k.shape[0]
+            if k.shape[2] == 1:  # a decoding step: index_put_, which torch.compile writes in place
+                index = torch.arange(rows, device=k.device)
+                self.k[index, :, pos] = k[:, :, 0]
+                self.v[index, :, pos] = v[:, :, 0]
+            else:
+                where = (pos[:, None] + torch.arange(k.shape[2], device=k.device))[:, None, :, None].expand_as(k)
+                self.k[:rows].scatter_(2, where, k)
+                self.v[:rows].scatter_(2, where, v)
+            return self.k[:rows], self.v[:rows]
         if isinstance(pos, torch.Tensor):
             # Fixed shapes for CUDA graphs (lillm.generate.StaticDecoder): write through an index
             # tensor, return the whole cache (the mask hides what is not written yet). No bounds

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from .batching import Engine, Job
 from .errors import ChatTemplateError, FlagError, RequestError
+from .generate import StaticDecoder
 from .model import Transformer
 from .tokenizer import Tokenizer, message_problem
 
@@ -442,11 +443,13 @@ class ChatServer:
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, model_name: str = "lillm", host: str = "127.0.0.1",
                  port: int = 8000, defaults: Defaults | None = None, slots: int = 8, max_queue: int = 64,
-                 max_body: int = MAX_BODY_BYTES, log: Callable[[dict], None] | None = None):
+                 max_body: int = MAX_BODY_BYTES, log: Callable[[dict], None] | None = None,
+                 decoder: StaticDecoder | None = None):
         self.model, self.tokenizer, self.model_name = model.eval(), tokenizer, model_name
         self.defaults, self.max_body = defaults or Defaults(), max_body
         self.context, self.vocab_size = model.config.max_seq_len, model.config.vocab_size
-        self.engine = Engine(self.model, tokenizer, slots, max_queue)
+        self.engine = Engine(self.model, tokenizer, slots, max_queue, decoder)
+        self.engine.warm_up()  # a compiled step compiles here, before the first request (minutes on a CPU)
         self.log = log or (lambda record: print(json.dumps(record, ensure_ascii=False), file=sys.stderr, flush=True))
         self.started = int(time.time())
         self.httpd = listen(host, port)

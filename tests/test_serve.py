@@ -15,7 +15,7 @@ import torch
 from lillm import checkpoint as ckpt
 from lillm.config import get_preset
 from lillm.errors import FlagError
-from lillm.generate import generate
+from lillm.generate import StaticDecoder, generate
 from lillm.model import Transformer
 from lillm.batching import Engine, Job, StopMatcher
 from lillm.serve import ChatServer, Defaults
@@ -193,6 +193,14 @@ def engine_jobs(tokenizer, sampled=()):
     return jobs
 
 
+def run_until_idle(engine, jobs):
+    """Queue the jobs and drive the engine (no thread) until every one has ended."""
+    for job in jobs:
+        engine.submit(job)
+    while engine.busy() or not engine.jobs.empty():
+        engine.work_once()
+
+
 def received(job):
     """(text, final event) of a job that has ended."""
     pieces = []
@@ -207,11 +215,23 @@ def alone(model, tokenizer, job):
     return text, ("end", finish, n_tokens)
 
 
-def test_greedy_and_seeded_requests_share_the_batch_and_each_decodes_as_alone(model_and_tokenizer):
+def new_engine(model, tokenizer, slots, step="eager", backend="eager"):
+    """An Engine on a copy of the model; step "fixed" runs every decoding step through a StaticDecoder
+    (all slots, the whole cache): backend "eager" traces it with torch.compile's graph capture without
+    compiling (fast, and proves one graph), "inductor" compiles it (the server's --compile on a CPU)."""
+    copied = copy.deepcopy(model)
+    decoder = StaticDecoder(copied, backend=backend, mode=None) if step == "fixed" else None
+    engine = Engine(copied, tokenizer, slots=slots, decoder=decoder)
+    engine.warm_up()
+    return engine
+
+
+@pytest.mark.parametrize("step", ["eager", "fixed"])
+def test_greedy_and_seeded_requests_share_the_batch_and_each_decodes_as_alone(model_and_tokenizer, step):
     """8 jobs queued before the worker starts fill the 8 slots at once: prompts of different lengths,
     different max_tokens, greedy and sampled rows together; each answer equals lillm.generate alone."""
     model, tokenizer = model_and_tokenizer
-    engine = Engine(copy.deepcopy(model), tokenizer, slots=8)
+    engine = new_engine(model, tokenizer, 8, step)
     jobs = engine_jobs(tokenizer, sampled={1, 4, 6})
     for job in jobs:
         engine.submit(job)
@@ -224,11 +244,12 @@ def test_greedy_and_seeded_requests_share_the_batch_and_each_decodes_as_alone(mo
     assert max(engine.batch_sizes) == 8 and all(job.first_step == 0 for job in jobs)
 
 
-def test_a_request_arriving_mid_batch_joins_at_the_next_step(model_and_tokenizer):
+@pytest.mark.parametrize("step", ["eager", "fixed"])
+def test_a_request_arriving_mid_batch_joins_at_the_next_step(model_and_tokenizer, step):
     """Counted in decoding steps (the test drives the engine one step at a time, no thread): a request
     submitted while two long ones run gets its first token at the next step and ends long before them."""
     model, tokenizer = model_and_tokenizer
-    engine = Engine(copy.deepcopy(model), tokenizer, slots=4)
+    engine = new_engine(model, tokenizer, 4, step)
     first, second, late = engine_jobs(tokenizer, sampled={1})[5:8]  # max_tokens 21, 24 and 27
     late.max_tokens = 4
     engine.submit(first)
@@ -246,19 +267,55 @@ def test_a_request_arriving_mid_batch_joins_at_the_next_step(model_and_tokenizer
     engine.model.clear_cache()
 
 
-def test_a_finished_request_frees_its_slot_for_the_next_at_once(model_and_tokenizer):
+@pytest.mark.parametrize("step", ["eager", "fixed"])
+def test_a_finished_request_frees_its_slot_for_the_next_at_once(model_and_tokenizer, step):
     model, tokenizer = model_and_tokenizer
-    engine = Engine(copy.deepcopy(model), tokenizer, slots=1)
+    engine = new_engine(model, tokenizer, 1, step)
     jobs = engine_jobs(tokenizer)[:3]
-    for job in jobs:
-        engine.submit(job)
-    while engine.busy() or not engine.jobs.empty():
-        engine.work_once()
+    run_until_idle(engine, jobs)
     assert [job.first_step for job in jobs[1:]] == [job.end_step for job in jobs[:-1]]
     assert set(engine.batch_sizes) == {1}
     for job in jobs:
         assert received(job) == alone(model, tokenizer, job)
     engine.model.clear_cache()
+
+
+def test_compiled_steps_switch_to_the_whole_cache_when_a_row_passes_the_short_one():
+    """A context of 256: a long request crosses the 128 positions of the short compiled shapes mid-answer
+    while a short one runs beside it; both answers equal generate alone, and both cache lengths ran."""
+    tokenizer = train_bpe(TEXT, vocab_size=300, show_progress=False)
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", vocab_size=tokenizer.vocab_size, init_std=0.2, max_seq_len=256)).eval()
+    engine = new_engine(model, tokenizer, 2, "fixed")
+    long_prompt = tokenizer.encode(" ".join(TEXT[:9]), add_bos=True)
+    assert 100 < len(long_prompt) < 128
+    jobs = [Job(long_prompt, max_tokens=40, temperature=0.0, top_p=None, top_k=None, seed=None)] + \
+        engine_jobs(tokenizer)[:1]
+    run_until_idle(engine, jobs)
+    for job in jobs:
+        assert received(job) == alone(model, tokenizer, job)
+    assert engine.compiled_shapes() == [(1, 128), (1, 256), (2, 128), (2, 256)] == sorted(engine.views)
+    assert engine.step_shapes[(2, 128)] > 0 and engine.step_shapes[(1, 256)] + engine.step_shapes[(2, 256)] > 0
+    engine.model.clear_cache()
+
+
+@pytest.mark.slow
+def test_the_inductor_compiled_server_step_serves_the_answers_of_the_eager_one(model_and_tokenizer):
+    """inference.py --serve --compile on a CPU: the step compiled by inductor (C++), one compile per
+    engine (warm_up). fp32: 8 requests with prompts of different lengths, greedy and sampled, each as
+    generate alone. int8 rounds a call's activations with one scale for all its rows, so a row's
+    logits depend on its neighbours (a dummy token in a free slot included): one slot, requests one
+    after another, each as int8 generate alone."""
+    from lillm.quant import quantize_int8
+    model, tokenizer = model_and_tokenizer
+    int8 = quantize_int8(copy.deepcopy(model))
+    for reference, slots, jobs in ((model, 8, engine_jobs(tokenizer, sampled={1, 4})),
+                                   (int8, 1, engine_jobs(tokenizer, sampled={1})[:3])):
+        engine = new_engine(reference, tokenizer, slots, "fixed", backend="inductor")
+        run_until_idle(engine, jobs)
+        for job in jobs:
+            assert received(job) == alone(reference, tokenizer, job)
+        engine.model.clear_cache()
 
 
 # ----------------------------------------------------------------------------- stop strings
@@ -525,9 +582,11 @@ def test_past_the_slots_and_the_queue_a_request_gets_503_with_retry_after(one_sl
 
 
 # ----------------------------------------------------------------------------- the command line
-def test_inference_serve_flag_starts_a_server_on_localhost(tmp_path, model_and_tokenizer, monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_inference_serve_flag_starts_a_server_on_localhost(tmp_path, model_and_tokenizer, monkeypatch, compiled):
     """inference.py --serve, run in a thread: the flags become the server's defaults; shutting the
-    HTTP server down makes main() return."""
+    HTTP server down makes main() return. --compile gives the engine a StaticDecoder (here traced by
+    the eager backend: inductor's compile is the slow test above)."""
     import inference
     import lillm.serve
 
@@ -541,7 +600,9 @@ def test_inference_serve_flag_starts_a_server_on_localhost(tmp_path, model_and_t
             super().__init__(*args, **kwargs)
             made.append(self)
     monkeypatch.setattr(lillm.serve, "ChatServer", Recorded)
+    monkeypatch.setattr(inference, "StaticDecoder", lambda model: StaticDecoder(model, backend="eager", mode=None))
     argv = [str(tmp_path / "ckpt"), "--serve", "--port", "0", "--temperature", "0", "--max-new-tokens", "5"]
+    argv += ["--compile"] if compiled else []
     thread = threading.Thread(target=inference.main, args=(argv,))
     thread.start()
     try:
@@ -550,7 +611,7 @@ def test_inference_serve_flag_starts_a_server_on_localhost(tmp_path, model_and_t
                 break
             thread.join(0.05)
         served = made[0]
-        assert served.httpd.server_address[0] == "127.0.0.1"
+        assert served.httpd.server_address[0] == "127.0.0.1" and (served.engine.decoder is not None) == compiled
         answer = post(served, "/v1/completions", {"prompt": "Habari"})[1]
         expected, _, _ = expected_text(model, tokenizer, tokenizer.encode("Habari", add_bos=True), 5)
         assert answer["choices"][0]["text"] == expected  # --temperature 0 and --max-new-tokens are the defaults
