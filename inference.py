@@ -7,6 +7,7 @@
     python inference.py CKPT --prompt "Habari" --quantize int8 --device cpu             # int8 weights (lillm/quant.py)
     echo "Habari" | python inference.py CKPT                                           # prompts from stdin
     python inference.py CKPT --serve --port 8000      # OpenAI-compatible server + chat page (lillm.serve)
+    python inference.py CKPT --serve --quantize int8 --compile --device cpu           # its steps compiled first
 
 One prompt streams to the terminal as it is generated; a batch prints each result at the end.
 """
