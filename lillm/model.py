@@ -117,9 +117,9 @@ class KVCache(nn.Module):
 
     def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(pos, torch.Tensor) and pos.dim() == 1:
-            # One position per row (continuous batching: every row is at its own length): scatter
-            # each row's T new keys to its own place and return the whole cache, masked by the caller.
-            # The call's rows are the cache's first rows (lillm.batching may run fewer than it holds).
+            # One position per row (continuous batching: every row is at its own length): write each
+            # row's T new keys at its own place and return the cache's rows for this call (its first
+            # B rows: lillm.batching may run fewer than it holds), every position, masked by the caller.
             rows = k.shape[0]
             if k.shape[2] == 1:  # a decoding step: index_put_, which torch.compile writes in place
                 index = torch.arange(rows, device=k.device)
