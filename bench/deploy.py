@@ -181,10 +181,14 @@ def agreement(name: str, got: list[list[int]], expected: list[list[int]]) -> dic
     the step of its first difference. (fbgemm rounds each call's activations to 7 bits, one scale
     for all rows of the call: a last-bit difference in a layer's input can move a rounding and the
     logits by about 2%, so int8 rows may part at a near-tie; docs/DEPLOY.md shows one.)"""
-    first = [next(step for step, (a, b) in enumerate(zip(mine, theirs)) if a != b)
-             for mine, theirs in zip(got, expected) if mine != theirs]
+    first = [step for mine, theirs in zip(got, expected) if (step := parting_step(mine, theirs)) is not None]
     return {f"{name} tokens equal eager": not first, f"{name} rows equal eager": len(expected) - len(first),
             f"{name} first difference at step": first}
+
+
+def parting_step(mine: list[int], theirs: list[int]) -> int | None:
+    """The first step where two greedy rows differ, or None."""
+    return next((step for step, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
 
 
 def tie_gaps(model, prompts: list[list[int]], got: list[list[int]], expected: list[list[int]]) -> list[float]:
@@ -193,7 +197,7 @@ def tie_gaps(model, prompts: list[list[int]], got: list[list[int]], expected: li
     int8's rounding noise may pick either token."""
     gaps = []
     for prompt, mine, theirs in zip(prompts, got, expected):
-        step = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
+        step = parting_step(mine, theirs)
         if step is not None:
             logits = model(torch.tensor([prompt + theirs[:step]]))[0, -1].float()
             top = logits.topk(2).values

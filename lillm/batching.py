@@ -153,7 +153,7 @@ class Engine:
         self.step_shapes: Counter[tuple[int, int]] = Counter()  # steps per (rows, cache positions) run
         self.caches: list | None = None
         self.decoder = decoder  # None: each step runs the busy rows eagerly, over the cache in use
-        self.views: dict[tuple[int, int], list] = {}  # (rows, positions) -> the compiled steps' cache views
+        self.views: dict[tuple, list] = {}  # (first row, end row, positions) -> a compiled step's cache views
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="lillm-engine", daemon=True)
 
@@ -200,11 +200,19 @@ class Engine:
             self.caches = [layer.self_attn.cache for layer in self.model.model.layers]
 
     @contextmanager
-    def _rows(self, rows: slice, length: int):
-        """The model's cache narrowed to these rows and the first `length` positions, for one call."""
+    def _rows(self, rows: slice, length: int, keep: bool = False):
+        """The model's cache narrowed to these rows and the first `length` positions, for one call.
+        keep: reuse the view objects made the first time for this (rows, length), so a compiled step
+        is passed the same modules every call and its guards keep holding."""
+        key = (rows.start, rows.stop, length)
+        views = self.views.get(key) if keep else None
+        if views is None:
+            views = [cache.rows(rows, length) for cache in self.caches]
+            if keep:
+                self.views[key] = views
         layers = self.model.model.layers
-        for layer, cache in zip(layers, self.caches):
-            layer.self_attn.cache = cache.rows(rows, length)
+        for layer, view in zip(layers, views):
+            layer.self_attn.cache = view
         try:
             yield
         finally:
@@ -255,8 +263,7 @@ class Engine:
             return
         self._ensure_cache()
         shapes = self.compiled_shapes()
-        # Each shape is one compiled entry of the decoder's step; more than the 8 it made room for with 16 slots.
-        torch._dynamo.config.recompile_limit += max(0, len(shapes) - 8)
+        self.decoder.make_room(len(shapes))
         for rows, length in shapes:
             self._decode([None] * rows, length)
 
@@ -265,29 +272,13 @@ class Engine:
         over the first `length` cache positions."""
         tokens = torch.tensor([slot.last if slot else 0 for slot in rows], device=self.device)
         positions = torch.tensor([slot.length if slot else 0 for slot in rows], device=self.device)
-        if self.decoder is not None:  # one of a few fixed shapes, through views made once
-            with self._views(len(rows), length):
+        with self._rows(slice(0, len(rows)), length, keep=self.decoder is not None):
+            if self.decoder is not None:  # one of a few fixed shapes
                 logits, greedy, _, _ = self.decoder(tokens, positions[:, None], positions, None)
-        else:  # the busy rows (and free ones below them), over the positions in use
-            with self._rows(slice(0, len(rows)), length):
+            else:  # the busy rows (and free ones below them), over the positions in use
                 logits = self.model(tokens[:, None], cache_pos=positions)[:, -1]
-            greedy = logits.max(-1).indices  # the first maximum, as sample_next's greedy branch
+                greedy = logits.max(-1).indices  # the first maximum, as sample_next's greedy branch
         return logits, greedy.tolist()
-
-    @contextmanager
-    def _views(self, rows: int, length: int):
-        """_rows for a compiled step: the cache seen as its first rows and positions, through view
-        objects kept for the engine's life, so every call of a shape passes the same modules."""
-        if (rows, length) not in self.views:
-            self.views[(rows, length)] = [cache.rows(slice(0, rows), length) for cache in self.caches]
-        layers = self.model.model.layers
-        for layer, view in zip(layers, self.views[(rows, length)]):
-            layer.self_attn.cache = view
-        try:
-            yield
-        finally:
-            for layer, cache in zip(layers, self.caches):
-                layer.self_attn.cache = cache
 
     @torch.no_grad()
     def _step(self) -> None:

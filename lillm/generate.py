@@ -145,7 +145,7 @@ class StaticDecoder:
 
     def __init__(self, model: Transformer, compile: bool = True, backend: str = "inductor",
                  mode: str | None = "reduce-overhead"):
-        self.model = model
+        self.model, self.compiled = model, compile
         self.step = self._step
         on_cpu = model.model.embed_tokens.weight.device.type == "cpu"
         self.graphs = compile and not on_cpu and mode == "reduce-overhead"  # no CUDA graphs on a CPU
@@ -158,11 +158,15 @@ class StaticDecoder:
             else:
                 settings = {"mode": mode} if mode is not None and not on_cpu else {}
             self.step = torch.compile(self._step, backend=backend, fullgraph=True, dynamic=False, **settings)
-            # Dynamo counts compiled entries per code object, and every decoder compiles this same
-            # method: give each new decoder room for its own shapes (its default is 8 in all).
-            torch._dynamo.config.recompile_limit += 8
-        self.compiled = compile
+            self.make_room(8)
         self.warm: set[tuple[int, int]] = set()  # (batch, cache length) that have run once since the cache was made
+
+    def make_room(self, shapes: int) -> None:
+        """Let this decoder compile `shapes` more fixed shapes. Dynamo keeps a bounded number of compiled
+        entries per code object (8 by default) and every decoder compiles this same method, so each
+        decoder raises the bound by the shapes it brings (8 on creation; lillm.batching asks for its own)."""
+        if self.compiled:
+            torch._dynamo.config.recompile_limit += shapes
 
     def _step(self, token: torch.Tensor, position: torch.Tensor, cache_pos: torch.Tensor,
               key_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
